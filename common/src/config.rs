@@ -1,0 +1,323 @@
+//! Layered configuration: built-in defaults → `config/default.toml` →
+//! the file named by `ENTRIP_CONFIG` → `ENTRIP__SECTION__KEY` environment
+//! variables; `DATABASE_URL` and `AMQP_URL` are honoured too. A bad value
+//! stops start-up with one line that names the key.
+
+use std::{collections::HashMap, net::SocketAddr, path::Path};
+
+use config::{Config, Environment, File, FileFormat};
+use serde::{Deserialize, Serialize};
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration error: {0}")]
+    Load(#[from] config::ConfigError),
+    #[error("configuration error: key `{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+/// Every setting of every service; each binary reads the sections it needs.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    pub database: DatabaseSettings,
+    pub amqp: AmqpSettings,
+    pub log: LogSettings,
+    pub ingest: IngestSettings,
+    pub dispatcher: DispatcherSettings,
+    pub workers: WorkersSettings,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseSettings {
+    /// The database is created when it does not exist.
+    pub url: String,
+    pub max_connections: u32,
+    /// How long a request waits for a pooled connection before it gets a 503.
+    pub acquire_timeout_ms: u64,
+    pub statement_timeout_ms: u64,
+    /// How long a service keeps retrying the first connection at start-up.
+    pub startup_timeout_secs: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AmqpSettings {
+    pub url: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    /// An `EnvFilter` directive; `RUST_LOG` wins when set.
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestSettings {
+    pub listen: SocketAddr,
+    pub body_limit_bytes: usize,
+    /// How long a stored idempotency key answers replays.
+    pub idempotency_ttl_secs: u64,
+    /// How often expired idempotency keys are purged.
+    pub purge_interval_secs: u64,
+    pub request_timeout_secs: u64,
+    /// `Retry-After` sent with a 503.
+    pub retry_after_secs: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DispatcherSettings {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkersSettings {
+    pub listen: SocketAddr,
+}
+
+impl Default for DatabaseSettings {
+    fn default() -> Self {
+        Self {
+            url: "postgres://postgres@127.0.0.1:5432/entrip".into(),
+            max_connections: 32,
+            acquire_timeout_ms: 3_000,
+            statement_timeout_ms: 30_000,
+            startup_timeout_secs: 60,
+        }
+    }
+}
+
+impl Default for AmqpSettings {
+    fn default() -> Self {
+        Self {
+            url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+        }
+    }
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Pretty,
+            level: "info".into(),
+        }
+    }
+}
+
+impl Default for IngestSettings {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            body_limit_bytes: 64 * 1024,
+            idempotency_ttl_secs: 24 * 3600,
+            purge_interval_secs: 300,
+            request_timeout_secs: 30,
+            retry_after_secs: 5,
+        }
+    }
+}
+
+impl Default for DispatcherSettings {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9101)),
+        }
+    }
+}
+
+impl Default for WorkersSettings {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9102)),
+        }
+    }
+}
+
+impl Settings {
+    /// Loads the settings from the process environment and files.
+    pub fn load() -> Result<Self, ConfigError> {
+        Self::load_from(std::env::vars().collect())
+    }
+
+    /// Loads the settings from the given environment (tests pass their own).
+    pub fn load_from(env: HashMap<String, String>) -> Result<Self, ConfigError> {
+        let defaults = Config::try_from(&Settings::default())?;
+        let mut builder = Config::builder()
+            .add_source(defaults)
+            .add_source(File::new("config/default.toml", FileFormat::Toml).required(false));
+        if let Some(path) = env.get("ENTRIP_CONFIG").filter(|p| !p.is_empty()) {
+            if !Path::new(path).is_file() {
+                return Err(ConfigError::Invalid {
+                    key: "ENTRIP_CONFIG",
+                    message: format!("file {path} does not exist"),
+                });
+            }
+            builder = builder.add_source(File::new(path, FileFormat::Toml).required(true));
+        }
+        let entrip_env: HashMap<String, String> = env
+            .iter()
+            .filter(|(k, _)| k.starts_with("ENTRIP__"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        builder = builder.add_source(
+            Environment::with_prefix("ENTRIP")
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true)
+                .source(Some(entrip_env.into_iter().collect())),
+        );
+        // The conventional variables apply unless the specific key is set.
+        for (var, key, specific) in [
+            ("DATABASE_URL", "database.url", "ENTRIP__DATABASE__URL"),
+            ("AMQP_URL", "amqp.url", "ENTRIP__AMQP__URL"),
+        ] {
+            if let Some(v) = env.get(var).filter(|v| !v.is_empty())
+                && !env.contains_key(specific)
+            {
+                builder = builder.set_override(key, v.as_str())?;
+            }
+        }
+        let settings: Settings = builder.build()?.try_deserialize()?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, message: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                message: message.to_owned(),
+            })
+        };
+        if !self.database.url.starts_with("postgres://")
+            && !self.database.url.starts_with("postgresql://")
+        {
+            return invalid("database.url", "must be a postgres:// URL");
+        }
+        if !self.amqp.url.starts_with("amqp://") && !self.amqp.url.starts_with("amqps://") {
+            return invalid("amqp.url", "must be an amqp:// URL");
+        }
+        if self.database.max_connections == 0 {
+            return invalid("database.max_connections", "must be at least 1");
+        }
+        if self.ingest.body_limit_bytes < 1024 {
+            return invalid("ingest.body_limit_bytes", "must be at least 1024");
+        }
+        if self.ingest.idempotency_ttl_secs == 0 {
+            return invalid("ingest.idempotency_ttl_secs", "must be at least 1");
+        }
+        if self.ingest.purge_interval_secs == 0 {
+            return invalid("ingest.purge_interval_secs", "must be at least 1");
+        }
+        if self.log.level.trim().is_empty() {
+            return invalid("log.level", "must not be empty");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_work_without_any_source() {
+        let s = Settings::load_from(env(&[])).unwrap();
+        assert_eq!(s.ingest.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(s.dispatcher.listen.to_string(), "127.0.0.1:9101");
+        assert_eq!(s.workers.listen.to_string(), "127.0.0.1:9102");
+        assert_eq!(s.database.url, "postgres://postgres@127.0.0.1:5432/entrip");
+        assert_eq!(s.amqp.url, "amqp://guest:guest@127.0.0.1:5672/%2f");
+        assert_eq!(s.ingest.body_limit_bytes, 65536);
+    }
+
+    #[test]
+    fn environment_overrides_and_conventional_urls() {
+        let s = Settings::load_from(env(&[
+            ("ENTRIP__INGEST__LISTEN", "0.0.0.0:9000"),
+            ("ENTRIP__LOG__FORMAT", "json"),
+            ("DATABASE_URL", "postgres://u@h/db"),
+            ("AMQP_URL", "amqp://x@y/%2f"),
+        ]))
+        .unwrap();
+        assert_eq!(s.ingest.listen.to_string(), "0.0.0.0:9000");
+        assert_eq!(s.log.format, LogFormat::Json);
+        assert_eq!(s.database.url, "postgres://u@h/db");
+        assert_eq!(s.amqp.url, "amqp://x@y/%2f");
+
+        let s = Settings::load_from(env(&[
+            ("DATABASE_URL", "postgres://u@h/db"),
+            ("ENTRIP__DATABASE__URL", "postgres://specific/db"),
+        ]))
+        .unwrap();
+        assert_eq!(s.database.url, "postgres://specific/db");
+    }
+
+    #[test]
+    fn a_bad_value_names_its_key() {
+        let err = Settings::load_from(env(&[("ENTRIP__INGEST__LISTEN", "not-an-address")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("ingest.listen"), "{err}");
+
+        let err = Settings::load_from(env(&[("ENTRIP__INGEST__BODY_LIMIT_BYTES", "lots")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("ingest.body_limit_bytes"), "{err}");
+
+        let err = Settings::load_from(env(&[("ENTRIP__LOG__FORMAT", "xml")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("log.format"), "{err}");
+
+        let err = Settings::load_from(env(&[("DATABASE_URL", "mysql://x")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("database.url"), "{err}");
+    }
+
+    #[test]
+    fn an_unknown_key_is_refused() {
+        let err = Settings::load_from(env(&[("ENTRIP__INGEST__LISTN", "0.0.0.0:1")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("listn"), "{err}");
+    }
+
+    #[test]
+    fn a_config_file_is_read_and_a_missing_one_is_an_error() {
+        let dir = std::env::temp_dir().join(format!("entrip-cfg-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("entrip.toml");
+        std::fs::write(&file, "[ingest]\nidempotency_ttl_secs = 60\n").unwrap();
+        let s = Settings::load_from(env(&[("ENTRIP_CONFIG", file.to_str().unwrap())])).unwrap();
+        assert_eq!(s.ingest.idempotency_ttl_secs, 60);
+        std::fs::remove_dir_all(&dir).unwrap();
+
+        let err = Settings::load_from(env(&[("ENTRIP_CONFIG", "/nonexistent/entrip.toml")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("ENTRIP_CONFIG"), "{err}");
+    }
+}

@@ -1,0 +1,110 @@
+//! The outbox writer (table `outbox`) and the CloudEvents envelope: every
+//! state change enqueues its event in the same transaction as the change;
+//! the dispatcher publishes it later.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::domain::{AggregateType, EventType};
+
+/// `source` of events that ingest emits.
+pub const SOURCE_INGEST: &str = "/entrip/ingest";
+/// `source` of events that the workers emit.
+pub const SOURCE_WORKERS: &str = "/entrip/workers";
+/// `content_type` of every published message.
+pub const CONTENT_TYPE: &str = "application/cloudevents+json";
+
+/// A CloudEvents 1.0 JSON envelope; stored as the outbox payload and
+/// published as is.
+#[derive(Debug, Clone, Serialize)]
+pub struct CloudEvent<'a> {
+    pub specversion: &'static str,
+    pub id: Uuid,
+    pub source: &'a str,
+    #[serde(rename = "type")]
+    pub event_type: &'static str,
+    pub subject: String,
+    pub time: DateTime<Utc>,
+    pub datacontenttype: &'static str,
+    pub data: &'a Value,
+}
+
+/// An event to enqueue.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub id: Uuid,
+    pub event_type: EventType,
+    pub aggregate_type: AggregateType,
+    pub aggregate_id: Uuid,
+    pub source: &'static str,
+    /// The entity after the change.
+    pub data: Value,
+    /// W3C trace context of the request that caused the event, when known.
+    pub traceparent: Option<String>,
+}
+
+impl NewEvent {
+    pub fn new(
+        event_type: EventType,
+        aggregate_type: AggregateType,
+        aggregate_id: Uuid,
+        source: &'static str,
+        data: Value,
+    ) -> Self {
+        Self {
+            id: Uuid::now_v7(),
+            event_type,
+            aggregate_type,
+            aggregate_id,
+            source,
+            data,
+            traceparent: None,
+        }
+    }
+
+    pub fn with_traceparent(mut self, traceparent: Option<String>) -> Self {
+        self.traceparent = traceparent;
+        self
+    }
+
+    /// The CloudEvents envelope of this event at `time`.
+    pub fn envelope(&self, time: DateTime<Utc>) -> CloudEvent<'_> {
+        CloudEvent {
+            specversion: "1.0",
+            id: self.id,
+            source: self.source,
+            event_type: self.event_type.as_str(),
+            subject: self.aggregate_id.to_string(),
+            time,
+            datacontenttype: "application/json",
+            data: &self.data,
+        }
+    }
+}
+
+/// Enqueues the event inside the caller's transaction. The caller must hold
+/// a lock on the aggregate's row so that `seq` follows commit order.
+pub async fn enqueue(conn: &mut PgConnection, event: &NewEvent) -> sqlx::Result<()> {
+    let payload = serde_json::to_value(event.envelope(Utc::now()))
+        .map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+    let headers = match &event.traceparent {
+        Some(tp) => serde_json::json!({ "traceparent": tp }),
+        None => serde_json::json!({}),
+    };
+    sqlx::query(
+        "INSERT INTO outbox (id, aggregate_type, aggregate_id, topic, payload, headers)
+         VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(event.id)
+    .bind(event.aggregate_type.as_str())
+    .bind(event.aggregate_id)
+    .bind(event.event_type.as_str())
+    .bind(payload)
+    .bind(headers)
+    .execute(conn)
+    .await?;
+    Ok(())
+}

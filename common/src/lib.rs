@@ -1,0 +1,12 @@
+//! Shared library of the Entrip fleet: configuration, telemetry, the
+//! PostgreSQL pool and migrations, domain types, the audit log and outbox
+//! writers, the Prometheus registry and exporter, and graceful shutdown.
+
+pub mod audit;
+pub mod config;
+pub mod db;
+pub mod domain;
+pub mod events;
+pub mod metrics;
+pub mod shutdown;
+pub mod telemetry;

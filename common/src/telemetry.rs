@@ -1,0 +1,28 @@
+//! Tracing set-up: readable lines for people, JSON lines when
+//! `ENTRIP__LOG__FORMAT=json`. `RUST_LOG` overrides the configured level.
+
+use tracing_subscriber::{EnvFilter, fmt, prelude::*};
+
+use crate::config::{LogFormat, LogSettings};
+
+/// Installs the global subscriber. Calling it twice is harmless (tests do).
+pub fn init(settings: &LogSettings) {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&settings.level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let registry = tracing_subscriber::registry().with(filter);
+    let result = match settings.format {
+        LogFormat::Json => registry
+            .with(
+                fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_current_span(true)
+                    .with_span_list(false),
+            )
+            .try_init(),
+        LogFormat::Pretty => registry.with(fmt::layer().with_target(false)).try_init(),
+    };
+    // An already installed subscriber (e.g. in tests) is fine.
+    drop(result);
+}

@@ -1,0 +1,522 @@
+//! The commands ingest accepts and their business rules. Each command runs
+//! inside the request's transaction and writes the change, its audit row and
+//! its outbox event together; the caller commits with the idempotency record.
+//! Commands are transport-free so that HTTP and AMQP share them.
+
+use axum::http::StatusCode;
+use entrip_common::{
+    audit::{self, AuditEntry},
+    domain::{
+        AggregateType, ApprovalStatus, BookingStatus, Decision, EventType, PaymentOutcome,
+        PaymentStatus, Text,
+    },
+    events::{self, NewEvent, SOURCE_INGEST},
+};
+use serde_json::{Value, json};
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::{
+    error::ApiError,
+    store::{
+        approvals::{self, NewApproval},
+        bookings::{self, NewBooking},
+        payments::{self, NewPayment},
+        users::{self, NewUser},
+    },
+};
+
+/// A validated request.
+#[derive(Debug, Clone)]
+pub enum Command {
+    CreateUser(NewUser),
+    CreateBooking(NewBooking),
+    CancelBooking {
+        id: Uuid,
+        reason: Text,
+    },
+    CreatePayment(NewPayment),
+    RecordPaymentResult {
+        id: Uuid,
+        outcome: PaymentOutcome,
+        approval_id: Option<Text>,
+        reason: Option<Text>,
+    },
+    CreateApproval(NewApproval),
+    DecideApproval {
+        id: Uuid,
+        approver_id: Uuid,
+        decision: Decision,
+        reason: Option<Text>,
+    },
+}
+
+/// Who sent the command and under which key, for audit rows and events.
+#[derive(Debug, Clone)]
+pub struct Context {
+    /// `http` or `amqp`.
+    pub channel: &'static str,
+    pub idempotency_key: String,
+    pub traceparent: Option<String>,
+}
+
+/// The answer to a command: status and JSON body.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub body: Value,
+}
+
+impl Reply {
+    fn created(body: Value) -> Self {
+        Self {
+            status: StatusCode::CREATED,
+            body,
+        }
+    }
+
+    fn ok(body: Value) -> Self {
+        Self {
+            status: StatusCode::OK,
+            body,
+        }
+    }
+}
+
+/// Writes the audit row and the outbox event of one state change.
+struct Change<'a> {
+    actor: String,
+    action: &'a str,
+    aggregate: AggregateType,
+    id: Uuid,
+    event: EventType,
+    data: Value,
+    detail: Value,
+}
+
+async fn record(
+    conn: &mut PgConnection,
+    ctx: &Context,
+    change: Change<'_>,
+) -> Result<(), ApiError> {
+    let event = NewEvent::new(
+        change.event,
+        change.aggregate,
+        change.id,
+        SOURCE_INGEST,
+        change.data,
+    )
+    .with_traceparent(ctx.traceparent.clone());
+    let mut detail = change.detail;
+    detail["channel"] = json!(ctx.channel);
+    audit::record(
+        conn,
+        &AuditEntry {
+            actor: &change.actor,
+            action: change.action,
+            entity_type: change.aggregate,
+            entity_id: change.id,
+            detail,
+            idempotency_key: Some(&ctx.idempotency_key),
+            event_id: Some(event.id),
+        },
+    )
+    .await?;
+    events::enqueue(conn, &event).await?;
+    tracing::debug!(event_id = %event.id, topic = %change.event, "event enqueued");
+    Ok(())
+}
+
+/// Runs the command in the caller's transaction.
+pub async fn execute(
+    conn: &mut PgConnection,
+    cmd: Command,
+    ctx: &Context,
+) -> Result<Reply, ApiError> {
+    match cmd {
+        Command::CreateUser(user) => create_user(conn, user, ctx).await,
+        Command::CreateBooking(booking) => create_booking(conn, booking, ctx).await,
+        Command::CancelBooking { id, reason } => cancel_booking(conn, id, reason, ctx).await,
+        Command::CreatePayment(payment) => create_payment(conn, payment, ctx).await,
+        Command::RecordPaymentResult {
+            id,
+            outcome,
+            approval_id,
+            reason,
+        } => record_payment_result(conn, id, outcome, approval_id, reason, ctx).await,
+        Command::CreateApproval(approval) => create_approval(conn, approval, ctx).await,
+        Command::DecideApproval {
+            id,
+            approver_id,
+            decision,
+            reason,
+        } => decide_approval(conn, id, approver_id, decision, reason, ctx).await,
+    }
+}
+
+fn not_found(entity: &'static str, id: Uuid) -> ApiError {
+    ApiError::NotFound {
+        entity,
+        id: id.to_string(),
+    }
+}
+
+/// Maps a unique violation on `constraint` to a 409 with `message`.
+fn conflict_on(err: sqlx::Error, constraint: &str, message: &str) -> ApiError {
+    match entrip_common::db::unique_violation(&err) {
+        Some(c) if c == constraint => ApiError::Conflict(message.to_owned()),
+        _ => err.into(),
+    }
+}
+
+async fn create_user(
+    conn: &mut PgConnection,
+    user: NewUser,
+    ctx: &Context,
+) -> Result<Reply, ApiError> {
+    let id = Uuid::now_v7();
+    let row = users::insert(conn, id, &user).await.map_err(|e| {
+        conflict_on(
+            e,
+            "users_email_key",
+            "a user with this email already exists",
+        )
+    })?;
+    let view = serde_json::to_value(&row).map_err(|e| ApiError::Internal(e.to_string()))?;
+    record(
+        conn,
+        ctx,
+        Change {
+            actor: format!("{}:upstream", ctx.channel),
+            action: "user.create",
+            aggregate: AggregateType::User,
+            id,
+            event: EventType::UserCreated,
+            data: view.clone(),
+            detail: json!({}),
+        },
+    )
+    .await?;
+    Ok(Reply::created(view))
+}
+
+async fn create_booking(
+    conn: &mut PgConnection,
+    booking: NewBooking,
+    ctx: &Context,
+) -> Result<Reply, ApiError> {
+    if !users::exists(conn, booking.user_id).await? {
+        return Err(not_found("user", booking.user_id));
+    }
+    let id = Uuid::now_v7();
+    tracing::Span::current().record("booking_id", tracing::field::display(id));
+    let row = bookings::insert(conn, id, &booking).await.map_err(|e| {
+        conflict_on(
+            e,
+            "bookings_code_key",
+            "a booking with this code already exists",
+        )
+    })?;
+    let view = row.view();
+    record(
+        conn,
+        ctx,
+        Change {
+            actor: format!("{}:upstream", ctx.channel),
+            action: "booking.create",
+            aggregate: AggregateType::Booking,
+            id,
+            event: EventType::BookingCreated,
+            data: view.clone(),
+            detail: json!({ "code": row.code }),
+        },
+    )
+    .await?;
+    Ok(Reply::created(view))
+}
+
+async fn cancel_booking(
+    conn: &mut PgConnection,
+    id: Uuid,
+    reason: Text,
+    ctx: &Context,
+) -> Result<Reply, ApiError> {
+    tracing::Span::current().record("booking_id", tracing::field::display(id));
+    let booking = bookings::lock(conn, id)
+        .await?
+        .ok_or_else(|| not_found("booking", id))?;
+    match booking.status() {
+        Some(BookingStatus::Pending) => {}
+        Some(BookingStatus::Canceled) => {
+            return Err(ApiError::Conflict("the booking is already canceled".into()));
+        }
+        _ => {
+            return Err(ApiError::Conflict(format!(
+                "a {} booking cannot be canceled; only PENDING bookings can",
+                booking.status
+            )));
+        }
+    }
+    let row = bookings::cancel(conn, id, &reason).await?;
+    let view = row.view();
+    record(
+        conn,
+        ctx,
+        Change {
+            actor: format!("{}:upstream", ctx.channel),
+            action: "booking.cancel",
+            aggregate: AggregateType::Booking,
+            id,
+            event: EventType::BookingCanceled,
+            data: view.clone(),
+            detail: json!({ "from": booking.status, "to": row.status, "reason": reason.as_str() }),
+        },
+    )
+    .await?;
+    Ok(Reply::ok(view))
+}
+
+async fn create_payment(
+    conn: &mut PgConnection,
+    payment: NewPayment,
+    ctx: &Context,
+) -> Result<Reply, ApiError> {
+    tracing::Span::current().record("booking_id", tracing::field::display(payment.booking_id));
+    let booking = bookings::lock(conn, payment.booking_id)
+        .await?
+        .ok_or_else(|| not_found("booking", payment.booking_id))?;
+    if booking.status() != Some(BookingStatus::Pending) {
+        return Err(ApiError::Conflict(format!(
+            "the booking is {}; payments are accepted only for PENDING bookings",
+            booking.status
+        )));
+    }
+    if payment.amount.currency().code() != booking.currency {
+        return Err(ApiError::rule(
+            "currency",
+            format!(
+                "payment currency {} differs from the booking's {}",
+                payment.amount.currency(),
+                booking.currency
+            ),
+        ));
+    }
+    if payment.amount.amount() != booking.amount {
+        return Err(ApiError::rule(
+            "amount",
+            format!(
+                "payment amount {} differs from the booking's {}",
+                payment.amount,
+                entrip_common::domain::render_stored(booking.amount, &booking.currency)
+            ),
+        ));
+    }
+    if let Some(live) = payments::live_for_booking(conn, booking.id).await? {
+        return Err(ApiError::Conflict(format!(
+            "the booking already has a {} payment {}",
+            live.status, live.id
+        )));
+    }
+    let id = Uuid::now_v7();
+    let row = payments::insert(conn, id, &payment).await.map_err(|e| {
+        conflict_on(
+            e,
+            "payments_one_live_per_booking",
+            "the booking already has a live payment",
+        )
+    })?;
+    let view = row.view();
+    record(
+        conn,
+        ctx,
+        Change {
+            actor: format!("{}:upstream", ctx.channel),
+            action: "payment.create",
+            aggregate: AggregateType::Payment,
+            id,
+            event: EventType::PaymentRequested,
+            data: view.clone(),
+            detail: json!({ "bookingId": booking.id }),
+        },
+    )
+    .await?;
+    Ok(Reply::created(view))
+}
+
+async fn record_payment_result(
+    conn: &mut PgConnection,
+    id: Uuid,
+    outcome: PaymentOutcome,
+    approval_id: Option<Text>,
+    reason: Option<Text>,
+    ctx: &Context,
+) -> Result<Reply, ApiError> {
+    let payment = payments::lock(conn, id)
+        .await?
+        .ok_or_else(|| not_found("payment", id))?;
+    tracing::Span::current().record("booking_id", tracing::field::display(payment.booking_id));
+    if payment.status() != Some(PaymentStatus::Pending) {
+        return Err(ApiError::Conflict(format!(
+            "the payment is already {}; a result can be recorded only once",
+            payment.status
+        )));
+    }
+    let row = payments::decide(
+        conn,
+        id,
+        outcome,
+        approval_id.as_ref().map(Text::as_str),
+        reason.as_ref().map(Text::as_str),
+    )
+    .await?;
+    let view = row.view();
+    let event = match outcome {
+        PaymentOutcome::Approved => EventType::PaymentApproved,
+        PaymentOutcome::Failed => EventType::PaymentFailed,
+    };
+    record(
+        conn,
+        ctx,
+        Change {
+            actor: format!("{}:payment-gateway", ctx.channel),
+            action: "payment.result",
+            aggregate: AggregateType::Payment,
+            id,
+            event,
+            data: view.clone(),
+            detail: json!({ "from": payment.status, "to": row.status }),
+        },
+    )
+    .await?;
+    Ok(Reply::ok(view))
+}
+
+async fn create_approval(
+    conn: &mut PgConnection,
+    approval: NewApproval,
+    ctx: &Context,
+) -> Result<Reply, ApiError> {
+    tracing::Span::current().record("booking_id", tracing::field::display(approval.booking_id));
+    let booking = bookings::lock(conn, approval.booking_id)
+        .await?
+        .ok_or_else(|| not_found("booking", approval.booking_id))?;
+    if !users::exists(conn, approval.requester_id).await? {
+        return Err(not_found("user", approval.requester_id));
+    }
+    if booking.status() != Some(BookingStatus::Pending) {
+        return Err(ApiError::Conflict(format!(
+            "the booking is {}; approvals can be requested only for PENDING bookings",
+            booking.status
+        )));
+    }
+    if !booking.requires_approval {
+        return Err(ApiError::Conflict(
+            "the booking does not require approval (requiresApproval is false)".into(),
+        ));
+    }
+    if let Some(live) = approvals::live_for_booking(conn, booking.id).await? {
+        return Err(ApiError::Conflict(format!(
+            "the booking already has a {} approval {}",
+            live.status, live.id
+        )));
+    }
+    let id = Uuid::now_v7();
+    let row = approvals::insert(conn, id, &approval).await.map_err(|e| {
+        conflict_on(
+            e,
+            "approvals_one_live_per_booking",
+            "the booking already has a live approval",
+        )
+    })?;
+    let view = row.view(&[]);
+    record(
+        conn,
+        ctx,
+        Change {
+            actor: format!("user:{}", approval.requester_id),
+            action: "approval.create",
+            aggregate: AggregateType::Approval,
+            id,
+            event: EventType::ApprovalRequested,
+            data: view.clone(),
+            detail: json!({ "bookingId": booking.id, "steps": row.steps }),
+        },
+    )
+    .await?;
+    Ok(Reply::created(view))
+}
+
+async fn decide_approval(
+    conn: &mut PgConnection,
+    id: Uuid,
+    approver_id: Uuid,
+    decision: Decision,
+    reason: Option<Text>,
+    ctx: &Context,
+) -> Result<Reply, ApiError> {
+    // Lock order everywhere: booking, then its payment or approval.
+    let Some(peek) = approvals::get(conn, id).await? else {
+        return Err(not_found("approval", id));
+    };
+    tracing::Span::current().record("booking_id", tracing::field::display(peek.booking_id));
+    let booking = bookings::lock(conn, peek.booking_id)
+        .await?
+        .ok_or_else(|| not_found("booking", peek.booking_id))?;
+    let approval = approvals::lock(conn, id)
+        .await?
+        .ok_or_else(|| not_found("approval", id))?;
+    if !users::exists(conn, approver_id).await? {
+        return Err(not_found("user", approver_id));
+    }
+    if approval.status() != Some(ApprovalStatus::Pending) {
+        return Err(ApiError::Conflict(format!(
+            "the approval is already {}",
+            approval.status
+        )));
+    }
+    if booking.status() == Some(BookingStatus::Canceled) {
+        return Err(ApiError::Conflict("the booking is canceled".into()));
+    }
+    if approvals::has_decided(conn, id, approver_id).await? {
+        return Err(ApiError::Conflict(
+            "this approver already decided a step of this approval".into(),
+        ));
+    }
+    let row = approvals::decide(
+        conn,
+        &approval,
+        approver_id,
+        decision,
+        reason.as_ref().map(Text::as_str),
+    )
+    .await
+    .map_err(|e| {
+        conflict_on(
+            e,
+            "approval_decisions_one_per_approver",
+            "this approver already decided a step of this approval",
+        )
+    })?;
+    let decisions = approvals::decisions(conn, id).await?;
+    let view = row.view(&decisions);
+    record(
+        conn,
+        ctx,
+        Change {
+            actor: format!("user:{approver_id}"),
+            action: "approval.decide",
+            aggregate: AggregateType::Approval,
+            id,
+            event: EventType::ApprovalDecided,
+            data: view.clone(),
+            detail: json!({
+                "step": approval.current_step,
+                "decision": decision.as_str(),
+                "from": approval.status,
+                "to": row.status,
+            }),
+        },
+    )
+    .await?;
+    Ok(Reply::ok(view))
+}

@@ -1,0 +1,157 @@
+//! Idempotency keys (table `idempotency_keys`): the key, the request's hash
+//! and the response are stored in the same transaction as the effect.
+//!
+//! The key row is inserted first in the request's transaction. A second
+//! request with the same key blocks on that insert until the first commits
+//! (then it replays the stored answer) or rolls back (then it proceeds), so
+//! fifty simultaneous requests with one key cause one effect.
+
+use std::time::Duration;
+
+use entrip_common::domain::IdempotencyKey;
+use sha2::{Digest, Sha256};
+use sqlx::{PgConnection, Row};
+
+/// What identifies "the same request": endpoint and body.
+#[derive(Debug, Clone)]
+pub struct Fingerprint {
+    pub method: String,
+    /// The concrete path, e.g. `/v1/payments/<id>/result`.
+    pub path: String,
+    /// SHA-256 of the canonical JSON of the body (keys sorted, no spaces).
+    pub hash: [u8; 32],
+}
+
+impl Fingerprint {
+    pub fn new(method: &str, path: &str, body: &serde_json::Value) -> Self {
+        // serde_json's map is ordered by key, so this text is canonical.
+        let canonical = body.to_string();
+        Self {
+            method: method.to_owned(),
+            path: path.to_owned(),
+            hash: Sha256::digest(canonical.as_bytes()).into(),
+        }
+    }
+}
+
+/// A response stored under a key.
+#[derive(Debug, Clone)]
+pub struct StoredResponse {
+    pub status: u16,
+    pub body: serde_json::Value,
+}
+
+/// The outcome of trying to claim a key.
+#[derive(Debug)]
+pub enum Claim {
+    /// The key is ours; run the effect in this transaction.
+    Claimed,
+    /// The same request was answered before.
+    Replay(StoredResponse),
+    /// The key was used for another endpoint or body.
+    Mismatch(&'static str),
+    /// The holder vanished between our insert and our read (purged); retry.
+    Retry,
+}
+
+/// Claims `key` inside the caller's transaction. An expired key that has not
+/// been purged yet is taken over as new.
+pub async fn claim(
+    conn: &mut PgConnection,
+    key: &IdempotencyKey,
+    fp: &Fingerprint,
+    ttl: Duration,
+) -> sqlx::Result<Claim> {
+    let ttl_secs = ttl.as_secs_f64();
+    let inserted = sqlx::query(
+        "INSERT INTO idempotency_keys (key, method, path, request_hash, expires_at)
+         VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5))
+         ON CONFLICT (key) DO UPDATE
+            SET method = EXCLUDED.method, path = EXCLUDED.path,
+                request_hash = EXCLUDED.request_hash,
+                response_status = NULL, response_body = NULL,
+                created_at = now(), expires_at = EXCLUDED.expires_at
+          WHERE idempotency_keys.expires_at <= now()
+         RETURNING 1",
+    )
+    .bind(key.as_str())
+    .bind(&fp.method)
+    .bind(&fp.path)
+    .bind(&fp.hash[..])
+    .bind(ttl_secs)
+    .fetch_optional(&mut *conn)
+    .await?;
+    if inserted.is_some() {
+        return Ok(Claim::Claimed);
+    }
+    let row = sqlx::query(
+        "SELECT method, path, request_hash, response_status, response_body
+           FROM idempotency_keys WHERE key = $1",
+    )
+    .bind(key.as_str())
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(row) = row else {
+        return Ok(Claim::Retry);
+    };
+    let method: String = row.try_get("method")?;
+    let path: String = row.try_get("path")?;
+    let hash: Vec<u8> = row.try_get("request_hash")?;
+    if method != fp.method || path != fp.path {
+        return Ok(Claim::Mismatch(
+            "this Idempotency-Key was already used for another endpoint",
+        ));
+    }
+    if hash != fp.hash {
+        return Ok(Claim::Mismatch(
+            "this Idempotency-Key was already used with a different request body",
+        ));
+    }
+    let status: Option<i16> = row.try_get("response_status")?;
+    let body: Option<serde_json::Value> = row.try_get("response_body")?;
+    match (status, body) {
+        (Some(status), Some(body)) => Ok(Claim::Replay(StoredResponse {
+            status: u16::try_from(status).unwrap_or(200),
+            body,
+        })),
+        // Committed rows always carry a response (see `complete`).
+        _ => Ok(Claim::Retry),
+    }
+}
+
+/// Stores the response under the claimed key, in the effect's transaction.
+pub async fn complete(
+    conn: &mut PgConnection,
+    key: &IdempotencyKey,
+    response: &StoredResponse,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE idempotency_keys SET response_status = $2, response_body = $3 WHERE key = $1",
+    )
+    .bind(key.as_str())
+    .bind(i16::try_from(response.status).unwrap_or(200))
+    .bind(&response.body)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Deletes expired keys in batches; returns how many were deleted.
+pub async fn purge_expired(pool: &sqlx::PgPool, batch: i64) -> sqlx::Result<u64> {
+    let mut total = 0;
+    loop {
+        let deleted = sqlx::query(
+            "DELETE FROM idempotency_keys WHERE key IN (
+                SELECT key FROM idempotency_keys WHERE expires_at <= now()
+                 LIMIT $1 FOR UPDATE SKIP LOCKED)",
+        )
+        .bind(batch)
+        .execute(pool)
+        .await?
+        .rows_affected();
+        total += deleted;
+        if deleted < batch as u64 {
+            return Ok(total);
+        }
+    }
+}

@@ -1,0 +1,77 @@
+//! The ingest metrics of DESIGN.md and the middleware that records them.
+
+use std::time::Instant;
+
+use axum::{
+    extract::{MatchedPath, Request, State},
+    middleware::Next,
+    response::Response,
+};
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+
+#[derive(Clone)]
+pub struct IngestMetrics {
+    pub requests: IntCounterVec,
+    pub duration: HistogramVec,
+    pub replays: IntCounterVec,
+}
+
+impl IngestMetrics {
+    pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "entrip_ingest_requests_total",
+                "HTTP requests answered by ingest.",
+            ),
+            &["route", "status"],
+        )?;
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "entrip_ingest_request_duration_seconds",
+                "Time from request to response in ingest.",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
+            &["route"],
+        )?;
+        let replays = IntCounterVec::new(
+            Opts::new(
+                "entrip_idempotency_replays_total",
+                "Requests answered from a stored idempotent response.",
+            ),
+            &["route"],
+        )?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(duration.clone()))?;
+        registry.register(Box::new(replays.clone()))?;
+        Ok(Self {
+            requests,
+            duration,
+            replays,
+        })
+    }
+}
+
+/// The route template of a request (`/v1/bookings/{id}`), or `unmatched`.
+pub fn route_of(req: &Request) -> String {
+    req.extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned())
+}
+
+/// Counts every answer by route and status and times it.
+pub async fn track(State(metrics): State<IngestMetrics>, req: Request, next: Next) -> Response {
+    let route = route_of(&req);
+    let start = Instant::now();
+    let response = next.run(req).await;
+    metrics
+        .duration
+        .with_label_values(&[route.as_str()])
+        .observe(start.elapsed().as_secs_f64());
+    metrics
+        .requests
+        .with_label_values(&[route.as_str(), response.status().as_str()])
+        .inc();
+    response
+}

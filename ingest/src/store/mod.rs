@@ -1,0 +1,8 @@
+//! SQL for the entity tables, one module per table; each returns rows and
+//! renders them as the API's JSON views.
+
+pub mod approvals;
+pub mod bookings;
+pub mod payments;
+pub mod settlements;
+pub mod users;

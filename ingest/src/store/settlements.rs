@@ -1,0 +1,50 @@
+//! Table `settlements`, read side (the settlement worker writes it).
+
+use chrono::{DateTime, Utc};
+use entrip_common::domain::render_stored;
+use rust_decimal::Decimal;
+use serde_json::{Value, json};
+use sqlx::{FromRow, PgConnection};
+use uuid::Uuid;
+
+#[derive(Debug, Clone, FromRow)]
+pub struct SettlementRow {
+    pub id: Uuid,
+    pub booking_id: Uuid,
+    pub payment_id: Uuid,
+    pub approval_id: Option<Uuid>,
+    pub gross: Decimal,
+    pub tax: Decimal,
+    pub net: Decimal,
+    pub currency: String,
+    pub settled_at: DateTime<Utc>,
+}
+
+impl SettlementRow {
+    pub fn view(&self) -> Value {
+        json!({
+            "id": self.id,
+            "bookingId": self.booking_id,
+            "paymentId": self.payment_id,
+            "approvalId": self.approval_id,
+            "gross": render_stored(self.gross, &self.currency),
+            "tax": render_stored(self.tax, &self.currency),
+            "net": render_stored(self.net, &self.currency),
+            "currency": self.currency,
+            "settledAt": self.settled_at,
+        })
+    }
+}
+
+pub async fn for_booking(
+    conn: &mut PgConnection,
+    booking_id: Uuid,
+) -> sqlx::Result<Option<SettlementRow>> {
+    sqlx::query_as(
+        "SELECT id, booking_id, payment_id, approval_id, gross, tax, net, currency, settled_at
+           FROM settlements WHERE booking_id = $1",
+    )
+    .bind(booking_id)
+    .fetch_optional(conn)
+    .await
+}
