@@ -1,0 +1,303 @@
+//! Test support: a real ingest server on a random port over a test's own
+//! database, an HTTP client, fixtures, and a TCP proxy that can cut
+//! connections for fault tests.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+};
+
+use entrip_common::config::IngestSettings;
+use entrip_ingest::App;
+use reqwest::{Client, StatusCode, header::HeaderMap};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::Notify,
+};
+use tokio_util::sync::CancellationToken;
+
+/// A running ingest server.
+pub struct Server {
+    pub base: String,
+    pub client: Client,
+    pub pool: PgPool,
+    pub app: App,
+    shutdown: CancellationToken,
+    handle: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// A response as the tests look at it.
+#[derive(Debug)]
+pub struct Resp {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Value,
+}
+
+impl Resp {
+    /// The `field` of the first validation error, if any.
+    pub fn error_fields(&self) -> Vec<String> {
+        self.body["errors"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|e| e["field"].as_str().unwrap_or_default().to_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    pub fn is_problem(&self) -> bool {
+        self.headers
+            .get("content-type")
+            .is_some_and(|v| v == "application/problem+json")
+            && self.body["status"] == json!(self.status.as_u16())
+            && self.body["type"].is_string()
+            && self.body["title"].is_string()
+            && self.body["detail"].is_string()
+    }
+
+    pub fn id(&self) -> String {
+        self.body["id"].as_str().expect("response has an id").to_owned()
+    }
+}
+
+static KEY_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// A fresh idempotency key.
+pub fn key() -> String {
+    format!(
+        "test-key-{}-{}",
+        uuid::Uuid::new_v4().simple(),
+        KEY_COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+pub fn settings() -> IngestSettings {
+    IngestSettings {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        ..IngestSettings::default()
+    }
+}
+
+impl Server {
+    pub async fn start(pool: PgPool) -> Self {
+        Self::start_with(pool, settings()).await
+    }
+
+    pub async fn start_with(pool: PgPool, settings: IngestSettings) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = App::new(pool.clone(), settings, entrip_common::metrics::new_registry()).unwrap();
+        let shutdown = CancellationToken::new();
+        let handle = tokio::spawn({
+            let app = app.clone();
+            let shutdown = shutdown.clone();
+            async move {
+                entrip_ingest::serve(listener, app, shutdown).await.unwrap();
+            }
+        });
+        Self {
+            base: format!("http://{addr}"),
+            client: Client::new(),
+            pool,
+            app,
+            shutdown,
+            handle: Some(handle),
+        }
+    }
+
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(h) = self.handle.take() {
+            h.await.unwrap();
+        }
+    }
+
+    /// POST with a JSON body and the given key (`None`: no header).
+    pub async fn post(&self, path: &str, key: Option<&str>, body: &Value) -> Resp {
+        self.post_raw(path, key, body.to_string().into_bytes()).await
+    }
+
+    pub async fn post_raw(&self, path: &str, key: Option<&str>, body: Vec<u8>) -> Resp {
+        let mut req = self
+            .client
+            .post(format!("{}{}", self.base, path))
+            .header("content-type", "application/json")
+            .body(body);
+        if let Some(k) = key {
+            req = req.header("idempotency-key", k);
+        }
+        into_resp(req.send().await.unwrap()).await
+    }
+
+    pub async fn get(&self, path: &str) -> Resp {
+        let resp = self
+            .client
+            .get(format!("{}{}", self.base, path))
+            .send()
+            .await
+            .unwrap();
+        into_resp(resp).await
+    }
+
+    pub async fn create_user(&self) -> String {
+        let n = KEY_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let r = self
+            .post(
+                "/v1/users",
+                Some(&key()),
+                &json!({
+                    "name": "Kim Minji",
+                    "email": format!("kim{n}-{}@example.com", uuid::Uuid::new_v4().simple()),
+                    "phone": "+82 10 1234 5678",
+                }),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+        r.id()
+    }
+
+    pub async fn create_booking(&self, user_id: &str, requires_approval: bool) -> Value {
+        let body = booking_body(user_id, &unique_code(), requires_approval);
+        let r = self.post("/v1/bookings", Some(&key()), &body).await;
+        assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+        r.body
+    }
+
+    pub async fn create_payment(&self, booking: &Value) -> Value {
+        let r = self
+            .post("/v1/payments", Some(&key()), &payment_body(booking))
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+        r.body
+    }
+
+    /// Counts the rows of a table (test databases only).
+    pub async fn count(&self, table: &str) -> i64 {
+        let sql = format!("SELECT count(*) FROM {table}");
+        sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+    }
+}
+
+async fn into_resp(resp: reqwest::Response) -> Resp {
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let bytes = resp.bytes().await.unwrap();
+    let body = if bytes.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
+    };
+    Resp {
+        status,
+        headers,
+        body,
+    }
+}
+
+pub fn unique_code() -> String {
+    let n = KEY_COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("BK-{}-{n}", &uuid::Uuid::new_v4().simple().to_string()[..8].to_uppercase())
+}
+
+pub fn booking_body(user_id: &str, code: &str, requires_approval: bool) -> Value {
+    json!({
+        "code": code,
+        "customerName": "Kim Minji",
+        "customerPhone": "+82 10 1234 5678",
+        "itineraryFrom": "ICN",
+        "itineraryTo": "NRT",
+        "departAt": "2026-12-24T09:30:00+09:00",
+        "arriveAt": "2026-12-24T11:45:00+09:00",
+        "currency": "KRW",
+        "amount": "350000",
+        "userId": user_id,
+        "requiresApproval": requires_approval,
+    })
+}
+
+pub fn payment_body(booking: &Value) -> Value {
+    json!({
+        "bookingId": booking["id"],
+        "method": "CARD",
+        "amount": booking["amount"],
+        "currency": booking["currency"],
+        "tax": "31818",
+    })
+}
+
+/// A TCP proxy in front of a real server that a test can cut (every open
+/// connection is closed and new ones are refused) and restore.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    cut: Arc<AtomicBool>,
+    cut_now: Arc<Notify>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    pub async fn start(target: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cut = Arc::new(AtomicBool::new(false));
+        let cut_now = Arc::new(Notify::new());
+        let task = tokio::spawn({
+            let cut = cut.clone();
+            let cut_now = cut_now.clone();
+            async move {
+                loop {
+                    let Ok((mut inbound, _)) = listener.accept().await else {
+                        return;
+                    };
+                    if cut.load(Ordering::SeqCst) {
+                        drop(inbound);
+                        continue;
+                    }
+                    let cut_now = cut_now.clone();
+                    tokio::spawn(async move {
+                        let Ok(mut outbound) = TcpStream::connect(target).await else {
+                            return;
+                        };
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                            _ = cut_now.notified() => {}
+                        }
+                    });
+                }
+            }
+        });
+        Self {
+            addr,
+            cut,
+            cut_now,
+            task,
+        }
+    }
+
+    /// Closes every open connection and refuses new ones.
+    pub fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        self.cut_now.notify_waiters();
+    }
+
+    pub fn restore(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
