@@ -1,0 +1,285 @@
+//! The `ingest` binary as a process: configuration errors stop it with the
+//! key's name, it creates its database, `/metrics` passes `promtool check
+//! metrics`, and SIGTERM lets requests in flight finish before it exits 0.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    io::Write,
+    net::TcpListener,
+    process::{Child, Command, Stdio},
+    str::FromStr,
+    time::{Duration, Instant},
+};
+
+use serde_json::json;
+use sqlx::{Connection, PgConnection, postgres::PgConnectOptions};
+
+const BIN: &str = env!("CARGO_BIN_EXE_ingest");
+
+fn database_url() -> String {
+    std::env::var("DATABASE_URL").expect("DATABASE_URL is set by scripts/test")
+}
+
+/// A database of the test's own, dropped at the end.
+struct TestDb {
+    name: String,
+    url: String,
+}
+
+impl TestDb {
+    fn new() -> Self {
+        let name = format!("entrip_bin_{}", uuid::Uuid::new_v4().simple());
+        let base = url_without_db(&database_url());
+        Self {
+            url: format!("{base}/{name}"),
+            name,
+        }
+    }
+
+    async fn drop_db(&self) {
+        let opts = PgConnectOptions::from_str(&database_url())
+            .unwrap()
+            .database("postgres");
+        let mut conn = PgConnection::connect_with(&opts).await.unwrap();
+        let sql = format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.name);
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+    }
+}
+
+fn url_without_db(url: &str) -> String {
+    let (head, _) = url.rsplit_once('/').expect("a database URL");
+    head.to_owned()
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn spawn(db: &TestDb, port: u16) -> Child {
+    Command::new(BIN)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("DATABASE_URL", &db.url)
+        .env("ENTRIP__INGEST__LISTEN", format!("127.0.0.1:{port}"))
+        .env("ENTRIP__LOG__FORMAT", "json")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+async fn wait_ready(client: &reqwest::Client, base: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(r) = client.get(format!("{base}/readyz")).send().await
+            && r.status() == 200
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "ingest did not become ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn sigterm(child: &Child) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[test]
+fn a_bad_configuration_value_stops_start_up_naming_the_key() {
+    let out = Command::new(BIN)
+        .env("ENTRIP__INGEST__LISTEN", "not-an-address")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.trim().lines().count(), 1, "one clear line: {stderr}");
+    assert!(stderr.contains("ingest.listen"), "{stderr}");
+
+    let out = Command::new(BIN)
+        .env("ENTRIP_CONFIG", "/nonexistent/entrip.toml")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ENTRIP_CONFIG"));
+}
+
+#[test]
+fn help_describes_the_subcommands() {
+    let out = Command::new(BIN).arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for word in ["serve", "migrate", "purge-keys"] {
+        assert!(text.contains(word), "{text}");
+    }
+}
+
+#[tokio::test]
+async fn creates_its_database_serves_metrics_and_shuts_down_gracefully() {
+    let db = TestDb::new();
+    let port = free_port();
+    let mut child = spawn(&db, port);
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    wait_ready(&client, &base).await;
+
+    let user: serde_json::Value = client
+        .post(format!("{base}/v1/users"))
+        .header(
+            "idempotency-key",
+            format!("bin-user-{}", uuid::Uuid::new_v4()),
+        )
+        .json(&json!({"name": "Park", "email": "park@example.com", "phone": "010 5555 0000"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let user_id = user["id"].as_str().unwrap().to_owned();
+
+    // Hold the user's row so that the next booking request stays in flight.
+    let mut blocker = PgConnection::connect(&db.url).await.unwrap();
+    sqlx::raw_sql("BEGIN").execute(&mut blocker).await.unwrap();
+    sqlx::query("SELECT id FROM users WHERE id = $1::uuid FOR UPDATE")
+        .bind(&user_id)
+        .execute(&mut blocker)
+        .await
+        .unwrap();
+
+    let in_flight =
+        tokio::spawn({
+            let client = client.clone();
+            let base = base.clone();
+            let user_id = user_id.clone();
+            async move {
+                client
+                .post(format!("{base}/v1/bookings"))
+                .header("idempotency-key", format!("bin-booking-{}", uuid::Uuid::new_v4()))
+                .json(&json!({
+                    "code": "BIN-000001", "customerName": "Park", "customerPhone": "010 5555 0000",
+                    "itineraryFrom": "GMP", "itineraryTo": "CJU",
+                    "departAt": "2026-12-01T08:00:00Z", "arriveAt": "2026-12-01T09:05:00Z",
+                    "amount": "89000", "userId": user_id,
+                }))
+                .send()
+                .await
+                .unwrap()
+                .status()
+            }
+        });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    sigterm(&child);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "ingest waits for the request in flight"
+    );
+
+    sqlx::raw_sql("COMMIT").execute(&mut blocker).await.unwrap();
+    let status = in_flight.await.unwrap();
+    assert_eq!(status, 201, "the request in flight completed");
+
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let exit = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "ingest did not exit after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(exit.success(), "exit status {exit:?}");
+    let bookings: i64 = sqlx::query_scalar("SELECT count(*) FROM bookings")
+        .fetch_one(&mut blocker)
+        .await
+        .unwrap();
+    assert_eq!(bookings, 1);
+    drop(blocker);
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn metrics_pass_promtool_check() {
+    let promtool = std::env::var("PROMTOOL").unwrap_or_else(|_| "promtool".into());
+    let db = TestDb::new();
+    let port = free_port();
+    let mut child = spawn(&db, port);
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    wait_ready(&client, &base).await;
+    // Produce every ingest series: a success, a replay, an error.
+    let k = format!("bin-metrics-{}", uuid::Uuid::new_v4());
+    for _ in 0..2 {
+        let r = client
+            .post(format!("{base}/v1/users"))
+            .header("idempotency-key", &k)
+            .json(&json!({"name": "Choi", "email": "choi@example.com", "phone": "010 1111 2222"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+    }
+    let r = client
+        .post(format!("{base}/v1/users"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+
+    let text = client
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for name in [
+        "entrip_ingest_requests_total{route=\"/v1/users\",status=\"201\"} 2",
+        "entrip_ingest_requests_total{route=\"/v1/users\",status=\"400\"} 1",
+        "entrip_idempotency_replays_total{route=\"/v1/users\"} 1",
+        "entrip_ingest_request_duration_seconds_bucket{route=\"/v1/users\"",
+    ] {
+        assert!(text.contains(name), "missing {name} in\n{text}");
+    }
+
+    let mut check = Command::new(&promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {promtool} (scripts/test installs it): {e}"));
+    check
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = check.wait_with_output().unwrap();
+    let findings = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "promtool: {findings}");
+    assert!(findings.trim().is_empty(), "promtool findings: {findings}");
+
+    sigterm(&child);
+    let _ = child.wait();
+    db.drop_db().await;
+}
