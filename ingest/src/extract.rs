@@ -46,14 +46,23 @@ pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<
 /// Parses a JSON object into `T` (which denies unknown fields), naming the
 /// field at fault. Also returns the body as a `Value` for hashing.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<(T, serde_json::Value), ApiError> {
+    let value: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| json_error(".", &e))?;
+    // serde's derived structs also accept arrays (fields by position).
+    if !value.is_object() {
+        return Err(ApiError::BadJson {
+            detail: "the body must be a JSON object".into(),
+            field: None,
+        });
+    }
+    // Typed parsing from the bytes, not the `Value`, so that duplicate keys
+    // are caught rather than silently overwritten.
     let de = &mut serde_json::Deserializer::from_slice(bytes);
     let typed: T = serde_path_to_error::deserialize(de).map_err(|err| {
         let path = err.path().to_string();
         let inner = err.into_inner();
         json_error(&path, &inner)
     })?;
-    let value: serde_json::Value =
-        serde_json::from_slice(bytes).map_err(|e| json_error(".", &e))?;
     Ok((typed, value))
 }
 
@@ -66,10 +75,11 @@ fn json_error(path: &str, err: &serde_json::Error) -> ApiError {
             let named = backticked(&message).filter(|_| {
                 message.starts_with("unknown field") || message.starts_with("duplicate field")
             });
+            // For an unknown key the path already ends with it; a duplicate
+            // key is reported at the enclosing object.
             let field = match named {
                 Some(name) if path == "." => name.to_owned(),
-                Some(name) => format!("{path}.{name}"),
-                None => path.to_owned(),
+                _ => path.to_owned(),
             };
             if field == "." {
                 return ApiError::BadJson {

@@ -27,15 +27,17 @@ async fn a_replay_returns_the_stored_answer_and_stores_nothing_new(pool: PgPool)
     assert_eq!(second.body, first.body);
 
     assert_eq!(s.count("bookings").await, 1);
-    let audit: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_log WHERE entity_type = 'booking'")
-        .fetch_one(&s.pool)
-        .await
-        .unwrap();
+    let audit: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM audit_log WHERE entity_type = 'booking'")
+            .fetch_one(&s.pool)
+            .await
+            .unwrap();
     assert_eq!(audit, 1);
-    let outbox: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE topic = 'booking.created'")
-        .fetch_one(&s.pool)
-        .await
-        .unwrap();
+    let outbox: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM outbox WHERE topic = 'booking.created'")
+            .fetch_one(&s.pool)
+            .await
+            .unwrap();
     assert_eq!(outbox, 1);
     let replays = s
         .app
@@ -60,8 +62,12 @@ async fn the_same_body_with_other_whitespace_or_key_order_is_a_replay(pool: PgPo
         "{{ \"phone\": \"010-1234-5678\",\n \"email\": {},\n \"name\": \"Lee\" }}",
         v["email"]
     );
-    let a = s.post_raw("/v1/users", Some(&k), compact.into_bytes()).await;
-    let b = s.post_raw("/v1/users", Some(&k), reordered.into_bytes()).await;
+    let a = s
+        .post_raw("/v1/users", Some(&k), compact.into_bytes())
+        .await;
+    let b = s
+        .post_raw("/v1/users", Some(&k), reordered.into_bytes())
+        .await;
     assert_eq!(a.status, StatusCode::CREATED);
     assert_eq!(b.status, StatusCode::CREATED);
     assert_eq!(b.headers.get("idempotent-replayed").unwrap(), "true");
@@ -75,14 +81,22 @@ async fn the_same_key_with_another_body_or_endpoint_is_422(pool: PgPool) {
     let user = s.create_user().await;
     let k = key();
     let body = booking_body(&user, &unique_code(), false);
-    assert_eq!(s.post("/v1/bookings", Some(&k), &body).await.status, StatusCode::CREATED);
+    assert_eq!(
+        s.post("/v1/bookings", Some(&k), &body).await.status,
+        StatusCode::CREATED
+    );
 
     let mut other = body.clone();
     other["amount"] = json!("350001");
     let r = s.post("/v1/bookings", Some(&k), &other).await;
     assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
     assert!(r.is_problem(), "{:?}", r.body);
-    assert!(r.body["detail"].as_str().unwrap().contains("different request body"));
+    assert!(
+        r.body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("different request body")
+    );
 
     let r = s
         .post(
@@ -92,7 +106,12 @@ async fn the_same_key_with_another_body_or_endpoint_is_422(pool: PgPool) {
         )
         .await;
     assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
-    assert!(r.body["detail"].as_str().unwrap().contains("another endpoint"));
+    assert!(
+        r.body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("another endpoint")
+    );
 
     assert_eq!(s.count("bookings").await, 1);
     assert_eq!(s.count("users").await, 1);
@@ -118,15 +137,17 @@ async fn fifty_simultaneous_requests_with_one_key_cause_one_effect(pool: PgPool)
         .count();
     assert_eq!(replayed, 49, "exactly one request did the work");
     assert_eq!(s.count("bookings").await, 1);
-    let outbox: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE topic = 'booking.created'")
-        .fetch_one(&s.pool)
-        .await
-        .unwrap();
+    let outbox: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM outbox WHERE topic = 'booking.created'")
+            .fetch_one(&s.pool)
+            .await
+            .unwrap();
     assert_eq!(outbox, 1);
-    let audit: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_log WHERE action = 'booking.create'")
-        .fetch_one(&s.pool)
-        .await
-        .unwrap();
+    let audit: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM audit_log WHERE action = 'booking.create'")
+            .fetch_one(&s.pool)
+            .await
+            .unwrap();
     assert_eq!(audit, 1);
 }
 
@@ -138,19 +159,39 @@ async fn fifty_simultaneous_keys_for_one_booking_code_store_one_booking(pool: Pg
     let keys: Vec<String> = (0..50).map(|_| key()).collect();
     let answers = join_all(keys.iter().map(|k| s.post("/v1/bookings", Some(k), &body))).await;
 
-    let created = answers.iter().filter(|a| a.status == StatusCode::CREATED).count();
-    let conflicts = answers.iter().filter(|a| a.status == StatusCode::CONFLICT).count();
-    assert_eq!(created, 1, "{:?}", answers.iter().map(|a| a.status).collect::<Vec<_>>());
+    let created = answers
+        .iter()
+        .filter(|a| a.status == StatusCode::CREATED)
+        .count();
+    let conflicts = answers
+        .iter()
+        .filter(|a| a.status == StatusCode::CONFLICT)
+        .count();
+    assert_eq!(
+        created,
+        1,
+        "{:?}",
+        answers.iter().map(|a| a.status).collect::<Vec<_>>()
+    );
     assert_eq!(conflicts, 49);
     for a in answers.iter().filter(|a| a.status == StatusCode::CONFLICT) {
         assert!(a.is_problem());
-        assert!(a.body["detail"].as_str().unwrap().contains("code already exists"));
+        assert!(
+            a.body["detail"]
+                .as_str()
+                .unwrap()
+                .contains("code already exists")
+        );
     }
     assert_eq!(s.count("bookings").await, 1);
     assert_eq!(s.count("outbox WHERE topic = 'booking.created'").await, 1);
     assert_eq!(s.count("audit_log WHERE entity_type = 'booking'").await, 1);
     // Only the winner's key is stored; the losers may retry their keys.
-    assert_eq!(s.count("idempotency_keys").await, 2, "the user's key and the winner's");
+    assert_eq!(
+        s.count("idempotency_keys").await,
+        2,
+        "the user's key and the winner's"
+    );
 }
 
 #[sqlx::test(migrator = "entrip_common::db::MIGRATOR")]
@@ -159,7 +200,10 @@ async fn an_expired_key_is_purged_and_may_be_used_again(pool: PgPool) {
     let user = s.create_user().await;
     let k = key();
     let body = booking_body(&user, &unique_code(), false);
-    assert_eq!(s.post("/v1/bookings", Some(&k), &body).await.status, StatusCode::CREATED);
+    assert_eq!(
+        s.post("/v1/bookings", Some(&k), &body).await.status,
+        StatusCode::CREATED
+    );
 
     // Age the key past its expiry.
     sqlx::query("UPDATE idempotency_keys SET created_at = now() - interval '2 days', expires_at = now() - interval '1 day' WHERE key = $1")
@@ -180,8 +224,13 @@ async fn an_expired_key_is_purged_and_may_be_used_again(pool: PgPool) {
         .execute(&s.pool)
         .await
         .unwrap();
-    let purged = entrip_ingest::idempotency::purge_expired(&s.pool, 1).await.unwrap();
-    assert_eq!(purged, 2, "the user key and the taken-over booking key, one per batch");
+    let purged = entrip_ingest::idempotency::purge_expired(&s.pool, 1)
+        .await
+        .unwrap();
+    assert_eq!(
+        purged, 2,
+        "the user key and the taken-over booking key, one per batch"
+    );
     assert_eq!(s.count("idempotency_keys").await, 0);
     // Effects stay.
     assert_eq!(s.count("bookings").await, 2);

@@ -64,7 +64,10 @@ impl Resp {
     }
 
     pub fn id(&self) -> String {
-        self.body["id"].as_str().expect("response has an id").to_owned()
+        self.body["id"]
+            .as_str()
+            .expect("response has an id")
+            .to_owned()
     }
 }
 
@@ -94,7 +97,12 @@ impl Server {
     pub async fn start_with(pool: PgPool, settings: IngestSettings) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let app = App::new(pool.clone(), settings, entrip_common::metrics::new_registry()).unwrap();
+        let app = App::new(
+            pool.clone(),
+            settings,
+            entrip_common::metrics::new_registry(),
+        )
+        .unwrap();
         let shutdown = CancellationToken::new();
         let handle = tokio::spawn({
             let app = app.clone();
@@ -122,7 +130,8 @@ impl Server {
 
     /// POST with a JSON body and the given key (`None`: no header).
     pub async fn post(&self, path: &str, key: Option<&str>, body: &Value) -> Resp {
-        self.post_raw(path, key, body.to_string().into_bytes()).await
+        self.post_raw(path, key, body.to_string().into_bytes())
+            .await
     }
 
     pub async fn post_raw(&self, path: &str, key: Option<&str>, body: Vec<u8>) -> Resp {
@@ -208,7 +217,10 @@ async fn into_resp(resp: reqwest::Response) -> Resp {
 
 pub fn unique_code() -> String {
     let n = KEY_COUNTER.fetch_add(1, Ordering::Relaxed);
-    format!("BK-{}-{n}", &uuid::Uuid::new_v4().simple().to_string()[..8].to_uppercase())
+    format!(
+        "BK-{}-{n}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8].to_uppercase()
+    )
 }
 
 pub fn booking_body(user_id: &str, code: &str, requires_approval: bool) -> Value {
