@@ -1,6 +1,8 @@
 //! Tracing set-up: readable lines for people, JSON lines when
 //! `ENTRIP__LOG__FORMAT=json`. `RUST_LOG` overrides the configured level.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
 use crate::config::{LogFormat, LogSettings};
@@ -21,7 +23,14 @@ pub fn init(settings: &LogSettings) {
                     .with_span_list(false),
             )
             .try_init(),
-        LogFormat::Pretty => registry.with(fmt::layer().with_target(false)).try_init(),
+        LogFormat::Pretty => registry
+            .with(
+                fmt::layer()
+                    .with_target(false)
+                    // Colours only on a terminal (scripts/run pipes output).
+                    .with_ansi(std::io::stdout().is_terminal()),
+            )
+            .try_init(),
     };
     // An already installed subscriber (e.g. in tests) is fine.
     drop(result);

@@ -62,8 +62,20 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn spawn(db: &TestDb, port: u16) -> Child {
-    Command::new(BIN)
+/// Kills the process if a test fails before stopping it.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+fn spawn(db: &TestDb, port: u16) -> Guard {
+    let child = Command::new(BIN)
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("DATABASE_URL", &db.url)
@@ -72,7 +84,8 @@ fn spawn(db: &TestDb, port: u16) -> Child {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .unwrap()
+        .unwrap();
+    Guard(child)
 }
 
 async fn wait_ready(client: &reqwest::Client, base: &str) {
@@ -129,7 +142,8 @@ fn help_describes_the_subcommands() {
 async fn creates_its_database_serves_metrics_and_shuts_down_gracefully() {
     let db = TestDb::new();
     let port = free_port();
-    let mut child = spawn(&db, port);
+    let mut guard = spawn(&db, port);
+    let child = &mut guard.0;
     let base = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::new();
     wait_ready(&client, &base).await;
@@ -180,7 +194,7 @@ async fn creates_its_database_serves_metrics_and_shuts_down_gracefully() {
             }
         });
     tokio::time::sleep(Duration::from_millis(500)).await;
-    sigterm(&child);
+    sigterm(child);
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(
         child.try_wait().unwrap().is_none(),
@@ -217,7 +231,8 @@ async fn metrics_pass_promtool_check() {
     let promtool = std::env::var("PROMTOOL").unwrap_or_else(|_| "promtool".into());
     let db = TestDb::new();
     let port = free_port();
-    let mut child = spawn(&db, port);
+    let mut guard = spawn(&db, port);
+    let child = &mut guard.0;
     let base = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::new();
     wait_ready(&client, &base).await;
@@ -279,7 +294,7 @@ async fn metrics_pass_promtool_check() {
     assert!(out.status.success(), "promtool: {findings}");
     assert!(findings.trim().is_empty(), "promtool findings: {findings}");
 
-    sigterm(&child);
+    sigterm(child);
     let _ = child.wait();
     db.drop_db().await;
 }
