@@ -46,6 +46,11 @@ pub struct DatabaseSettings {
 #[serde(deny_unknown_fields, default)]
 pub struct AmqpSettings {
     pub url: String,
+    /// `x-delivery-limit` of the worker queues: deliveries before a message
+    /// that keeps failing (e.g. crashing its consumer) is dead-lettered.
+    pub delivery_limit: u32,
+    /// The growing delays of the retry path, one TTL queue each.
+    pub retry_delays_ms: Vec<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -81,6 +86,21 @@ pub struct IngestSettings {
 #[serde(deny_unknown_fields, default)]
 pub struct DispatcherSettings {
     pub listen: SocketAddr,
+    /// Outbox rows claimed and published per batch.
+    pub batch_size: u32,
+    /// Fallback polling when no NOTIFY arrives.
+    pub poll_interval_ms: u64,
+    /// How long a batch waits for the broker's confirms.
+    pub confirm_timeout_ms: u64,
+    /// Failed publishes (nack, return, confirm timeout) before a row is dead.
+    pub max_attempts: u32,
+    pub backoff_min_ms: u64,
+    pub backoff_max_ms: u64,
+    /// Published rows older than this are deleted.
+    pub retention_hours: u64,
+    pub purge_interval_secs: u64,
+    /// How often the outbox gauges are refreshed.
+    pub stats_interval_secs: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -105,6 +125,8 @@ impl Default for AmqpSettings {
     fn default() -> Self {
         Self {
             url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            delivery_limit: 20,
+            retry_delays_ms: vec![1_000, 10_000, 60_000, 300_000],
         }
     }
 }
@@ -135,6 +157,15 @@ impl Default for DispatcherSettings {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 9101)),
+            batch_size: 500,
+            poll_interval_ms: 1_000,
+            confirm_timeout_ms: 10_000,
+            max_attempts: 10,
+            backoff_min_ms: 1_000,
+            backoff_max_ms: 300_000,
+            retention_hours: 7 * 24,
+            purge_interval_secs: 60,
+            stats_interval_secs: 5,
         }
     }
 }
@@ -178,6 +209,8 @@ impl Settings {
                 .prefix_separator("__")
                 .separator("__")
                 .try_parsing(true)
+                .list_separator(",")
+                .with_list_parse_key("amqp.retry_delays_ms")
                 .source(Some(entrip_env.into_iter().collect())),
         );
         // The conventional variables apply unless the specific key is set.
@@ -223,6 +256,34 @@ impl Settings {
         if self.ingest.purge_interval_secs == 0 {
             return invalid("ingest.purge_interval_secs", "must be at least 1");
         }
+        if self.amqp.delivery_limit == 0 {
+            return invalid("amqp.delivery_limit", "must be at least 1");
+        }
+        if self.amqp.retry_delays_ms.is_empty() || self.amqp.retry_delays_ms.contains(&0) {
+            return invalid(
+                "amqp.retry_delays_ms",
+                "must list at least one delay above 0",
+            );
+        }
+        let d = &self.dispatcher;
+        if d.batch_size == 0 || d.batch_size > 10_000 {
+            return invalid("dispatcher.batch_size", "must be between 1 and 10000");
+        }
+        if d.max_attempts == 0 {
+            return invalid("dispatcher.max_attempts", "must be at least 1");
+        }
+        if d.backoff_min_ms == 0 || d.backoff_max_ms < d.backoff_min_ms {
+            return invalid(
+                "dispatcher.backoff_max_ms",
+                "backoff_min_ms must be above 0 and at most backoff_max_ms",
+            );
+        }
+        if d.poll_interval_ms == 0 || d.confirm_timeout_ms == 0 || d.stats_interval_secs == 0 {
+            return invalid(
+                "dispatcher.poll_interval_ms",
+                "intervals and timeouts must be above 0",
+            );
+        }
         if self.log.level.trim().is_empty() {
             return invalid("log.level", "must not be empty");
         }
@@ -263,6 +324,9 @@ mod tests {
         .unwrap();
         assert_eq!(s.ingest.listen.to_string(), "0.0.0.0:9000");
         assert_eq!(s.log.format, LogFormat::Json);
+        let s2 =
+            Settings::load_from(env(&[("ENTRIP__AMQP__RETRY_DELAYS_MS", "100,2000")])).unwrap();
+        assert_eq!(s2.amqp.retry_delays_ms, vec![100, 2000]);
         assert_eq!(s.database.url, "postgres://u@h/db");
         assert_eq!(s.amqp.url, "amqp://x@y/%2f");
 

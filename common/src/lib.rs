@@ -2,6 +2,7 @@
 //! PostgreSQL pool and migrations, domain types, the audit log and outbox
 //! writers, the Prometheus registry and exporter, and graceful shutdown.
 
+pub mod amqp;
 pub mod audit;
 pub mod config;
 pub mod db;

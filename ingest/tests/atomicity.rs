@@ -7,12 +7,13 @@ mod support;
 
 use std::time::Duration;
 
+use entrip_testkit::Proxy;
 use reqwest::StatusCode;
 use sqlx::{
     PgPool,
     postgres::{PgConnectOptions, PgPoolOptions},
 };
-use support::{Proxy, Server, booking_body, key, unique_code};
+use support::{Server, booking_body, key, unique_code};
 
 /// A real fault at the outbox insert (a trigger that raises) after the
 /// booking row was inserted: nothing of the request is stored, the key is

@@ -4,7 +4,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{
-    io::Write,
     net::TcpListener,
     process::{Child, Command, Stdio},
     str::FromStr,
@@ -228,7 +227,6 @@ async fn creates_its_database_serves_metrics_and_shuts_down_gracefully() {
 
 #[tokio::test]
 async fn metrics_pass_promtool_check() {
-    let promtool = std::env::var("PROMTOOL").unwrap_or_else(|_| "promtool".into());
     let db = TestDb::new();
     let port = free_port();
     let mut guard = spawn(&db, port);
@@ -272,27 +270,7 @@ async fn metrics_pass_promtool_check() {
         assert!(text.contains(name), "missing {name} in\n{text}");
     }
 
-    let mut check = Command::new(&promtool)
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {promtool} (scripts/test installs it): {e}"));
-    check
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = check.wait_with_output().unwrap();
-    let findings = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "promtool: {findings}");
-    assert!(findings.trim().is_empty(), "promtool findings: {findings}");
+    entrip_testkit::promtool_check(&text).unwrap();
 
     sigterm(child);
     let _ = child.wait();

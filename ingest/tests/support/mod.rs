@@ -5,10 +5,7 @@
 
 use std::{
     net::SocketAddr,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
-    },
+    sync::atomic::{AtomicU64, Ordering},
 };
 
 use entrip_common::config::IngestSettings;
@@ -16,10 +13,7 @@ use entrip_ingest::App;
 use reqwest::{Client, StatusCode, header::HeaderMap};
 use serde_json::{Value, json};
 use sqlx::PgPool;
-use tokio::{
-    net::{TcpListener, TcpStream},
-    sync::Notify,
-};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 /// A running ingest server.
@@ -247,69 +241,4 @@ pub fn payment_body(booking: &Value) -> Value {
         "currency": booking["currency"],
         "tax": "31818",
     })
-}
-
-/// A TCP proxy in front of a real server that a test can cut (every open
-/// connection is closed and new ones are refused) and restore.
-pub struct Proxy {
-    pub addr: SocketAddr,
-    cut: Arc<AtomicBool>,
-    cut_now: Arc<Notify>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Proxy {
-    pub async fn start(target: SocketAddr) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let cut = Arc::new(AtomicBool::new(false));
-        let cut_now = Arc::new(Notify::new());
-        let task = tokio::spawn({
-            let cut = cut.clone();
-            let cut_now = cut_now.clone();
-            async move {
-                loop {
-                    let Ok((mut inbound, _)) = listener.accept().await else {
-                        return;
-                    };
-                    if cut.load(Ordering::SeqCst) {
-                        drop(inbound);
-                        continue;
-                    }
-                    let cut_now = cut_now.clone();
-                    tokio::spawn(async move {
-                        let Ok(mut outbound) = TcpStream::connect(target).await else {
-                            return;
-                        };
-                        tokio::select! {
-                            _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                            _ = cut_now.notified() => {}
-                        }
-                    });
-                }
-            }
-        });
-        Self {
-            addr,
-            cut,
-            cut_now,
-            task,
-        }
-    }
-
-    /// Closes every open connection and refuses new ones.
-    pub fn cut(&self) {
-        self.cut.store(true, Ordering::SeqCst);
-        self.cut_now.notify_waiters();
-    }
-
-    pub fn restore(&self) {
-        self.cut.store(false, Ordering::SeqCst);
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
 }

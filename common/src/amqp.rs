@@ -1,0 +1,223 @@
+//! RabbitMQ: connections and the fleet's topology, declared idempotently by
+//! every service that publishes or consumes, so that no event published
+//! before a worker starts is lost.
+//!
+//! ```text
+//! entrip.events (topic, alternate exchange entrip.unrouted)
+//!   ├─ payment.approved, payment.failed, approval.decided ─▶ entrip.settlement (quorum)
+//!   └─ #                                                   ─▶ entrip.notifications (quorum)
+//! entrip.unrouted (fanout) ─▶ entrip.unrouted (queue)
+//! <queue>.retry.<delay>ms: TTL queues that dead-letter back to <queue>
+//! <queue>.dlq: messages that failed for good (x-delivery-limit, poison)
+//! ```
+
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use lapin::{
+    Channel, Connection, ConnectionProperties, ExchangeKind,
+    options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions},
+    types::{AMQPValue, FieldTable, LongString, ShortString},
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::AmqpSettings;
+
+/// The topic exchange every event is published to; routing key = event type.
+pub const EVENTS_EXCHANGE: &str = "entrip.events";
+/// Alternate exchange and queue of events no queue is bound for.
+pub const UNROUTED: &str = "entrip.unrouted";
+pub const SETTLEMENT_QUEUE: &str = "entrip.settlement";
+pub const NOTIFICATIONS_QUEUE: &str = "entrip.notifications";
+/// Header carrying why a message was dead-lettered by a consumer.
+pub const ERROR_HEADER: &str = "x-entrip-error";
+
+/// A worker queue and the routing keys it is bound with.
+#[derive(Debug, Clone, Copy)]
+pub struct WorkerQueue {
+    pub name: &'static str,
+    pub bindings: &'static [&'static str],
+}
+
+pub const WORKER_QUEUES: [WorkerQueue; 2] = [
+    WorkerQueue {
+        name: SETTLEMENT_QUEUE,
+        bindings: &["payment.approved", "payment.failed", "approval.decided"],
+    },
+    WorkerQueue {
+        name: NOTIFICATIONS_QUEUE,
+        bindings: &["#"],
+    },
+];
+
+pub fn dlq_name(queue: &str) -> String {
+    format!("{queue}.dlq")
+}
+
+pub fn retry_queue_name(queue: &str, delay_ms: u64) -> String {
+    format!("{queue}.retry.{delay_ms}ms")
+}
+
+fn s(text: &str) -> ShortString {
+    text.into()
+}
+
+fn table(entries: &[(&str, AMQPValue)]) -> FieldTable {
+    let mut t = FieldTable::default();
+    for (k, v) in entries {
+        t.insert(s(k), v.clone());
+    }
+    t
+}
+
+fn text(v: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(v))
+}
+
+/// Opens a connection named after the service (shown by `rabbitmqctl`).
+pub async fn connect(url: &str, name: &str) -> Result<Connection, lapin::Error> {
+    Connection::connect(
+        url,
+        ConnectionProperties::default().with_connection_name(name.into()),
+    )
+    .await
+}
+
+/// Connects, retrying with exponential backoff and jitter until it succeeds
+/// or `shutdown` is cancelled (then `None`).
+pub async fn connect_with_retry(
+    url: &str,
+    name: &str,
+    shutdown: &CancellationToken,
+) -> Option<Connection> {
+    let mut delays = reconnect_backoff().build();
+    loop {
+        match connect(url, name).await {
+            Ok(conn) => return Some(conn),
+            Err(err) => {
+                let wait = delays.next().unwrap_or(Duration::from_secs(10));
+                tracing::warn!(%err, ?wait, "RabbitMQ not reachable; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return None,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Backoff between broker reconnects: 200 ms growing to 10 s, with jitter,
+/// without end.
+pub fn reconnect_backoff() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(10))
+        .with_jitter()
+        .without_max_times()
+}
+
+/// Declares the whole topology; safe to call concurrently and repeatedly.
+pub async fn declare_topology(
+    channel: &Channel,
+    settings: &AmqpSettings,
+) -> Result<(), lapin::Error> {
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    let durable_queue = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    let quorum = text("quorum");
+
+    channel
+        .exchange_declare(
+            s(UNROUTED),
+            ExchangeKind::Fanout,
+            durable,
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .queue_declare(
+            s(UNROUTED),
+            durable_queue,
+            table(&[("x-queue-type", quorum.clone())]),
+        )
+        .await?;
+    channel
+        .queue_bind(
+            s(UNROUTED),
+            s(UNROUTED),
+            s(""),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .exchange_declare(
+            s(EVENTS_EXCHANGE),
+            ExchangeKind::Topic,
+            durable,
+            table(&[("alternate-exchange", text(UNROUTED))]),
+        )
+        .await?;
+
+    for queue in WORKER_QUEUES {
+        let dlq = dlq_name(queue.name);
+        channel
+            .queue_declare(
+                s(&dlq),
+                durable_queue,
+                table(&[("x-queue-type", quorum.clone())]),
+            )
+            .await?;
+        channel
+            .queue_declare(
+                s(queue.name),
+                durable_queue,
+                table(&[
+                    ("x-queue-type", quorum.clone()),
+                    (
+                        "x-delivery-limit",
+                        AMQPValue::LongLongInt(i64::from(settings.delivery_limit)),
+                    ),
+                    ("x-dead-letter-exchange", text("")),
+                    ("x-dead-letter-routing-key", text(&dlq)),
+                    ("x-dead-letter-strategy", text("at-least-once")),
+                    ("x-overflow", text("reject-publish")),
+                ]),
+            )
+            .await?;
+        for delay in &settings.retry_delays_ms {
+            let ttl = i64::try_from(*delay).unwrap_or(i64::MAX);
+            channel
+                .queue_declare(
+                    s(&retry_queue_name(queue.name, *delay)),
+                    durable_queue,
+                    table(&[
+                        ("x-queue-type", quorum.clone()),
+                        ("x-message-ttl", AMQPValue::LongLongInt(ttl)),
+                        ("x-dead-letter-exchange", text("")),
+                        ("x-dead-letter-routing-key", text(queue.name)),
+                        ("x-dead-letter-strategy", text("at-least-once")),
+                        ("x-overflow", text("reject-publish")),
+                    ]),
+                )
+                .await?;
+        }
+        for key in queue.bindings {
+            channel
+                .queue_bind(
+                    s(queue.name),
+                    s(EVENTS_EXCHANGE),
+                    s(key),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+        }
+    }
+    Ok(())
+}

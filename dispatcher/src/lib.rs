@@ -1,0 +1,9 @@
+//! Entrip dispatcher: the relay that publishes every committed outbox row to
+//! RabbitMQ with publisher confirms, in commit order per aggregate, and the
+//! operator commands around the outbox and the dead letter queues.
+
+pub mod dlq;
+pub mod metrics;
+pub mod outbox;
+pub mod publisher;
+pub mod relay;

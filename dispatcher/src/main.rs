@@ -1,0 +1,193 @@
+//! The `dispatcher` binary: runs the outbox relay, or an operator command.
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use entrip_common::{amqp, config::Settings, db, metrics::new_registry, shutdown, telemetry};
+use entrip_dispatcher::{
+    dlq,
+    metrics::RelayMetrics,
+    outbox::{self, Redrive},
+    relay::{self, Relay},
+};
+use uuid::Uuid;
+
+/// Entrip dispatcher: publishes every outbox event to RabbitMQ, confirmed,
+/// in order per aggregate. Without a subcommand it runs the relay.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the relay (the default).
+    Run,
+    /// Inspect and repair the outbox.
+    #[command(subcommand)]
+    Outbox(OutboxCmd),
+    /// Inspect and replay dead letter queues.
+    #[command(subcommand)]
+    Dlq(DlqCmd),
+}
+
+#[derive(Subcommand)]
+enum OutboxCmd {
+    /// Undelivered and dead rows, oldest age, by topic.
+    Stats,
+    /// Bring dead rows back to due (attempts reset).
+    Redrive(RedriveArgs),
+}
+
+#[derive(Args)]
+#[group(required = true, multiple = false)]
+struct RedriveArgs {
+    /// Every dead row.
+    #[arg(long)]
+    all: bool,
+    /// These rows (event ids); repeat the flag for several.
+    #[arg(long = "id")]
+    ids: Vec<Uuid>,
+    /// The dead rows of one topic, e.g. booking.created.
+    #[arg(long)]
+    topic: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum DlqCmd {
+    /// Show messages of a dead letter queue without removing them.
+    List {
+        /// e.g. entrip.settlement.dlq
+        queue: String,
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+    /// Publish messages of a dead letter queue back to entrip.events with
+    /// their original routing key; each leaves the DLQ once confirmed.
+    Replay {
+        queue: String,
+        /// At most this many (default: all).
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let settings = match Settings::load() {
+        Ok(s) => s,
+        Err(err) => {
+            eprintln!("dispatcher: {err}");
+            std::process::exit(2);
+        }
+    };
+    telemetry::init(&settings.log);
+    match cli.command.unwrap_or(Cmd::Run) {
+        Cmd::Run => run(settings).await,
+        Cmd::Outbox(OutboxCmd::Stats) => {
+            let pool = db::connect_and_migrate(&settings.database).await?;
+            let stats = outbox::stats(&pool).await?;
+            println!("undelivered: {}", stats.undelivered);
+            println!(
+                "oldest undelivered age: {:.1} s",
+                stats.oldest_undelivered_age_secs
+            );
+            println!("dead: {}", stats.dead);
+            if !stats.by_topic.is_empty() {
+                println!("{:<24} {:>12} {:>8}", "topic", "undelivered", "dead");
+                for (topic, undelivered, dead) in &stats.by_topic {
+                    println!("{topic:<24} {undelivered:>12} {dead:>8}");
+                }
+            }
+            Ok(())
+        }
+        Cmd::Outbox(OutboxCmd::Redrive(args)) => {
+            let pool = db::connect_and_migrate(&settings.database).await?;
+            let which = if args.all {
+                Redrive::All
+            } else if let Some(topic) = args.topic {
+                Redrive::Topic(topic)
+            } else {
+                Redrive::Ids(args.ids)
+            };
+            let n = outbox::redrive(&pool, &which).await?;
+            println!("{n} dead rows are due again");
+            Ok(())
+        }
+        Cmd::Dlq(cmd) => {
+            let conn = amqp::connect(&settings.amqp.url, "entrip-dispatcher-cli")
+                .await
+                .context("cannot connect to RabbitMQ (key `amqp.url`)")?;
+            let channel = conn.create_channel().await?;
+            match cmd {
+                DlqCmd::List { queue, limit } => {
+                    let messages = dlq::list(&channel, &queue, limit).await?;
+                    println!("{} message(s) shown from {queue}", messages.len());
+                    for m in messages {
+                        println!(
+                            "- id={} routing_key={} deaths={} reason={}\n  {}",
+                            m.message_id.as_deref().unwrap_or("-"),
+                            m.routing_key.as_deref().unwrap_or("-"),
+                            m.deaths,
+                            m.reason.as_deref().unwrap_or("-"),
+                            m.body
+                        );
+                    }
+                }
+                DlqCmd::Replay { queue, limit } => {
+                    let n = dlq::replay(&channel, &queue, limit).await?;
+                    println!(
+                        "{n} message(s) replayed from {queue} to {}",
+                        amqp::EVENTS_EXCHANGE
+                    );
+                }
+            }
+            let _ = conn.close(200, "done".into()).await;
+            Ok(())
+        }
+    }
+}
+
+async fn run(settings: Settings) -> anyhow::Result<()> {
+    let token = shutdown::on_signal();
+    let pool = db::connect_and_migrate(&settings.database)
+        .await
+        .context("database start-up")?;
+    let registry = new_registry();
+    let metrics = RelayMetrics::register(&registry)?;
+    let listen = settings.dispatcher.listen;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen} (key `dispatcher.listen`)"))?;
+    let http = tokio::spawn({
+        let token = token.clone();
+        let router = entrip_common::metrics::router(registry.clone());
+        async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(async move { token.cancelled().await })
+                .await
+        }
+    });
+    let housekeeping = tokio::spawn(relay::housekeeping(
+        pool.clone(),
+        settings.dispatcher.clone(),
+        metrics.clone(),
+        token.clone(),
+    ));
+    let relay = Relay {
+        pool: pool.clone(),
+        amqp: settings.amqp.clone(),
+        settings: settings.dispatcher.clone(),
+        metrics,
+        name: format!("entrip-dispatcher-{}", std::process::id()),
+    };
+    tracing::info!(%listen, "dispatcher running");
+    relay.run(token.clone()).await;
+    housekeeping.abort();
+    let _ = http.await;
+    pool.close().await;
+    tracing::info!("dispatcher stopped");
+    Ok(())
+}

@@ -1,0 +1,217 @@
+//! The relay side of table `outbox`: claiming due rows in commit order per
+//! aggregate, marking them published or failed, statistics, redrive and
+//! retention. (Rows are written by `entrip_common::events`.)
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::{FromRow, PgConnection, PgPool};
+use uuid::Uuid;
+
+/// A row to publish.
+#[derive(Debug, Clone, FromRow)]
+pub struct OutboxRow {
+    pub id: Uuid,
+    pub seq: i64,
+    pub aggregate_id: Uuid,
+    pub topic: String,
+    /// The CloudEvents JSON, published as is.
+    pub payload: String,
+    pub traceparent: Option<String>,
+    pub attempts: i32,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Claims up to `limit` due rows with `FOR UPDATE SKIP LOCKED`, in `seq`
+/// order, keeping only rows none of whose older undelivered rows of the same
+/// aggregate is outside this batch (held by another dispatcher, waiting for
+/// a retry, or not yet claimed). The locks last until the caller's
+/// transaction ends, so each row is in at most one batch at a time.
+pub async fn claim(conn: &mut PgConnection, limit: u32) -> sqlx::Result<Vec<OutboxRow>> {
+    sqlx::query_as(
+        "WITH candidates AS (
+             SELECT id, seq, aggregate_id FROM outbox
+              WHERE published_at IS NULL AND dead_at IS NULL AND next_attempt_at <= now()
+              ORDER BY seq
+              LIMIT $1
+                FOR UPDATE SKIP LOCKED
+         )
+         SELECT o.id, o.seq, o.aggregate_id, o.topic, o.payload::text AS payload,
+                o.headers->>'traceparent' AS traceparent, o.attempts, o.created_at
+           FROM candidates c JOIN outbox o ON o.id = c.id
+          WHERE NOT EXISTS (
+                SELECT 1 FROM outbox p
+                 WHERE p.aggregate_id = c.aggregate_id
+                   AND p.published_at IS NULL AND p.dead_at IS NULL
+                   AND p.seq < c.seq
+                   AND p.id NOT IN (SELECT id FROM candidates))
+          ORDER BY o.seq",
+    )
+    .bind(i64::from(limit))
+    .fetch_all(conn)
+    .await
+}
+
+/// Marks broker-confirmed rows published, in one statement.
+pub async fn mark_published(conn: &mut PgConnection, ids: &[Uuid]) -> sqlx::Result<u64> {
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    let done = sqlx::query(
+        "UPDATE outbox SET published_at = now(), last_error = NULL
+          WHERE id = ANY($1) AND published_at IS NULL",
+    )
+    .bind(ids)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// A publish the broker refused (nack, return) or did not confirm in time.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub id: Uuid,
+    pub error: String,
+    /// When to try again.
+    pub retry_in: Duration,
+}
+
+/// Counts a failed attempt for each row, in one statement; rows that reach
+/// `max_attempts` become dead. Returns the ids and topics of the rows that
+/// died.
+pub async fn mark_failed(
+    conn: &mut PgConnection,
+    failures: &[Failure],
+    max_attempts: u32,
+) -> sqlx::Result<Vec<(Uuid, String)>> {
+    if failures.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<Uuid> = failures.iter().map(|f| f.id).collect();
+    let errors: Vec<String> = failures.iter().map(|f| f.error.clone()).collect();
+    let delays: Vec<f64> = failures.iter().map(|f| f.retry_in.as_secs_f64()).collect();
+    let dead: Vec<(Uuid, String, bool)> = sqlx::query_as(
+        "UPDATE outbox o
+            SET attempts = o.attempts + 1,
+                last_error = f.error,
+                next_attempt_at = now() + make_interval(secs => f.delay),
+                dead_at = CASE WHEN o.attempts + 1 >= $4 THEN now() END
+           FROM unnest($1::uuid[], $2::text[], $3::float8[]) AS f(id, error, delay)
+          WHERE o.id = f.id AND o.published_at IS NULL
+         RETURNING o.id, o.topic, o.dead_at IS NOT NULL",
+    )
+    .bind(&ids)
+    .bind(&errors)
+    .bind(&delays)
+    .bind(i32::try_from(max_attempts).unwrap_or(i32::MAX))
+    .fetch_all(conn)
+    .await?;
+    Ok(dead
+        .into_iter()
+        .filter(|(_, _, is_dead)| *is_dead)
+        .map(|(id, topic, _)| (id, topic))
+        .collect())
+}
+
+/// The outbox at a glance.
+#[derive(Debug, Clone, Default)]
+pub struct Stats {
+    pub undelivered: i64,
+    pub oldest_undelivered_age_secs: f64,
+    pub dead: i64,
+    /// (topic, undelivered, dead)
+    pub by_topic: Vec<(String, i64, i64)>,
+}
+
+pub async fn stats(pool: &PgPool) -> sqlx::Result<Stats> {
+    let by_topic: Vec<(String, i64, i64, Option<f64>)> = sqlx::query_as(
+        "SELECT topic,
+                count(*) FILTER (WHERE dead_at IS NULL),
+                count(*) FILTER (WHERE dead_at IS NOT NULL),
+                EXTRACT(EPOCH FROM now() - min(created_at) FILTER (WHERE dead_at IS NULL))::float8
+           FROM outbox WHERE published_at IS NULL
+          GROUP BY topic ORDER BY topic",
+    )
+    .fetch_all(pool)
+    .await?;
+    let mut stats = Stats::default();
+    for (topic, undelivered, dead, age) in by_topic {
+        stats.undelivered += undelivered;
+        stats.dead += dead;
+        stats.oldest_undelivered_age_secs =
+            stats.oldest_undelivered_age_secs.max(age.unwrap_or(0.0));
+        stats.by_topic.push((topic, undelivered, dead));
+    }
+    Ok(stats)
+}
+
+/// Which dead rows to bring back.
+#[derive(Debug, Clone)]
+pub enum Redrive {
+    All,
+    Ids(Vec<Uuid>),
+    Topic(String),
+}
+
+/// Dead rows back to due, with their attempts reset. Returns how many.
+pub async fn redrive(pool: &PgPool, which: &Redrive) -> sqlx::Result<u64> {
+    let base = "UPDATE outbox SET dead_at = NULL, attempts = 0, next_attempt_at = now()
+                 WHERE dead_at IS NOT NULL AND published_at IS NULL";
+    let done = match which {
+        Redrive::All => {
+            sqlx::query(sqlx::AssertSqlSafe(base.to_owned()))
+                .execute(pool)
+                .await?
+        }
+        Redrive::Ids(ids) => {
+            sqlx::query(sqlx::AssertSqlSafe(format!("{base} AND id = ANY($1)")))
+                .bind(ids)
+                .execute(pool)
+                .await?
+        }
+        Redrive::Topic(topic) => {
+            sqlx::query(sqlx::AssertSqlSafe(format!("{base} AND topic = $1")))
+                .bind(topic)
+                .execute(pool)
+                .await?
+        }
+    };
+    Ok(done.rows_affected())
+}
+
+/// Advisory lock key of the retention purge ("entrip-outbox-purge").
+const PURGE_LOCK: i64 = 0x656e_7472_6970_7075;
+
+/// Deletes published rows older than `retention`, `batch` rows per
+/// transaction, by one dispatcher at a time (a transaction-level advisory
+/// lock; the others skip). Returns how many rows were deleted.
+pub async fn purge_published(pool: &PgPool, retention: Duration, batch: i64) -> sqlx::Result<u64> {
+    let mut total = 0;
+    loop {
+        let mut tx = pool.begin().await?;
+        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+            .bind(PURGE_LOCK)
+            .fetch_one(&mut *tx)
+            .await?;
+        if !locked {
+            return Ok(total);
+        }
+        let deleted = sqlx::query(
+            "DELETE FROM outbox WHERE id IN (
+                 SELECT id FROM outbox
+                  WHERE published_at IS NOT NULL
+                    AND published_at < now() - make_interval(secs => $1)
+                  LIMIT $2)",
+        )
+        .bind(retention.as_secs_f64())
+        .bind(batch)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        total += deleted;
+        if deleted < batch as u64 {
+            return Ok(total);
+        }
+    }
+}

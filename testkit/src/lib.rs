@@ -1,0 +1,185 @@
+//! Test helpers shared by the crates' integration tests: a TCP proxy that
+//! cuts real connections, a RabbitMQ vhost per test, and database URLs.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    net::SocketAddr,
+    process::Command,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use sqlx::postgres::PgConnectOptions;
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::Notify,
+};
+
+/// A TCP proxy in front of a real server that a test can cut (every open
+/// connection is closed and new ones are refused) and restore.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    cut: Arc<AtomicBool>,
+    cut_now: Arc<Notify>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    pub async fn start(target: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cut = Arc::new(AtomicBool::new(false));
+        let cut_now = Arc::new(Notify::new());
+        let task = tokio::spawn({
+            let cut = cut.clone();
+            let cut_now = cut_now.clone();
+            async move {
+                loop {
+                    let Ok((mut inbound, _)) = listener.accept().await else {
+                        return;
+                    };
+                    if cut.load(Ordering::SeqCst) {
+                        drop(inbound);
+                        continue;
+                    }
+                    let cut_now = cut_now.clone();
+                    tokio::spawn(async move {
+                        let Ok(mut outbound) = TcpStream::connect(target).await else {
+                            return;
+                        };
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                            _ = cut_now.notified() => {}
+                        }
+                    });
+                }
+            }
+        });
+        Self {
+            addr,
+            cut,
+            cut_now,
+            task,
+        }
+    }
+
+    /// Closes every open connection and refuses new ones.
+    pub fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        self.cut_now.notify_waiters();
+    }
+
+    pub fn restore(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The broker every test uses (`AMQP_URL`'s host and port).
+pub fn amqp_addr() -> SocketAddr {
+    let url = std::env::var("AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+    let after_at = url.rsplit_once('@').map_or(url.as_str(), |(_, rest)| rest);
+    let host_port = after_at.split('/').next().unwrap_or("127.0.0.1:5672");
+    host_port
+        .parse()
+        .unwrap_or_else(|_| "127.0.0.1:5672".parse().unwrap())
+}
+
+/// A RabbitMQ vhost of the test's own, deleted when dropped, so tests can
+/// declare the real topology side by side.
+pub struct Vhost {
+    pub name: String,
+}
+
+impl Vhost {
+    pub fn new() -> Self {
+        let name = format!("entrip-test-{}", uuid::Uuid::new_v4().simple());
+        rabbitmqctl(&["add_vhost", &name]);
+        rabbitmqctl(&["set_permissions", "-p", &name, "guest", ".*", ".*", ".*"]);
+        Self { name }
+    }
+
+    /// The AMQP URL of this vhost on `addr` (the broker, or a proxy to it).
+    pub fn url_via(&self, addr: SocketAddr) -> String {
+        format!("amqp://guest:guest@{addr}/{}", self.name)
+    }
+
+    pub fn url(&self) -> String {
+        self.url_via(amqp_addr())
+    }
+}
+
+impl Default for Vhost {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for Vhost {
+    fn drop(&mut self) {
+        rabbitmqctl(&["delete_vhost", &self.name]);
+    }
+}
+
+fn rabbitmqctl(args: &[&str]) {
+    let out = Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("rabbitmqctl is installed with RabbitMQ");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A `postgres://` URL for the database of these options (e.g. the one
+/// `#[sqlx::test]` made), so that a child process can use it.
+pub fn database_url(opts: &PgConnectOptions) -> String {
+    format!(
+        "postgres://{}@{}:{}/{}",
+        opts.get_username(),
+        opts.get_host(),
+        opts.get_port(),
+        opts.get_database().unwrap_or("postgres")
+    )
+}
+
+/// Runs `promtool check metrics` on an exposition text; `Err` carries its
+/// findings. `PROMTOOL` names the binary (scripts/test installs it).
+pub fn promtool_check(text: &str) -> Result<(), String> {
+    use std::io::Write;
+    let promtool = std::env::var("PROMTOOL").unwrap_or_else(|_| "promtool".into());
+    let mut check = Command::new(&promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run {promtool} (scripts/test installs it): {e}"))?;
+    check
+        .stdin
+        .take()
+        .expect("stdin is piped")
+        .write_all(text.as_bytes())
+        .map_err(|e| e.to_string())?;
+    let out = check.wait_with_output().map_err(|e| e.to_string())?;
+    let findings = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.status.success() && findings.trim().is_empty() {
+        Ok(())
+    } else {
+        Err(findings)
+    }
+}
