@@ -14,7 +14,7 @@ pub enum ConfigError {
     #[error("configuration error: {0}")]
     Load(#[from] config::ConfigError),
     #[error("configuration error: key `{key}`: {message}")]
-    Invalid { key: &'static str, message: String },
+    Invalid { key: String, message: String },
 }
 
 /// Every setting of every service; each binary reads the sections it needs.
@@ -27,6 +27,8 @@ pub struct Settings {
     pub ingest: IngestSettings,
     pub dispatcher: DispatcherSettings,
     pub workers: WorkersSettings,
+    pub notifications: NotificationsSettings,
+    pub integrity: IntegritySettings,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -107,6 +109,43 @@ pub struct DispatcherSettings {
 #[serde(deny_unknown_fields, default)]
 pub struct WorkersSettings {
     pub listen: SocketAddr,
+    /// Unacknowledged messages the broker hands each consumer (100–300).
+    pub prefetch: u16,
+    /// Messages a consumer processes at once.
+    pub concurrency: usize,
+    /// Retries of a transient failure before the message is dead-lettered.
+    pub max_retries: u32,
+}
+
+/// Webhook subscribers and how they are called.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NotificationsSettings {
+    pub webhooks: Vec<WebhookSettings>,
+    pub timeout_ms: u64,
+}
+
+/// One subscriber: where, the signing secret (`whsec_` + base64), and the
+/// event types it wants (`*` within a segment, `#` for everything).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookSettings {
+    pub url: String,
+    pub secret: String,
+    pub topics: Vec<String>,
+}
+
+/// The periodic integrity checker.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IntegritySettings {
+    pub interval_secs: u64,
+    /// How long an approved payment may stay unsettled.
+    pub settle_grace_secs: u64,
+    /// How long an outbox row may stay undelivered.
+    pub outbox_max_age_secs: u64,
+    /// POSTed a JSON report when a run finds violations.
+    pub alert_webhook: Option<String>,
 }
 
 impl Default for DatabaseSettings {
@@ -174,6 +213,29 @@ impl Default for WorkersSettings {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 9102)),
+            prefetch: 200,
+            concurrency: 16,
+            max_retries: 8,
+        }
+    }
+}
+
+impl Default for NotificationsSettings {
+    fn default() -> Self {
+        Self {
+            webhooks: Vec::new(),
+            timeout_ms: 5_000,
+        }
+    }
+}
+
+impl Default for IntegritySettings {
+    fn default() -> Self {
+        Self {
+            interval_secs: 3600,
+            settle_grace_secs: 300,
+            outbox_max_age_secs: 900,
+            alert_webhook: None,
         }
     }
 }
@@ -193,7 +255,7 @@ impl Settings {
         if let Some(path) = env.get("ENTRIP_CONFIG").filter(|p| !p.is_empty()) {
             if !Path::new(path).is_file() {
                 return Err(ConfigError::Invalid {
-                    key: "ENTRIP_CONFIG",
+                    key: "ENTRIP_CONFIG".into(),
                     message: format!("file {path} does not exist"),
                 });
             }
@@ -230,12 +292,7 @@ impl Settings {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |key, message: &str| {
-            Err(ConfigError::Invalid {
-                key,
-                message: message.to_owned(),
-            })
-        };
+        let invalid = |key: &str, message: &str| invalid_owned(key.to_owned(), message);
         if !self.database.url.starts_with("postgres://")
             && !self.database.url.starts_with("postgresql://")
         {
@@ -284,11 +341,51 @@ impl Settings {
                 "intervals and timeouts must be above 0",
             );
         }
+        let w = &self.workers;
+        if !(100..=300).contains(&w.prefetch) {
+            return invalid("workers.prefetch", "must be between 100 and 300");
+        }
+        if w.concurrency == 0 || w.concurrency > usize::from(w.prefetch) {
+            return invalid(
+                "workers.concurrency",
+                "must be between 1 and workers.prefetch",
+            );
+        }
+        for (i, hook) in self.notifications.webhooks.iter().enumerate() {
+            if !hook.url.starts_with("http://") && !hook.url.starts_with("https://") {
+                return invalid_owned(
+                    format!("notifications.webhooks[{i}].url"),
+                    "must be an http(s) URL",
+                );
+            }
+            if crate::signing::decode_secret(&hook.secret).is_none() {
+                return invalid_owned(
+                    format!("notifications.webhooks[{i}].secret"),
+                    "must be whsec_ followed by base64",
+                );
+            }
+            if hook.topics.is_empty() {
+                return invalid_owned(
+                    format!("notifications.webhooks[{i}].topics"),
+                    "must list at least one pattern",
+                );
+            }
+        }
+        if self.integrity.interval_secs == 0 {
+            return invalid("integrity.interval_secs", "must be at least 1");
+        }
         if self.log.level.trim().is_empty() {
             return invalid("log.level", "must not be empty");
         }
         Ok(())
     }
+}
+
+fn invalid_owned(key: String, message: &str) -> Result<(), ConfigError> {
+    Err(ConfigError::Invalid {
+        key,
+        message: message.to_owned(),
+    })
 }
 
 #[cfg(test)]
@@ -359,6 +456,34 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("database.url"), "{err}");
+    }
+
+    #[test]
+    fn webhooks_come_from_the_config_file_and_are_checked() {
+        let dir = std::env::temp_dir().join(format!("entrip-cfg-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("entrip.toml");
+        std::fs::write(
+            &file,
+            "[[notifications.webhooks]]\nurl = \"http://127.0.0.1:9999/hooks\"\nsecret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\ntopics = [\"booking.*\", \"settlement.recorded\"]\n",
+        )
+        .unwrap();
+        let s = Settings::load_from(env(&[("ENTRIP_CONFIG", file.to_str().unwrap())])).unwrap();
+        assert_eq!(s.notifications.webhooks.len(), 1);
+        assert_eq!(
+            s.notifications.webhooks[0].topics,
+            vec!["booking.*", "settlement.recorded"]
+        );
+        std::fs::write(
+            &file,
+            "[[notifications.webhooks]]\nurl = \"http://x\"\nsecret = \"nope\"\ntopics = [\"#\"]\n",
+        )
+        .unwrap();
+        let err = Settings::load_from(env(&[("ENTRIP_CONFIG", file.to_str().unwrap())]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("notifications.webhooks[0].secret"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

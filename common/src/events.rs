@@ -108,3 +108,48 @@ pub async fn enqueue(conn: &mut PgConnection, event: &NewEvent) -> sqlx::Result<
     .await?;
     Ok(())
 }
+
+/// One state change: its audit row and its event, written together.
+#[derive(Debug, Clone)]
+pub struct Change<'a> {
+    pub actor: &'a str,
+    pub action: &'a str,
+    pub aggregate: AggregateType,
+    pub id: Uuid,
+    pub event: EventType,
+    pub source: &'static str,
+    /// The entity after the change.
+    pub data: Value,
+    pub detail: Value,
+    pub idempotency_key: Option<&'a str>,
+    pub traceparent: Option<String>,
+}
+
+/// Writes the audit row and enqueues the event of `change` in the caller's
+/// transaction; returns the event id.
+pub async fn record_change(conn: &mut PgConnection, change: Change<'_>) -> sqlx::Result<Uuid> {
+    let event = NewEvent::new(
+        change.event,
+        change.aggregate,
+        change.id,
+        change.source,
+        change.data,
+    )
+    .with_traceparent(change.traceparent);
+    crate::audit::record(
+        conn,
+        &crate::audit::AuditEntry {
+            actor: change.actor,
+            action: change.action,
+            entity_type: change.aggregate,
+            entity_id: change.id,
+            detail: change.detail,
+            idempotency_key: change.idempotency_key,
+            event_id: Some(event.id),
+        },
+    )
+    .await?;
+    enqueue(conn, &event).await?;
+    tracing::debug!(event_id = %event.id, topic = %change.event, "event enqueued");
+    Ok(event.id)
+}

@@ -10,4 +10,6 @@ pub mod domain;
 pub mod events;
 pub mod metrics;
 pub mod shutdown;
+pub mod signing;
+pub mod store;
 pub mod telemetry;

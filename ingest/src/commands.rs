@@ -5,26 +5,24 @@
 
 use axum::http::StatusCode;
 use entrip_common::{
-    audit::{self, AuditEntry},
     domain::{
         AggregateType, ApprovalStatus, BookingStatus, Decision, EventType, PaymentOutcome,
         PaymentStatus, Text,
     },
-    events::{self, NewEvent, SOURCE_INGEST},
+    events::{self, SOURCE_INGEST},
 };
 use serde_json::{Value, json};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::{
-    error::ApiError,
-    store::{
-        approvals::{self, NewApproval},
-        bookings::{self, NewBooking},
-        payments::{self, NewPayment},
-        users::{self, NewUser},
-    },
+use entrip_common::store::{
+    approvals::{self, NewApproval},
+    bookings::{self, NewBooking},
+    payments::{self, NewPayment},
+    users::{self, NewUser},
 };
+
+use crate::error::ApiError;
 
 /// A validated request.
 #[derive(Debug, Clone)]
@@ -99,31 +97,24 @@ async fn record(
     ctx: &Context,
     change: Change<'_>,
 ) -> Result<(), ApiError> {
-    let event = NewEvent::new(
-        change.event,
-        change.aggregate,
-        change.id,
-        SOURCE_INGEST,
-        change.data,
-    )
-    .with_traceparent(ctx.traceparent.clone());
     let mut detail = change.detail;
     detail["channel"] = json!(ctx.channel);
-    audit::record(
+    events::record_change(
         conn,
-        &AuditEntry {
+        events::Change {
             actor: &change.actor,
             action: change.action,
-            entity_type: change.aggregate,
-            entity_id: change.id,
+            aggregate: change.aggregate,
+            id: change.id,
+            event: change.event,
+            source: SOURCE_INGEST,
+            data: change.data,
             detail,
             idempotency_key: Some(&ctx.idempotency_key),
-            event_id: Some(event.id),
+            traceparent: ctx.traceparent.clone(),
         },
     )
     .await?;
-    events::enqueue(conn, &event).await?;
-    tracing::debug!(event_id = %event.id, topic = %change.event, "event enqueued");
     Ok(())
 }
 

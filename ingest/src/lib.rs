@@ -8,7 +8,6 @@ pub mod extract;
 pub mod idempotency;
 pub mod metrics;
 pub mod routes;
-pub mod store;
 
 use std::{sync::Arc, time::Duration};
 

@@ -15,19 +15,20 @@ use serde::{Deserialize, de::DeserializeOwned};
 use serde_json::json;
 use tracing::Instrument;
 
+use entrip_common::store::{
+    approvals::{self, NewApproval},
+    bookings::{self, NewBooking},
+    payments::{self, NewPayment},
+    settlements,
+    users::{self, NewUser},
+};
+
 use crate::{
     App,
     commands::{Command, Context},
     error::ApiError,
     extract::{self, Fields, time_field, uuid_field},
     idempotency::Fingerprint,
-    store::{
-        approvals::{self, NewApproval},
-        bookings::{self, NewBooking},
-        payments::{self, NewPayment},
-        settlements,
-        users::{self, NewUser},
-    },
 };
 
 const NAME_MAX: usize = 100;

@@ -1,7 +1,7 @@
 //! Tables `approvals` and `approval_decisions`.
 
+use crate::domain::{ApprovalStatus, Decision, Text};
 use chrono::{DateTime, Utc};
-use entrip_common::domain::{ApprovalStatus, Decision, Text};
 use serde_json::{Value, json};
 use sqlx::{FromRow, PgConnection};
 use uuid::Uuid;

@@ -1,11 +1,13 @@
-//! Table `settlements`, read side (the settlement worker writes it).
+//! Table `settlements`: one per booking, written by the settlement worker.
 
+use crate::domain::render_stored;
 use chrono::{DateTime, Utc};
-use entrip_common::domain::render_stored;
 use rust_decimal::Decimal;
 use serde_json::{Value, json};
 use sqlx::{FromRow, PgConnection};
 use uuid::Uuid;
+
+use super::payments::PaymentRow;
 
 #[derive(Debug, Clone, FromRow)]
 pub struct SettlementRow {
@@ -46,5 +48,29 @@ pub async fn for_booking(
     )
     .bind(booking_id)
     .fetch_optional(conn)
+    .await
+}
+
+/// Records the settlement of a payment's booking: gross and tax from the
+/// approved payment, net = gross - tax.
+pub async fn insert(
+    conn: &mut PgConnection,
+    id: Uuid,
+    payment: &PaymentRow,
+    approval_id: Option<Uuid>,
+) -> sqlx::Result<SettlementRow> {
+    sqlx::query_as(
+        "INSERT INTO settlements (id, booking_id, payment_id, approval_id, gross, tax, net, currency)
+         VALUES ($1, $2, $3, $4, $5, $6, $5 - $6, $7)
+         RETURNING id, booking_id, payment_id, approval_id, gross, tax, net, currency, settled_at",
+    )
+    .bind(id)
+    .bind(payment.booking_id)
+    .bind(payment.id)
+    .bind(approval_id)
+    .bind(payment.amount)
+    .bind(payment.tax)
+    .bind(&payment.currency)
+    .fetch_one(conn)
     .await
 }

@@ -1,7 +1,7 @@
 //! Table `users`.
 
+use crate::domain::{Email, Phone, Text};
 use chrono::{DateTime, Utc};
-use entrip_common::domain::{Email, Phone, Text};
 use serde::Serialize;
 use sqlx::{FromRow, PgConnection};
 use uuid::Uuid;

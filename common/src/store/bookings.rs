@@ -1,7 +1,7 @@
 //! Table `bookings`.
 
+use crate::domain::{BookingCode, BookingStatus, Money, Phone, Text, render_stored};
 use chrono::{DateTime, Utc};
-use entrip_common::domain::{BookingCode, BookingStatus, Money, Phone, Text, render_stored};
 use rust_decimal::Decimal;
 use serde_json::{Value, json};
 use sqlx::{FromRow, PgConnection};
@@ -119,6 +119,17 @@ pub async fn cancel(conn: &mut PgConnection, id: Uuid, reason: &Text) -> sqlx::R
     )
     .bind(id)
     .bind(reason.as_str())
+    .fetch_one(conn)
+    .await
+}
+
+/// PENDING → CONFIRMED (the settlement worker, in its transaction).
+pub async fn confirm(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<BookingRow> {
+    sqlx::query_as(
+        "UPDATE bookings SET status = 'CONFIRMED', confirmed_at = now()
+          WHERE id = $1 AND status = 'PENDING' RETURNING *",
+    )
+    .bind(id)
     .fetch_one(conn)
     .await
 }

@@ -1,7 +1,7 @@
 //! Table `payments`.
 
+use crate::domain::{Money, PaymentMethod, PaymentOutcome, PaymentStatus, render_stored};
 use chrono::{DateTime, Utc};
-use entrip_common::domain::{Money, PaymentMethod, PaymentOutcome, PaymentStatus, render_stored};
 use rust_decimal::Decimal;
 use serde_json::{Value, json};
 use sqlx::{FromRow, PgConnection};

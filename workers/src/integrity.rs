@@ -1,0 +1,152 @@
+//! The integrity checker: SQL checks that prove the data consistent, run
+//! periodically and on demand (`workers integrity --once`). Each check
+//! counts the rows that break a rule and shows a few of them.
+
+use std::time::Duration;
+
+use serde::Serialize;
+use sqlx::PgPool;
+
+use crate::metrics::WorkerMetrics;
+
+/// One rule and the SQL that finds the rows breaking it: one text column
+/// describing each offending row. Queries may read `params.grace_secs` and
+/// `params.outbox_secs`.
+struct Check {
+    name: &'static str,
+    rule: &'static str,
+    sql: &'static str,
+}
+
+const CHECKS: &[Check] = &[
+    Check {
+        name: "confirmed_without_settlement",
+        rule: "a CONFIRMED booking has an APPROVED payment and a settlement",
+        sql: "SELECT 'booking ' || b.id FROM bookings b
+               WHERE b.status = 'CONFIRMED'
+                 AND (NOT EXISTS (SELECT 1 FROM settlements s WHERE s.booking_id = b.id)
+                      OR NOT EXISTS (SELECT 1 FROM payments p WHERE p.booking_id = b.id AND p.status = 'APPROVED'))",
+    },
+    Check {
+        name: "approved_payment_not_settled",
+        rule: "an APPROVED payment whose booking needs nothing else is settled within the grace period",
+        sql: "SELECT 'payment ' || p.id || ' of booking ' || b.id FROM payments p JOIN bookings b ON b.id = p.booking_id
+               WHERE p.status = 'APPROVED' AND b.status = 'PENDING'
+                 AND p.decided_at < now() - make_interval(secs => (SELECT grace_secs FROM params))
+                 AND NOT EXISTS (SELECT 1 FROM settlements s WHERE s.booking_id = b.id)
+                 AND (NOT b.requires_approval OR EXISTS (
+                      SELECT 1 FROM approvals a WHERE a.booking_id = b.id AND a.status = 'APPROVED'
+                         AND a.decided_at < now() - make_interval(secs => (SELECT grace_secs FROM params))))",
+    },
+    Check {
+        name: "non_positive_amounts",
+        rule: "every amount is greater than 0",
+        sql: "SELECT 'booking ' || id FROM bookings WHERE amount <= 0
+              UNION ALL SELECT 'payment ' || id FROM payments WHERE amount <= 0
+              UNION ALL SELECT 'settlement ' || id FROM settlements WHERE gross <= 0",
+    },
+    Check {
+        name: "settlement_totals",
+        rule: "a settlement's gross, tax and currency are its payment's, and net = gross - tax",
+        sql: "SELECT 'settlement ' || s.id FROM settlements s JOIN payments p ON p.id = s.payment_id
+               WHERE s.gross <> p.amount OR s.tax <> p.tax OR s.currency <> p.currency
+                  OR s.net <> s.gross - s.tax OR p.status <> 'APPROVED'",
+    },
+    Check {
+        name: "orphans",
+        rule: "a settlement's payment belongs to its booking, and every entity has its audit record",
+        sql: "SELECT 'settlement ' || s.id || ' pays for another booking' FROM settlements s
+                JOIN payments p ON p.id = s.payment_id WHERE p.booking_id <> s.booking_id
+              UNION ALL
+              SELECT 'booking ' || b.id || ' without audit record' FROM bookings b
+               WHERE NOT EXISTS (SELECT 1 FROM audit_log a WHERE a.entity_type = 'booking' AND a.entity_id = b.id)
+              UNION ALL
+              SELECT 'payment ' || p.id || ' without audit record' FROM payments p
+               WHERE NOT EXISTS (SELECT 1 FROM audit_log a WHERE a.entity_type = 'payment' AND a.entity_id = p.id)",
+    },
+    Check {
+        name: "outbox_undelivered",
+        rule: "every outbox row is published within the threshold, and none is dead",
+        sql: "SELECT 'outbox ' || id || ' ' || topic || CASE WHEN dead_at IS NOT NULL THEN ' (dead)' ELSE ' (undelivered)' END
+                FROM outbox
+               WHERE published_at IS NULL
+                 AND (dead_at IS NOT NULL OR created_at < now() - make_interval(secs => (SELECT outbox_secs FROM params)))",
+    },
+];
+
+/// The result of one check.
+#[derive(Debug, Clone, Serialize)]
+pub struct Finding {
+    pub check: &'static str,
+    pub rule: &'static str,
+    pub violations: i64,
+    /// Up to 10 offending rows.
+    pub examples: Vec<String>,
+}
+
+/// The report of one run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub findings: Vec<Finding>,
+}
+
+impl Report {
+    pub fn violations(&self) -> i64 {
+        self.findings.iter().map(|f| f.violations).sum()
+    }
+
+    /// A readable report, one line per check plus examples.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        for f in &self.findings {
+            let mark = if f.violations == 0 { "ok  " } else { "FAIL" };
+            out.push_str(&format!(
+                "{mark} {:<30} {:>6}  {}\n",
+                f.check, f.violations, f.rule
+            ));
+            for e in &f.examples {
+                out.push_str(&format!("       - {e}\n"));
+            }
+        }
+        out.push_str(&format!("{} violation(s)\n", self.violations()));
+        out
+    }
+}
+
+/// Runs every check.
+pub async fn run(
+    pool: &PgPool,
+    settle_grace: Duration,
+    outbox_max_age: Duration,
+) -> sqlx::Result<Report> {
+    let mut findings = Vec::new();
+    for check in CHECKS {
+        let counted = format!(
+            "WITH params AS (SELECT $1::float8 AS grace_secs, $2::float8 AS outbox_secs)
+             SELECT count(*) OVER (), v FROM ({}) AS found(v) LIMIT 10",
+            check.sql
+        );
+        let rows: Vec<(i64, Option<String>)> = sqlx::query_as(sqlx::AssertSqlSafe(counted))
+            .bind(settle_grace.as_secs_f64())
+            .bind(outbox_max_age.as_secs_f64())
+            .fetch_all(pool)
+            .await?;
+        findings.push(Finding {
+            check: check.name,
+            rule: check.rule,
+            violations: rows.first().map_or(0, |(n, _)| *n),
+            examples: rows.into_iter().filter_map(|(_, v)| v).collect(),
+        });
+    }
+    Ok(Report { findings })
+}
+
+/// Publishes a report to the gauges.
+pub fn export(report: &Report, metrics: &WorkerMetrics) {
+    for f in &report.findings {
+        metrics
+            .integrity_violations
+            .with_label_values(&[f.check])
+            .set(f.violations);
+    }
+}

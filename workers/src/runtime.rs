@@ -1,0 +1,329 @@
+//! The consumer runtime shared by the workers: bounded prefetch, a bounded
+//! number of messages in flight, acknowledgement only after the handler's
+//! transaction committed, transient failures sent to the retry path with
+//! growing delay, poison messages dead-lettered at once with the reason in
+//! `x-entrip-error`, reconnects with backoff, and graceful shutdown.
+
+use std::{sync::Arc, time::Instant};
+
+use backon::BackoffBuilder;
+use entrip_common::{
+    amqp::{self, ERROR_HEADER},
+    config::{AmqpSettings, WorkersSettings},
+};
+use futures::{StreamExt, future::BoxFuture};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection,
+    message::Delivery,
+    options::{
+        BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
+        BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+    },
+    types::{AMQPValue, FieldTable, LongString, ShortString},
+};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::metrics::WorkerMetrics;
+
+/// Header counting how often a message went through the retry path.
+pub const ATTEMPT_HEADER: &str = "x-entrip-attempt";
+
+/// What a handler made of a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The effect is committed.
+    Processed,
+    /// Seen before (inbox): acknowledged without a second effect.
+    Duplicate,
+    /// A transient failure: try again later.
+    Retry(String),
+    /// Can never succeed: dead-letter now.
+    Poison(String),
+}
+
+/// A delivered message as handlers see it.
+#[derive(Debug, Clone)]
+pub struct Message {
+    pub message_id: Option<String>,
+    pub kind: Option<String>,
+    pub routing_key: String,
+    pub body: Vec<u8>,
+    /// How many times it went through the retry path before.
+    pub attempt: u32,
+}
+
+impl Message {
+    fn from_delivery(d: &Delivery) -> Self {
+        let attempt = d
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|h| {
+                h.inner()
+                    .iter()
+                    .find(|(k, _)| k.as_str() == ATTEMPT_HEADER)
+                    .map(|(_, v)| v.clone())
+            })
+            .and_then(|v| match v {
+                AMQPValue::LongLongInt(n) => u32::try_from(n).ok(),
+                AMQPValue::LongInt(n) => u32::try_from(n).ok(),
+                _ => None,
+            })
+            .unwrap_or(0);
+        Self {
+            message_id: d
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|s| s.as_str().to_owned()),
+            kind: d.properties.kind().as_ref().map(|s| s.as_str().to_owned()),
+            routing_key: d.routing_key.as_str().to_owned(),
+            body: d.data.clone(),
+            attempt,
+        }
+    }
+}
+
+/// A consumer of one queue.
+pub trait Handler: Send + Sync + 'static {
+    /// The consumer's name: metrics label and inbox consumer.
+    fn name(&self) -> &'static str;
+    fn queue(&self) -> &'static str;
+    fn handle<'a>(&'a self, msg: &'a Message) -> BoxFuture<'a, Outcome>;
+    /// Told when a message is dead-lettered (after its retries or as poison).
+    fn dead_lettered<'a>(&'a self, _msg: &'a Message, _reason: &'a str) -> BoxFuture<'a, ()> {
+        Box::pin(async {})
+    }
+}
+
+/// Runs `handler` on its queue until `shutdown`.
+pub struct Consumer<H: Handler> {
+    pub handler: Arc<H>,
+    pub amqp: AmqpSettings,
+    pub settings: WorkersSettings,
+    pub metrics: WorkerMetrics,
+}
+
+impl<H: Handler> Consumer<H> {
+    pub async fn run(self, shutdown: CancellationToken) {
+        let name = format!(
+            "entrip-workers-{}-{}",
+            self.handler.name(),
+            std::process::id()
+        );
+        let mut backoff = amqp::reconnect_backoff().build();
+        while !shutdown.is_cancelled() {
+            let Some(conn) = amqp::connect_with_retry(&self.amqp.url, &name, &shutdown).await
+            else {
+                break;
+            };
+            match self.session(&conn, &shutdown).await {
+                Ok(()) => {
+                    let _ = conn.close(200, "shutdown".into()).await;
+                    break;
+                }
+                Err(err) => {
+                    let wait = backoff.next().unwrap_or(std::time::Duration::from_secs(10));
+                    tracing::warn!(consumer = self.handler.name(), %err, ?wait, "consumer connection lost; reconnecting");
+                    let _ = conn.close(200, "reconnecting".into()).await;
+                    tokio::select! {
+                        _ = shutdown.cancelled() => {}
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+            }
+        }
+        tracing::info!(consumer = self.handler.name(), "consumer stopped");
+    }
+
+    /// One connection's life: `Ok` on shutdown, `Err` when it broke.
+    async fn session(
+        &self,
+        conn: &Connection,
+        shutdown: &CancellationToken,
+    ) -> Result<(), lapin::Error> {
+        let channel = conn.create_channel().await?;
+        amqp::declare_topology(&channel, &self.amqp).await?;
+        channel
+            .basic_qos(self.settings.prefetch, BasicQosOptions::default())
+            .await?;
+        let publisher = conn.create_channel().await?;
+        publisher
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        let tag = format!("{}-{}", self.handler.name(), uuid::Uuid::new_v4().simple());
+        let mut deliveries = channel
+            .basic_consume(
+                self.handler.queue().into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        tracing::info!(
+            consumer = self.handler.name(),
+            queue = self.handler.queue(),
+            "consuming"
+        );
+        let mut in_flight: JoinSet<Result<(), lapin::Error>> = JoinSet::new();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => {
+                    let _ = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
+                    while let Some(done) = in_flight.join_next().await {
+                        log_task(done);
+                    }
+                    let _ = channel.close(200, "shutdown".into()).await;
+                    return Ok(());
+                }
+                Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
+                    if let Ok(Err(err)) = done {
+                        in_flight.abort_all();
+                        return Err(err);
+                    }
+                    log_task(done);
+                }
+                next = deliveries.next(), if in_flight.len() < self.settings.concurrency => {
+                    match next {
+                        Some(Ok(delivery)) => {
+                            let step = Step {
+                                handler: self.handler.clone(),
+                                publisher: publisher.clone(),
+                                amqp: self.amqp.clone(),
+                                max_retries: self.settings.max_retries,
+                                metrics: self.metrics.clone(),
+                            };
+                            in_flight.spawn(step.process(delivery));
+                        }
+                        Some(Err(err)) => return Err(err),
+                        None => return Err(lapin::ErrorKind::InvalidChannelState(lapin::ChannelState::Closed, "consumer ended").into()),
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn log_task(done: Result<Result<(), lapin::Error>, tokio::task::JoinError>) {
+    match done {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => {
+            tracing::warn!(%err, "message left unacknowledged; the broker redelivers it")
+        }
+        Err(err) => tracing::error!(%err, "message task failed; the broker redelivers it"),
+    }
+}
+
+/// Everything one message needs.
+struct Step<H: Handler> {
+    handler: Arc<H>,
+    publisher: Channel,
+    amqp: AmqpSettings,
+    max_retries: u32,
+    metrics: WorkerMetrics,
+}
+
+impl<H: Handler> Step<H> {
+    async fn process(self, delivery: Delivery) -> Result<(), lapin::Error> {
+        let msg = Message::from_delivery(&delivery);
+        let consumer = self.handler.name();
+        let span = tracing::info_span!(
+            "message",
+            consumer,
+            event_id = msg.message_id.as_deref().unwrap_or("-"),
+            routing_key = %msg.routing_key,
+            attempt = msg.attempt
+        );
+        async {
+            let start = Instant::now();
+            let outcome = self.handler.handle(&msg).await;
+            let label = match &outcome {
+                Outcome::Processed => {
+                    delivery.ack(BasicAckOptions::default()).await?;
+                    "processed"
+                }
+                Outcome::Duplicate => {
+                    delivery.ack(BasicAckOptions::default()).await?;
+                    "duplicate"
+                }
+                Outcome::Retry(reason) if msg.attempt < self.max_retries => {
+                    let delays = &self.amqp.retry_delays_ms;
+                    let index = usize::try_from(msg.attempt).unwrap_or(usize::MAX).min(delays.len() - 1);
+                    let queue = amqp::retry_queue_name(self.handler.queue(), delays[index]);
+                    tracing::warn!(%reason, retry_queue = %queue, "transient failure; retrying later");
+                    self.forward(&delivery, &queue, msg.attempt + 1, reason).await?;
+                    "retried"
+                }
+                Outcome::Retry(reason) | Outcome::Poison(reason) => {
+                    let dlq = amqp::dlq_name(self.handler.queue());
+                    tracing::error!(%reason, %dlq, "message dead-lettered");
+                    self.forward(&delivery, &dlq, msg.attempt, reason).await?;
+                    self.handler.dead_lettered(&msg, reason).await;
+                    "dead_lettered"
+                }
+            };
+            self.metrics.messages.with_label_values(&[consumer, label]).inc();
+            self.metrics
+                .duration
+                .with_label_values(&[consumer])
+                .observe(start.elapsed().as_secs_f64());
+            Ok(())
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Publishes a copy to `queue` (through the default exchange), waits for
+    /// the confirm, then acknowledges the original: at least once, never lost.
+    async fn forward(
+        &self,
+        delivery: &Delivery,
+        queue: &str,
+        attempt: u32,
+        reason: &str,
+    ) -> Result<(), lapin::Error> {
+        let confirmation = self
+            .publisher
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                &delivery.data,
+                with_headers(&delivery.properties, attempt, reason),
+            )
+            .await?
+            .await?;
+        if confirmation == Confirmation::Ack(None) {
+            delivery.ack(BasicAckOptions::default()).await.map(drop)
+        } else {
+            tracing::warn!(%queue, "forward not confirmed; the message goes back to its queue");
+            delivery
+                .nack(BasicNackOptions {
+                    multiple: false,
+                    requeue: true,
+                })
+                .await
+                .map(drop)
+        }
+    }
+}
+
+/// The original properties with the attempt count and the failure reason.
+fn with_headers(props: &BasicProperties, attempt: u32, reason: &str) -> BasicProperties {
+    let mut headers = props.headers().clone().unwrap_or_default();
+    headers.insert(
+        ShortString::from(ATTEMPT_HEADER),
+        AMQPValue::LongLongInt(i64::from(attempt)),
+    );
+    let reason: String = reason.chars().take(1000).collect();
+    headers.insert(
+        ShortString::from(ERROR_HEADER),
+        AMQPValue::LongString(LongString::from(reason.as_str())),
+    );
+    props.clone().with_headers(headers)
+}
