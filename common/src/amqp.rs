@@ -221,3 +221,14 @@ pub async fn declare_topology(
     }
     Ok(())
 }
+
+/// Logs a failed channel set-up; a topology that differs from the broker's
+/// (PRECONDITION_FAILED) is a configuration error that retrying cannot fix.
+pub fn log_setup_error(err: &lapin::Error, what: &str) {
+    let text = err.to_string();
+    if text.contains("PRECONDITION_FAILED") {
+        tracing::error!(%err, "{what}: the broker's queues were declared with other arguments; every service must use the same amqp.delivery_limit and amqp.retry_delays_ms");
+    } else {
+        tracing::warn!(%err, "{what}; reconnecting");
+    }
+}

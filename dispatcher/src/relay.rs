@@ -63,7 +63,7 @@ impl Relay {
                         publisher = Some(p);
                     }
                     Err(err) => {
-                        tracing::warn!(%err, "cannot set up the publishing channel; retrying");
+                        amqp::log_setup_error(&err, "cannot set up the publishing channel");
                         sleep_or_shutdown(Duration::from_secs(1), &shutdown).await;
                     }
                 }

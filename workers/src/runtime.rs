@@ -126,7 +126,11 @@ impl<H: Handler> Consumer<H> {
                 }
                 Err(err) => {
                     let wait = backoff.next().unwrap_or(std::time::Duration::from_secs(10));
-                    tracing::warn!(consumer = self.handler.name(), %err, ?wait, "consumer connection lost; reconnecting");
+                    amqp::log_setup_error(
+                        &err,
+                        &format!("consumer {} lost its connection", self.handler.name()),
+                    );
+                    tracing::debug!(?wait, "waiting before reconnecting");
                     let _ = conn.close(200, "reconnecting".into()).await;
                     tokio::select! {
                         _ = shutdown.cancelled() => {}
