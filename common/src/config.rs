@@ -246,6 +246,18 @@ impl Settings {
         Self::load_from(std::env::vars().collect())
     }
 
+    /// Loads the settings, or stops the binary with one line naming the
+    /// key at fault (exit status 2).
+    pub fn load_or_exit(binary: &str) -> Self {
+        match Self::load() {
+            Ok(s) => s,
+            Err(err) => {
+                eprintln!("{binary}: {err}");
+                std::process::exit(2);
+            }
+        }
+    }
+
     /// Loads the settings from the given environment (tests pass their own).
     pub fn load_from(env: HashMap<String, String>) -> Result<Self, ConfigError> {
         let defaults = Config::try_from(&Settings::default())?;

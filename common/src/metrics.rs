@@ -55,3 +55,17 @@ where
         .with_state(registry)
         .route("/healthz", get(|| async { "ok" }))
 }
+
+/// Serves `/metrics` and `/healthz` on `listener` until `shutdown`; for the
+/// services whose only HTTP is their metrics.
+pub fn spawn_server(
+    listener: tokio::net::TcpListener,
+    registry: Registry,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> tokio::task::JoinHandle<std::io::Result<()>> {
+    tokio::spawn(async move {
+        axum::serve(listener, router(registry))
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await
+    })
+}

@@ -76,13 +76,7 @@ enum DlqCmd {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let settings = match Settings::load() {
-        Ok(s) => s,
-        Err(err) => {
-            eprintln!("dispatcher: {err}");
-            std::process::exit(2);
-        }
-    };
+    let settings = Settings::load_or_exit("dispatcher");
     telemetry::init(&settings.log);
     match cli.command.unwrap_or(Cmd::Run) {
         Cmd::Run => run(settings).await,
@@ -161,15 +155,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen} (key `dispatcher.listen`)"))?;
-    let http = tokio::spawn({
-        let token = token.clone();
-        let router = entrip_common::metrics::router(registry.clone());
-        async move {
-            axum::serve(listener, router)
-                .with_graceful_shutdown(async move { token.cancelled().await })
-                .await
-        }
-    });
+    let http = entrip_common::metrics::spawn_server(listener, registry.clone(), token.clone());
     let housekeeping = tokio::spawn(relay::housekeeping(
         pool.clone(),
         settings.dispatcher.clone(),

@@ -29,13 +29,7 @@ enum Cmd {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let settings = match Settings::load() {
-        Ok(s) => s,
-        Err(err) => {
-            eprintln!("ingest: {err}");
-            std::process::exit(2);
-        }
-    };
+    let settings = Settings::load_or_exit("ingest");
     telemetry::init(&settings.log);
     let pool = db::connect_and_migrate(&settings.database)
         .await

@@ -37,13 +37,7 @@ enum Cmd {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let settings = match Settings::load() {
-        Ok(s) => s,
-        Err(err) => {
-            eprintln!("workers: {err}");
-            std::process::exit(2);
-        }
-    };
+    let settings = Settings::load_or_exit("workers");
     telemetry::init(&settings.log);
     match cli.command.unwrap_or(Cmd::Run) {
         Cmd::Run => run(settings).await,
@@ -77,15 +71,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen} (key `workers.listen`)"))?;
-    let http = tokio::spawn({
-        let token = token.clone();
-        let router = entrip_common::metrics::router(registry.clone());
-        async move {
-            axum::serve(listener, router)
-                .with_graceful_shutdown(async move { token.cancelled().await })
-                .await
-        }
-    });
+    let http = entrip_common::metrics::spawn_server(listener, registry.clone(), token.clone());
     let settlement = Consumer {
         handler: Arc::new(Settlement { pool: pool.clone() }),
         amqp: settings.amqp.clone(),

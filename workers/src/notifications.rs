@@ -130,8 +130,10 @@ impl Handler for Notifications {
             };
             let event_id = event.id.to_string();
             let mut failures = Vec::new();
+            let mut matched = 0;
             let mut sent = 0;
             for sub in self.subscribers.iter().filter(|s| s.wants(&event.kind)) {
+                matched += 1;
                 match deliveries::delivered(&self.pool, event.id, &sub.url).await {
                     Ok(true) => continue,
                     Ok(false) => {}
@@ -170,14 +172,13 @@ impl Handler for Notifications {
                     return Outcome::Retry(format!("cannot record the delivery: {err}"));
                 }
             }
-            if failures.is_empty() {
-                if sent == 0 {
-                    Outcome::Duplicate
-                } else {
-                    Outcome::Processed
-                }
-            } else {
+            if !failures.is_empty() {
                 Outcome::Retry(failures.join("; "))
+            } else if matched > 0 && sent == 0 {
+                // Every matching subscriber had it already: a redelivery.
+                Outcome::Duplicate
+            } else {
+                Outcome::Processed
             }
         })
     }
