@@ -14,7 +14,7 @@ use entrip_common::{
     signing,
 };
 use futures::future::BoxFuture;
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use crate::{
@@ -113,6 +113,41 @@ impl Notifications {
     }
 }
 
+/// What became of one (event, subscriber) pair.
+enum Delivery {
+    /// Delivered before: not sent again.
+    Already,
+    Sent,
+    Failed(String),
+}
+
+impl Notifications {
+    /// Delivers the event to one subscriber at most once: the pair's row is
+    /// created and locked first, so that copies of the event handled at the
+    /// same time (here or in another worker) wait, then see it DELIVERED.
+    async fn deliver(
+        &self,
+        sub: &Subscriber,
+        event: &Event,
+        body: &[u8],
+    ) -> sqlx::Result<Delivery> {
+        let mut tx = self.pool.begin().await?;
+        if deliveries::lock(&mut tx, event.id, &sub.url, &event.kind).await? {
+            return Ok(Delivery::Already);
+        }
+        let (code, error) = match self.post(sub, &event.id.to_string(), body).await {
+            Ok(code) => (Some(code), None),
+            Err((code, error)) => (code, Some(error)),
+        };
+        deliveries::record(&mut tx, event.id, &sub.url, code, error.as_deref()).await?;
+        tx.commit().await?;
+        Ok(match error {
+            None => Delivery::Sent,
+            Some(e) => Delivery::Failed(e),
+        })
+    }
+}
+
 impl Handler for Notifications {
     fn name(&self) -> &'static str {
         CONSUMER
@@ -128,48 +163,21 @@ impl Handler for Notifications {
                 Ok(e) => e,
                 Err(reason) => return Outcome::Poison(reason),
             };
-            let event_id = event.id.to_string();
             let mut failures = Vec::new();
             let mut matched = 0;
             let mut sent = 0;
             for sub in self.subscribers.iter().filter(|s| s.wants(&event.kind)) {
                 matched += 1;
-                match deliveries::delivered(&self.pool, event.id, &sub.url).await {
-                    Ok(true) => continue,
-                    Ok(false) => {}
-                    Err(err) => return Outcome::Retry(format!("database: {err}")),
-                }
-                let result = self.post(sub, &event_id, &msg.body).await;
-                sent += 1;
-                let recorded = match &result {
-                    Ok(code) => {
-                        deliveries::record(
-                            &self.pool,
-                            event.id,
-                            &sub.url,
-                            &event.kind,
-                            Some(*code),
-                            None,
-                        )
-                        .await
-                    }
-                    Err((code, error)) => {
+                match self.deliver(sub, &event, &msg.body).await {
+                    Ok(Delivery::Already) => {}
+                    Ok(Delivery::Sent) => sent += 1,
+                    Ok(Delivery::Failed(error)) => {
+                        sent += 1;
                         tracing::warn!(subscriber = %sub.url, %error, "webhook not delivered");
                         failures.push(format!("{}: {error}", sub.url));
-                        deliveries::record(
-                            &self.pool,
-                            event.id,
-                            &sub.url,
-                            &event.kind,
-                            *code,
-                            Some(error),
-                        )
-                        .await
                     }
-                };
-                if let Err(err) = recorded {
                     // The receiver may get this event again: it dedupes by webhook-id.
-                    return Outcome::Retry(format!("cannot record the delivery: {err}"));
+                    Err(err) => return Outcome::Retry(format!("database: {err}")),
                 }
             }
             if !failures.is_empty() {
@@ -199,48 +207,57 @@ impl Handler for Notifications {
 pub mod deliveries {
     use super::*;
 
-    pub async fn delivered(pool: &PgPool, event_id: Uuid, subscriber: &str) -> sqlx::Result<bool> {
-        let row: Option<(String,)> = sqlx::query_as(
-            "SELECT status FROM notification_deliveries WHERE event_id = $1 AND subscriber = $2",
-        )
-        .bind(event_id)
-        .bind(subscriber)
-        .fetch_optional(pool)
-        .await?;
-        Ok(row.is_some_and(|(s,)| s == "DELIVERED"))
-    }
-
-    /// Counts an attempt: DELIVERED on a 2xx (`error` none), else PENDING.
-    pub async fn record(
-        pool: &PgPool,
+    /// Creates the pair's row if needed and locks it until the caller's
+    /// transaction ends; `true` when it was already delivered.
+    pub async fn lock(
+        conn: &mut PgConnection,
         event_id: Uuid,
         subscriber: &str,
         topic: &str,
-        status_code: Option<u16>,
-        error: Option<&str>,
-    ) -> sqlx::Result<()> {
-        let delivered = error.is_none();
+    ) -> sqlx::Result<bool> {
         sqlx::query(
-            "INSERT INTO notification_deliveries
-                    (id, event_id, subscriber, topic, status, attempts, last_status_code, last_error, delivered_at)
-             VALUES ($1, $2, $3, $4, CASE WHEN $7 THEN 'DELIVERED' ELSE 'PENDING' END, 1, $5, $6,
-                     CASE WHEN $7 THEN now() END)
-             ON CONFLICT (event_id, subscriber) DO UPDATE
-                SET attempts = notification_deliveries.attempts + 1,
-                    last_status_code = EXCLUDED.last_status_code,
-                    last_error = EXCLUDED.last_error,
-                    status = CASE WHEN notification_deliveries.status = 'DELIVERED' OR $7
-                                  THEN 'DELIVERED' ELSE 'PENDING' END,
-                    delivered_at = COALESCE(notification_deliveries.delivered_at, EXCLUDED.delivered_at)",
+            "INSERT INTO notification_deliveries (id, event_id, subscriber, topic)
+             VALUES ($1, $2, $3, $4) ON CONFLICT (event_id, subscriber) DO NOTHING",
         )
         .bind(Uuid::now_v7())
         .bind(event_id)
         .bind(subscriber)
         .bind(topic)
+        .execute(&mut *conn)
+        .await?;
+        let (status,): (String,) = sqlx::query_as(
+            "SELECT status FROM notification_deliveries WHERE event_id = $1 AND subscriber = $2 FOR UPDATE",
+        )
+        .bind(event_id)
+        .bind(subscriber)
+        .fetch_one(conn)
+        .await?;
+        Ok(status == "DELIVERED")
+    }
+
+    /// Counts an attempt on the locked pair: DELIVERED on a 2xx (`error`
+    /// none), else PENDING.
+    pub async fn record(
+        conn: &mut PgConnection,
+        event_id: Uuid,
+        subscriber: &str,
+        status_code: Option<u16>,
+        error: Option<&str>,
+    ) -> sqlx::Result<()> {
+        sqlx::query(
+            "UPDATE notification_deliveries
+                SET attempts = attempts + 1,
+                    last_status_code = $3,
+                    last_error = $4,
+                    status = CASE WHEN $4::text IS NULL THEN 'DELIVERED' ELSE 'PENDING' END,
+                    delivered_at = CASE WHEN $4::text IS NULL THEN now() END
+              WHERE event_id = $1 AND subscriber = $2",
+        )
+        .bind(event_id)
+        .bind(subscriber)
         .bind(status_code.map(|c| i16::try_from(c).unwrap_or(0)))
         .bind(error)
-        .bind(delivered)
-        .execute(pool)
+        .execute(conn)
         .await?;
         Ok(())
     }
