@@ -196,9 +196,9 @@ async fn wait_ready(url: &str) {
 
 /// One booking's journey; returns whether it must end settled.
 async fn journey(api: &Api, user: &str, i: usize) -> bool {
-    let requires_approval = i % 3 == 0;
-    let payment_fails = i % 10 == 0;
-    let approval_rejected = i % 6 == 0;
+    let requires_approval = i.is_multiple_of(3);
+    let payment_fails = i.is_multiple_of(10);
+    let approval_rejected = i.is_multiple_of(6);
     let booking = api
         .post(
             "/v1/bookings",
@@ -253,7 +253,7 @@ async fn journey(api: &Api, user: &str, i: usize) -> bool {
         )
         .await;
     };
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         approve.await;
         pay.await;
     } else {
