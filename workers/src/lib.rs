@@ -62,7 +62,12 @@ pub async fn check_once(
     integrity::export(&report, metrics);
     if report.violations() > 0
         && let Some(url) = &settings.alert_webhook
-        && let Err(err) = client.post(url).json(&report).send().await
+        && let Err(err) = client
+            .post(url)
+            .timeout(Duration::from_secs(10))
+            .json(&report)
+            .send()
+            .await
     {
         tracing::warn!(%err, "cannot post the integrity alert");
     }

@@ -42,15 +42,14 @@ async fn main() -> anyhow::Result<()> {
     match cli.command.unwrap_or(Cmd::Run) {
         Cmd::Run => run(settings).await,
         Cmd::Integrity { once: _ } => {
-            let pool = db::connect_and_migrate(&settings.database).await?;
-            let metrics = WorkerMetrics::register(&new_registry())?;
-            let report = check_once(
-                &pool,
-                &settings.integrity,
-                &metrics,
-                &reqwest::Client::new(),
-            )
-            .await?;
+            // Exit 1 means "violations found"; 2 means "could not check".
+            let report = match integrity_once(&settings).await {
+                Ok(report) => report,
+                Err(err) => {
+                    eprintln!("workers: the integrity check could not run: {err:#}");
+                    std::process::exit(2);
+                }
+            };
             print!("{}", report.render());
             if report.violations() > 0 {
                 std::process::exit(1);
@@ -58,6 +57,18 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+async fn integrity_once(settings: &Settings) -> anyhow::Result<entrip_workers::integrity::Report> {
+    let pool = db::connect_and_migrate(&settings.database).await?;
+    let metrics = WorkerMetrics::register(&new_registry())?;
+    Ok(check_once(
+        &pool,
+        &settings.integrity,
+        &metrics,
+        &reqwest::Client::new(),
+    )
+    .await?)
 }
 
 async fn run(settings: Settings) -> anyhow::Result<()> {

@@ -1,0 +1,900 @@
+//! The integrity checker against a real database: no violation on
+//! consistent data (settled by SQL and by the real settlement handler, plus
+//! legitimately unsettled bookings), each kind of violation found when one is
+//! planted with SQL (and only by its check), `workers integrity --once` as a
+//! process (exit 0 / exit 1 with a readable report), and the alert webhook
+//! receiving the JSON report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::{
+    process::{Command, Output},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use axum::{
+    Router,
+    extract::State,
+    http::{HeaderMap, StatusCode, header::CONTENT_TYPE},
+    routing::post,
+};
+use entrip_common::{config::IntegritySettings, metrics::new_registry};
+use entrip_testkit::database_url;
+use entrip_workers::{
+    check_once,
+    integrity::{self, Finding, Report},
+    metrics::WorkerMetrics,
+    runtime::{Handler, Message, Outcome},
+    settlement::Settlement,
+};
+use rust_decimal::Decimal;
+use serde_json::{Value, json};
+use sqlx::{
+    PgPool,
+    postgres::{PgConnectOptions, PgPoolOptions},
+};
+use support::*;
+use uuid::Uuid;
+
+const BIN: &str = env!("CARGO_BIN_EXE_workers");
+const GRACE: Duration = Duration::from_secs(300);
+const OUTBOX_AGE: Duration = Duration::from_secs(900);
+const CHECKS: [&str; 7] = [
+    "confirmed_without_settlement",
+    "settled_not_confirmed",
+    "approved_payment_not_settled",
+    "non_positive_amounts",
+    "settlement_totals",
+    "orphans",
+    "outbox_undelivered",
+];
+
+// ---------------------------------------------------------------- helpers
+
+async fn check(pool: &PgPool) -> Report {
+    integrity::run(pool, GRACE, OUTBOX_AGE).await.unwrap()
+}
+
+fn finding<'a>(report: &'a Report, name: &str) -> &'a Finding {
+    report
+        .findings
+        .iter()
+        .find(|f| f.check == name)
+        .unwrap_or_else(|| panic!("no check {name} in\n{}", report.render()))
+}
+
+/// Every check ran; `name` found `n` rows and every other check none.
+fn assert_only(report: &Report, name: &str, n: i64) {
+    let names: Vec<&str> = report.findings.iter().map(|f| f.check).collect();
+    assert_eq!(names, CHECKS);
+    for f in &report.findings {
+        let want = if f.check == name { n } else { 0 };
+        assert_eq!(f.violations, want, "{}:\n{}", f.check, report.render());
+        assert_eq!(
+            f.examples.len(),
+            usize::try_from(want.min(10)).unwrap(),
+            "{}: up to 10 examples\n{}",
+            f.check,
+            report.render()
+        );
+    }
+    assert_eq!(report.violations(), n);
+}
+
+fn assert_example(report: &Report, name: &str, needle: &str) {
+    let f = finding(report, name);
+    assert!(
+        f.examples.iter().any(|e| e.contains(needle)),
+        "{name} shows {needle:?}:\n{}",
+        report.render()
+    );
+}
+
+async fn exec(pool: &PgPool, sql: &str, id: Uuid) {
+    sqlx::query(sqlx::AssertSqlSafe(sql.to_owned()))
+        .bind(id)
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+async fn audit(pool: &PgPool, action: &str, entity_type: &str, id: Uuid) {
+    sqlx::query(
+        "INSERT INTO audit_log (actor, action, entity_type, entity_id) VALUES ('test', $1, $2, $3)",
+    )
+    .bind(action)
+    .bind(entity_type)
+    .bind(id)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+/// Settles the fixture's booking with SQL as the worker would, with the
+/// given totals (net = gross - tax, as the schema demands): settlement,
+/// booking CONFIRMED, audit rows. Returns the settlement id.
+async fn settle_by_sql(
+    pool: &PgPool,
+    f: &Fixture,
+    payment: Uuid,
+    gross: i64,
+    tax: i64,
+    currency: &str,
+) -> Uuid {
+    let id = Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO settlements (id, booking_id, payment_id, approval_id, gross, tax, net, currency)
+         VALUES ($1, $2, $3, $4, $5, $6, $5 - $6, $7)",
+    )
+    .bind(id)
+    .bind(f.booking)
+    .bind(payment)
+    .bind(f.approval)
+    .bind(Decimal::from(gross))
+    .bind(Decimal::from(tax))
+    .bind(currency)
+    .execute(pool)
+    .await
+    .unwrap();
+    exec(
+        pool,
+        "UPDATE bookings SET status = 'CONFIRMED', confirmed_at = now() WHERE id = $1",
+        f.booking,
+    )
+    .await;
+    audit(pool, "settlement.record", "settlement", id).await;
+    audit(pool, "booking.confirm", "booking", f.booking).await;
+    id
+}
+
+/// A booking settled consistently with SQL: KRW 350000, tax 31818.
+async fn settled_booking(pool: &PgPool) -> (Fixture, Uuid) {
+    let mut f = booking(pool, false).await;
+    let payment = add_payment(pool, &mut f, "APPROVED").await;
+    let s = settle_by_sql(pool, &f, payment, 350_000, 31_818, "KRW").await;
+    (f, s)
+}
+
+async fn outbox_row(pool: &PgPool, aggregate: Uuid, age: &str, state: &str) -> Uuid {
+    let id = Uuid::now_v7();
+    let sql = format!(
+        "INSERT INTO outbox (id, aggregate_type, aggregate_id, topic, payload, created_at, published_at, dead_at, last_error)
+         VALUES ($1, 'booking', $2, 'booking.created', $3, now() - interval '{age}',
+                 {}, {}, {})",
+        if state == "published" { "now()" } else { "NULL" },
+        if state == "dead" { "now()" } else { "NULL" },
+        if state == "dead" { "'broker refused'" } else { "NULL" },
+    );
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(id)
+        .bind(aggregate)
+        .bind(json!({"specversion": "1.0", "id": id, "type": "booking.created"}))
+        .execute(pool)
+        .await
+        .unwrap();
+    id
+}
+
+/// Consistent data: what the checker must accept.
+struct World {
+    sql_settled: Fixture,
+    worker_settled: Fixture,
+}
+
+async fn consistent(pool: &PgPool) -> World {
+    // Settled with SQL as the worker writes it.
+    let (sql_settled, _) = settled_booking(pool).await;
+
+    // Settled by the real settlement handler (approval required).
+    let mut w = booking(pool, true).await;
+    add_payment(pool, &mut w, "APPROVED").await;
+    add_approval(pool, &mut w, "APPROVED").await;
+    let event = Uuid::now_v7();
+    let body = json!({
+        "specversion": "1.0", "id": event, "source": "/entrip/ingest", "type": "approval.decided",
+        "subject": w.approval, "time": "2026-11-26T00:00:00Z", "datacontenttype": "application/json",
+        "data": approval_data(&w, "APPROVED"),
+    });
+    let msg = Message {
+        message_id: Some(event.to_string()),
+        kind: Some("approval.decided".into()),
+        routing_key: "approval.decided".into(),
+        body: body.to_string().into_bytes(),
+        attempt: 0,
+    };
+    let outcome = Settlement { pool: pool.clone() }.handle(&msg).await;
+    assert_eq!(outcome, Outcome::Processed);
+    assert_eq!(
+        scalar(pool, "SELECT count(*) FROM settlements").await,
+        2,
+        "the handler settled its booking"
+    );
+
+    // Legitimately not settled (yet):
+    let mut pending_payment = booking(pool, false).await;
+    add_payment(pool, &mut pending_payment, "PENDING").await;
+    let mut fresh = booking(pool, false).await;
+    add_payment(pool, &mut fresh, "APPROVED").await; // within the grace
+    let mut awaiting = booking(pool, true).await;
+    let old = add_payment(pool, &mut awaiting, "APPROVED").await;
+    exec(
+        pool,
+        "UPDATE payments SET decided_at = now() - interval '2 hours' WHERE id = $1",
+        old,
+    )
+    .await;
+    add_approval(pool, &mut awaiting, "PENDING").await; // approval outstanding
+    let mut failed = booking(pool, true).await;
+    add_payment(pool, &mut failed, "FAILED").await;
+    add_approval(pool, &mut failed, "REJECTED").await;
+
+    // Outbox: an old published row and a fresh undelivered one (plus the
+    // handler's two fresh rows).
+    outbox_row(pool, sql_settled.booking, "2 hours", "published").await;
+    outbox_row(pool, fresh.booking, "1 second", "pending").await;
+
+    World {
+        sql_settled,
+        worker_settled: w,
+    }
+}
+
+fn sqlstate(err: &sqlx::Error) -> String {
+    err.as_database_error()
+        .and_then(|e| e.code())
+        .map(|c| c.into_owned())
+        .unwrap_or_else(|| panic!("a database error: {err}"))
+}
+
+/// One POST to the alert webhook: content type and body.
+type Post = (Option<String>, String);
+
+/// Records the alert webhook's POSTs.
+#[derive(Clone, Default)]
+struct Alerts(Arc<Mutex<Vec<Post>>>);
+
+impl Alerts {
+    fn take(&self) -> Vec<Post> {
+        std::mem::take(&mut *self.0.lock().unwrap())
+    }
+}
+
+async fn alert_server() -> (String, Alerts) {
+    let alerts = Alerts::default();
+    let app = Router::new()
+        .route(
+            "/alerts",
+            post(
+                |State(a): State<Alerts>, headers: HeaderMap, body: String| async move {
+                    let ct = headers
+                        .get(CONTENT_TYPE)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned);
+                    a.0.lock().unwrap().push((ct, body));
+                    StatusCode::NO_CONTENT
+                },
+            ),
+        )
+        .with_state(alerts.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (format!("http://{addr}/alerts"), alerts)
+}
+
+/// `workers integrity --once` against the test's database.
+async fn run_binary(db_url: &str, alert: &str) -> Output {
+    let mut cmd = Command::new(BIN);
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("DATABASE_URL", db_url)
+        .env("ENTRIP__LOG__LEVEL", "warn")
+        .env("ENTRIP__INTEGRITY__ALERT_WEBHOOK", alert)
+        .args(["integrity", "--once"]);
+    tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap()
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "status {:?}\n--- stdout\n{}--- stderr\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// The report posted to the webhook, as JSON.
+fn posted_report(post: &Post) -> Value {
+    let (ct, body) = post;
+    assert!(
+        ct.as_deref()
+            .is_some_and(|c| c.starts_with("application/json")),
+        "content type {ct:?}"
+    );
+    serde_json::from_str(body).unwrap()
+}
+
+fn posted_finding<'a>(report: &'a Value, name: &str) -> &'a Value {
+    report["findings"]
+        .as_array()
+        .expect("findings is an array")
+        .iter()
+        .find(|f| f["check"] == name)
+        .unwrap_or_else(|| panic!("{name} in {report}"))
+}
+
+// ------------------------------------------------------------------ tests
+
+#[sqlx::test(migrator = "entrip_common::db::MIGRATOR")]
+async fn consistent_data_has_no_violation(pool: PgPool) {
+    let world = consistent(&pool).await;
+    let report = check(&pool).await;
+    assert_only(&report, "", 0);
+    let rendered = report.render();
+    for name in CHECKS {
+        assert!(
+            rendered
+                .lines()
+                .any(|l| l.starts_with("ok") && l.contains(name)),
+            "{name} reported ok:\n{rendered}"
+        );
+    }
+    assert!(rendered.ends_with("0 violation(s)\n"), "{rendered}");
+    // The data really is as described.
+    assert_eq!(
+        scalar(
+            &pool,
+            "SELECT count(*) FROM bookings WHERE status = 'CONFIRMED'"
+        )
+        .await,
+        2
+    );
+    for b in [world.sql_settled.booking, world.worker_settled.booking] {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM settlements WHERE booking_id = $1")
+            .bind(b)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(n, 1);
+    }
+    assert_eq!(
+        scalar(
+            &pool,
+            "SELECT count(*) FROM outbox WHERE published_at IS NULL"
+        )
+        .await,
+        3
+    );
+}
+
+#[sqlx::test(migrator = "entrip_common::db::MIGRATOR")]
+async fn a_confirmed_booking_without_settlement_is_found(pool: PgPool) {
+    consistent(&pool).await;
+    // Confirmed with an approved payment but no settlement.
+    let mut a = booking(&pool, false).await;
+    add_payment(&pool, &mut a, "APPROVED").await;
+    exec(
+        &pool,
+        "UPDATE bookings SET status = 'CONFIRMED', confirmed_at = now() WHERE id = $1",
+        a.booking,
+    )
+    .await;
+    let report = check(&pool).await;
+    assert_only(&report, "confirmed_without_settlement", 1);
+    assert_example(
+        &report,
+        "confirmed_without_settlement",
+        &format!("booking {}", a.booking),
+    );
+
+    // Confirmed without any payment.
+    let b = booking(&pool, false).await;
+    exec(
+        &pool,
+        "UPDATE bookings SET status = 'CONFIRMED', confirmed_at = now() WHERE id = $1",
+        b.booking,
+    )
+    .await;
+    let report = check(&pool).await;
+    assert_only(&report, "confirmed_without_settlement", 2);
+    assert_example(
+        &report,
+        "confirmed_without_settlement",
+        &format!("booking {}", b.booking),
+    );
+}
+
+#[sqlx::test(migrator = "entrip_common::db::MIGRATOR")]
+async fn a_settled_booking_that_is_not_confirmed_is_found(pool: PgPool) {
+    consistent(&pool).await;
+    let (f, settlement) = settled_booking(&pool).await;
+    // Back to PENDING although it has a settlement.
+    exec(
+        &pool,
+        "UPDATE bookings SET status = 'PENDING', confirmed_at = NULL WHERE id = $1",
+        f.booking,
+    )
+    .await;
+    let report = check(&pool).await;
+    assert_only(&report, "settled_not_confirmed", 1);
+    assert_example(
+        &report,
+        "settled_not_confirmed",
+        &format!("settlement {settlement} of booking {}", f.booking),
+    );
+}
+
+#[sqlx::test(migrator = "entrip_common::db::MIGRATOR")]
+async fn an_approved_payment_unsettled_past_the_grace_is_found(pool: PgPool) {
+    consistent(&pool).await;
+    // Approved an hour ago, nothing else needed, still PENDING.
+    let mut a = booking(&pool, false).await;
+    let pa = add_payment(&pool, &mut a, "APPROVED").await;
+    exec(
+        &pool,
+        "UPDATE payments SET decided_at = now() - interval '1 hour' WHERE id = $1",
+        pa,
+    )
+    .await;
+    let report = check(&pool).await;
+    assert_only(&report, "approved_payment_not_settled", 1);
+    assert_example(
+        &report,
+        "approved_payment_not_settled",
+        &format!("payment {pa} of booking {}", a.booking),
+    );
+
+    // Approval required and approved an hour ago as well: also overdue.
+    let mut b = booking(&pool, true).await;
+    let pb = add_payment(&pool, &mut b, "APPROVED").await;
+    let ab = add_approval(&pool, &mut b, "APPROVED").await;
+    exec(
+        &pool,
+        "UPDATE payments SET decided_at = now() - interval '1 hour' WHERE id = $1",
+        pb,
+    )
+    .await;
+    exec(
+        &pool,
+        "UPDATE approvals SET decided_at = now() - interval '1 hour' WHERE id = $1",
+        ab,
+    )
+    .await;
+    // Approval required, payment old but the approval just decided: the
+    // grace runs from the last decision, so not reported.
+    let mut c = booking(&pool, true).await;
+    let pc = add_payment(&pool, &mut c, "APPROVED").await;
+    add_approval(&pool, &mut c, "APPROVED").await;
+    exec(
+        &pool,
+        "UPDATE payments SET decided_at = now() - interval '1 hour' WHERE id = $1",
+        pc,
+    )
+    .await;
+    let report = check(&pool).await;
+    assert_only(&report, "approved_payment_not_settled", 2);
+    assert_example(
+        &report,
+        "approved_payment_not_settled",
+        &format!("payment {pb} of booking {}", b.booking),
+    );
+
+    // Within a longer grace nothing is overdue.
+    let report = integrity::run(&pool, Duration::from_secs(7200), OUTBOX_AGE)
+        .await
+        .unwrap();
+    assert_only(&report, "", 0);
+}
+
+#[sqlx::test(migrator = "entrip_common::db::MIGRATOR")]
+async fn settlement_totals_differing_from_the_payment_are_found(pool: PgPool) {
+    consistent(&pool).await;
+    let mut expected = Vec::new();
+    // (gross, tax, currency) against a payment of KRW 350000, tax 31818.
+    for (gross, tax, currency) in [
+        (360_000, 31_818, "KRW"),
+        (350_000, 30_000, "KRW"),
+        (350_000, 31_818, "USD"),
+    ] {
+        let mut f = booking(&pool, false).await;
+        let p = add_payment(&pool, &mut f, "APPROVED").await;
+        let s = settle_by_sql(&pool, &f, p, gross, tax, currency).await;
+        expected.push(s);
+        let report = check(&pool).await;
+        assert_only(&report, "settlement_totals", expected.len() as i64);
+        assert_example(&report, "settlement_totals", &format!("settlement {s}"));
+    }
+}
+
+#[sqlx::test(migrator = "entrip_common::db::MIGRATOR")]
+async fn settlements_of_another_bookings_payment_and_entities_without_audit_are_orphans(
+    pool: PgPool,
+) {
+    consistent(&pool).await;
+    // Y is settled with X's payment; Y has an approved payment of its own
+    // and X's payment is fresh, so no other check objects.
+    let mut x = booking(&pool, false).await;
+    let px = add_payment(&pool, &mut x, "APPROVED").await;
+    let mut y = booking(&pool, false).await;
+    add_payment(&pool, &mut y, "APPROVED").await;
+    let s = settle_by_sql(&pool, &y, px, 350_000, 31_818, "KRW").await;
+    let report = check(&pool).await;
+    assert_only(&report, "orphans", 1);
+    assert_example(
+        &report,
+        "orphans",
+        &format!("settlement {s} pays for another booking"),
+    );
+
+    // A booking without any audit_log row.
+    let b = booking(&pool, false).await;
+    exec(
+        &pool,
+        "DELETE FROM audit_log WHERE entity_type = 'booking' AND entity_id = $1",
+        b.booking,
+    )
+    .await;
+    let report = check(&pool).await;
+    assert_only(&report, "orphans", 2);
+    assert_example(
+        &report,
+        "orphans",
+        &format!("booking {} without audit record", b.booking),
+    );
+
+    // A payment without any audit_log row.
+    let mut c = booking(&pool, false).await;
+    let pc = add_payment(&pool, &mut c, "PENDING").await;
+    exec(
+        &pool,
+        "DELETE FROM audit_log WHERE entity_type = 'payment' AND entity_id = $1",
+        pc,
+    )
+    .await;
+    let report = check(&pool).await;
+    assert_only(&report, "orphans", 3);
+    assert_example(
+        &report,
+        "orphans",
+        &format!("payment {pc} without audit record"),
+    );
+}
+
+#[sqlx::test(migrator = "entrip_common::db::MIGRATOR")]
+async fn undelivered_and_dead_outbox_rows_are_found(pool: PgPool) {
+    let world = consistent(&pool).await;
+    let b = world.sql_settled.booking;
+    let old = outbox_row(&pool, b, "1 hour", "pending").await;
+    let report = check(&pool).await;
+    assert_only(&report, "outbox_undelivered", 1);
+    assert_example(
+        &report,
+        "outbox_undelivered",
+        &format!("outbox {old} booking.created (undelivered)"),
+    );
+
+    let dead = outbox_row(&pool, b, "1 second", "dead").await;
+    let report = check(&pool).await;
+    assert_only(&report, "outbox_undelivered", 2);
+    assert_example(
+        &report,
+        "outbox_undelivered",
+        &format!("outbox {dead} booking.created (dead)"),
+    );
+
+    // Under a threshold above the old row's age only the dead row counts.
+    let report = integrity::run(&pool, GRACE, Duration::from_secs(7200))
+        .await
+        .unwrap();
+    assert_only(&report, "outbox_undelivered", 1);
+    assert_example(&report, "outbox_undelivered", &dead.to_string());
+
+    // The count is complete; the examples stop at 10.
+    for _ in 0..11 {
+        outbox_row(&pool, b, "20 minutes", "pending").await;
+    }
+    let report = check(&pool).await;
+    assert_only(&report, "outbox_undelivered", 13);
+}
+
+#[sqlx::test(migrator = "entrip_common::db::MIGRATOR")]
+async fn non_positive_amounts_cannot_be_stored(pool: PgPool) {
+    let world = consistent(&pool).await;
+    let f = &world.sql_settled;
+    let user = f.user;
+    let unpaid = booking(&pool, false).await;
+    let attempts = [
+        (
+            "INSERT INTO bookings (id, code, user_id, customer_name, customer_phone, itinerary_from,
+                                   itinerary_to, depart_at, arrive_at, currency, amount)
+             VALUES (gen_random_uuid(), 'BK-ZERO1', $1, 'Kim', '010 1234 5678', 'ICN', 'NRT',
+                     '2026-12-24T00:30:00Z', '2026-12-24T02:45:00Z', 'KRW', 0)",
+            user,
+        ),
+        ("UPDATE bookings SET amount = -1 WHERE id = $1", f.booking),
+        (
+            "UPDATE payments SET amount = 0, tax = 0 WHERE id = $1",
+            f.payment.unwrap(),
+        ),
+        (
+            "INSERT INTO payments (id, booking_id, method, amount, tax, currency)
+             VALUES (gen_random_uuid(), $1, 'CARD', -350000, 0, 'KRW')",
+            unpaid.booking,
+        ),
+        (
+            "UPDATE settlements SET gross = 0, tax = 0, net = 0 WHERE booking_id = $1",
+            f.booking,
+        ),
+        (
+            "UPDATE settlements SET gross = -10, tax = 0, net = -10 WHERE booking_id = $1",
+            f.booking,
+        ),
+    ];
+    for (sql, id) in attempts {
+        let err = sqlx::query(sqlx::AssertSqlSafe(sql.to_owned()))
+            .bind(id)
+            .execute(&pool)
+            .await
+            .expect_err(sql);
+        assert_eq!(sqlstate(&err), "23514", "a CHECK refuses {sql}: {err}");
+    }
+    let report = check(&pool).await;
+    assert_eq!(finding(&report, "non_positive_amounts").violations, 0);
+    assert_only(&report, "", 0);
+}
+
+#[sqlx::test(migrator = "entrip_common::db::MIGRATOR")]
+async fn non_positive_amounts_are_found_if_the_checks_are_ever_dropped(pool: PgPool) {
+    let world = consistent(&pool).await;
+    for (table, constraint) in [
+        ("bookings", "bookings_amount_check"),
+        ("payments", "payments_amount_check"),
+        ("settlements", "settlements_gross_check"),
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "ALTER TABLE {table} DROP CONSTRAINT {constraint}"
+        )))
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    // An unpaid booking of 0, and a settled booking whose payment and
+    // settlement are 0 (so that the totals still agree).
+    let unpaid = booking(&pool, false).await;
+    exec(
+        &pool,
+        "UPDATE bookings SET amount = 0 WHERE id = $1",
+        unpaid.booking,
+    )
+    .await;
+    let f = &world.sql_settled;
+    exec(
+        &pool,
+        "UPDATE payments SET amount = 0, tax = 0 WHERE id = $1",
+        f.payment.unwrap(),
+    )
+    .await;
+    exec(
+        &pool,
+        "UPDATE settlements SET gross = 0, tax = 0, net = 0 WHERE booking_id = $1",
+        f.booking,
+    )
+    .await;
+    let report = check(&pool).await;
+    assert_only(&report, "non_positive_amounts", 3);
+    for e in [
+        format!("booking {}", unpaid.booking),
+        format!("payment {}", f.payment.unwrap()),
+        "settlement ".to_owned(),
+    ] {
+        assert_example(&report, "non_positive_amounts", &e);
+    }
+}
+
+#[sqlx::test(migrator = "entrip_common::db::MIGRATOR")]
+async fn the_binary_exits_0_on_consistent_data_and_1_with_a_report_on_a_violation(
+    _opts: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let pool = PgPool::connect_with(connect.clone()).await.unwrap();
+    let db_url = database_url(&connect);
+    consistent(&pool).await;
+    let (alert_url, alerts) = alert_server().await;
+
+    let out = run_binary(&db_url, &alert_url).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for name in CHECKS {
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.starts_with("ok") && l.contains(name)),
+            "{name} reported ok:\n{}",
+            text(&out)
+        );
+    }
+    assert!(stdout.contains("0 violation(s)"), "{}", text(&out));
+    assert!(alerts.take().is_empty(), "no alert without a violation");
+
+    // Plant a confirmed booking without settlement.
+    let mut v = booking(&pool, false).await;
+    add_payment(&pool, &mut v, "APPROVED").await;
+    exec(
+        &pool,
+        "UPDATE bookings SET status = 'CONFIRMED', confirmed_at = now() WHERE id = $1",
+        v.booking,
+    )
+    .await;
+    let out = run_binary(&db_url, &alert_url).await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("FAIL") && l.contains("confirmed_without_settlement")),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        stdout.contains(&format!("booking {}", v.booking)),
+        "{}",
+        text(&out)
+    );
+    assert!(stdout.contains("1 violation(s)"), "{}", text(&out));
+    for name in CHECKS
+        .iter()
+        .filter(|c| **c != "confirmed_without_settlement")
+    {
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.starts_with("ok") && l.contains(name)),
+            "{name} still ok:\n{}",
+            text(&out)
+        );
+    }
+    // The binary posted the report to the alert webhook.
+    let posts = alerts.take();
+    assert_eq!(posts.len(), 1, "one alert");
+    let report = posted_report(&posts[0]);
+    let f = posted_finding(&report, "confirmed_without_settlement");
+    assert_eq!(f["violations"], 1);
+    assert_eq!(f["examples"], json!([format!("booking {}", v.booking)]));
+    pool.close().await;
+}
+
+#[sqlx::test(migrator = "entrip_common::db::MIGRATOR")]
+async fn check_once_posts_the_report_to_the_alert_webhook_and_sets_the_gauges(pool: PgPool) {
+    consistent(&pool).await;
+    let (alert_url, alerts) = alert_server().await;
+    let settings = IntegritySettings {
+        alert_webhook: Some(alert_url),
+        ..IntegritySettings::default()
+    };
+    let metrics = WorkerMetrics::register(&new_registry()).unwrap();
+    let client = reqwest::Client::new();
+    let gauge = |name: &str| {
+        metrics
+            .integrity_violations
+            .with_label_values(&[name])
+            .get()
+    };
+
+    let report = check_once(&pool, &settings, &metrics, &client)
+        .await
+        .unwrap();
+    assert_eq!(report.violations(), 0);
+    assert!(alerts.take().is_empty(), "no alert without a violation");
+    for name in CHECKS {
+        assert_eq!(gauge(name), 0, "{name}");
+    }
+
+    // Two kinds of violation.
+    let mut v = booking(&pool, false).await;
+    add_payment(&pool, &mut v, "APPROVED").await;
+    exec(
+        &pool,
+        "UPDATE bookings SET status = 'CONFIRMED', confirmed_at = now() WHERE id = $1",
+        v.booking,
+    )
+    .await;
+    let dead = outbox_row(&pool, v.booking, "1 second", "dead").await;
+    let report = check_once(&pool, &settings, &metrics, &client)
+        .await
+        .unwrap();
+    assert_eq!(report.violations(), 2);
+    let posts = alerts.take();
+    assert_eq!(posts.len(), 1, "one alert per run");
+    let posted = posted_report(&posts[0]);
+    assert_eq!(posted, serde_json::to_value(&report).unwrap());
+    assert_eq!(
+        posted["findings"].as_array().unwrap().len(),
+        CHECKS.len(),
+        "every check is in the report"
+    );
+    let f = posted_finding(&posted, "confirmed_without_settlement");
+    assert_eq!(f["violations"], 1);
+    assert!(f["rule"].as_str().is_some_and(|r| !r.is_empty()));
+    assert_eq!(f["examples"], json!([format!("booking {}", v.booking)]));
+    let f = posted_finding(&posted, "outbox_undelivered");
+    assert_eq!(f["violations"], 1);
+    assert_eq!(
+        f["examples"],
+        json!([format!("outbox {dead} booking.created (dead)")])
+    );
+    assert_eq!(posted_finding(&posted, "orphans")["violations"], 0);
+    assert_eq!(gauge("confirmed_without_settlement"), 1);
+    assert_eq!(gauge("outbox_undelivered"), 1);
+    assert_eq!(gauge("orphans"), 0);
+
+    // An unreachable webhook does not fail the run.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let unreachable = IntegritySettings {
+        alert_webhook: Some(format!("http://{closed}/alerts")),
+        ..IntegritySettings::default()
+    };
+    let report = check_once(&pool, &unreachable, &metrics, &client)
+        .await
+        .unwrap();
+    assert_eq!(report.violations(), 2);
+    assert!(alerts.take().is_empty());
+}
+
+#[sqlx::test(migrator = "entrip_common::db::MIGRATOR")]
+async fn check_once_returns_even_when_the_alert_receiver_never_answers(pool: PgPool) {
+    consistent(&pool).await;
+    // A receiver that accepts connections and never answers.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(Mutex::new(Vec::new()));
+    let held = accepted.clone();
+    let server = tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            held.lock().unwrap().push(socket);
+        }
+    });
+    let settings = IntegritySettings {
+        alert_webhook: Some(format!("http://{addr}/alerts")),
+        ..IntegritySettings::default()
+    };
+    let metrics = WorkerMetrics::register(&new_registry()).unwrap();
+    let mut v = booking(&pool, false).await;
+    add_payment(&pool, &mut v, "APPROVED").await;
+    exec(
+        &pool,
+        "UPDATE bookings SET status = 'CONFIRMED', confirmed_at = now() WHERE id = $1",
+        v.booking,
+    )
+    .await;
+
+    // A hung receiver must not hang the checker (the periodic loop would
+    // stop checking, `workers integrity --once` would never exit).
+    let run = tokio::time::timeout(
+        Duration::from_secs(30),
+        check_once(&pool, &settings, &metrics, &reqwest::Client::new()),
+    )
+    .await;
+    assert!(
+        !accepted.lock().unwrap().is_empty(),
+        "the alert was attempted"
+    );
+    let report = run
+        .expect("check_once gives up on an alert receiver that does not answer")
+        .unwrap();
+    assert_eq!(report.violations(), 1);
+    assert_eq!(
+        metrics
+            .integrity_violations
+            .with_label_values(&["confirmed_without_settlement"])
+            .get(),
+        1
+    );
+    server.abort();
+}
