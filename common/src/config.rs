@@ -174,7 +174,7 @@ impl Default for LogSettings {
     fn default() -> Self {
         Self {
             format: LogFormat::Pretty,
-            level: "info".into(),
+            level: "info,sqlx=warn".into(),
         }
     }
 }

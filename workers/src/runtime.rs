@@ -180,6 +180,7 @@ impl<H: Handler> Consumer<H> {
                         log_task(done);
                     }
                     let _ = channel.close(200, "shutdown".into()).await;
+                    let _ = publisher.close(200, "shutdown".into()).await;
                     return Ok(());
                 }
                 Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
