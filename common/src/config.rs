@@ -214,7 +214,7 @@ impl Default for WorkersSettings {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 9102)),
             prefetch: 200,
-            concurrency: 16,
+            concurrency: 12,
             max_retries: 8,
         }
     }
@@ -363,6 +363,14 @@ impl Settings {
                 "must be between 1 and workers.prefetch",
             );
         }
+        // Each of the two consumers may hold one connection per message in
+        // flight (notifications across a webhook call); keep room for the rest.
+        if 2 * w.concurrency + 4 > self.database.max_connections as usize {
+            return invalid(
+                "workers.concurrency",
+                "2 x workers.concurrency + 4 must not exceed database.max_connections",
+            );
+        }
         for (i, hook) in self.notifications.webhooks.iter().enumerate() {
             if !hook.url.starts_with("http://") && !hook.url.starts_with("https://") {
                 return invalid_owned(
@@ -496,6 +504,18 @@ mod tests {
             .to_string();
         assert!(err.contains("notifications.webhooks[0].secret"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn worker_concurrency_must_fit_the_pool() {
+        let err = Settings::load_from(env(&[
+            ("ENTRIP__WORKERS__CONCURRENCY", "20"),
+            ("ENTRIP__DATABASE__MAX_CONNECTIONS", "32"),
+        ]))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("workers.concurrency"), "{err}");
+        assert!(Settings::load_from(env(&[("ENTRIP__WORKERS__CONCURRENCY", "14")])).is_ok());
     }
 
     #[test]

@@ -36,8 +36,15 @@ pub struct OutboxRow {
 pub async fn claim(conn: &mut PgConnection, limit: u32) -> sqlx::Result<Vec<OutboxRow>> {
     sqlx::query_as(
         "WITH candidates AS (
-             SELECT id, seq, aggregate_id FROM outbox
+             SELECT id, seq, aggregate_id FROM outbox o
               WHERE published_at IS NULL AND dead_at IS NULL AND next_attempt_at <= now()
+                -- Behind an older row waiting for its retry: cannot go now,
+                -- and must not fill the window ahead of rows that can.
+                AND NOT EXISTS (
+                    SELECT 1 FROM outbox w
+                     WHERE w.aggregate_id = o.aggregate_id AND w.seq < o.seq
+                       AND w.published_at IS NULL AND w.dead_at IS NULL
+                       AND w.next_attempt_at > now())
               ORDER BY seq
               LIMIT $1
                 FOR UPDATE SKIP LOCKED

@@ -61,12 +61,15 @@ impl Publisher {
     /// Publishes the rows in order and waits for their confirms. One
     /// outcome per row; `reset` says why the connection must be replaced.
     pub async fn publish(&self, rows: &[OutboxRow], timeout: Duration) -> Report {
+        let deadline = tokio::time::Instant::now() + timeout;
         let mut confirms = Vec::with_capacity(rows.len());
         let mut reset = None;
         for row in rows {
-            let sent = self
-                .channel
-                .basic_publish(
+            // A blocked broker (memory or disk alarm) stops reading: bound
+            // the sending too, not only the confirms.
+            let sent = tokio::time::timeout_at(
+                deadline,
+                self.channel.basic_publish(
                     EVENTS_EXCHANGE.into(),
                     row.topic.as_str().into(),
                     BasicPublishOptions {
@@ -75,18 +78,23 @@ impl Publisher {
                     },
                     row.payload.as_bytes(),
                     properties(row),
-                )
-                .await;
+                ),
+            )
+            .await;
             match sent {
-                Ok(confirm) => confirms.push(confirm),
-                Err(err) => {
+                Ok(Ok(confirm)) => confirms.push(confirm),
+                Ok(Err(err)) => {
                     reset = Some(format!("publish failed: {err}"));
+                    break;
+                }
+                Err(_) => {
+                    reset = Some(format!("could not send within {timeout:?}"));
                     break;
                 }
             }
         }
         let sent = confirms.len();
-        let mut outcomes = match tokio::time::timeout(timeout, join_all(confirms)).await {
+        let mut outcomes = match tokio::time::timeout_at(deadline, join_all(confirms)).await {
             Ok(results) => results
                 .into_iter()
                 .map(|result| match result {
@@ -104,12 +112,29 @@ impl Publisher {
             }
         };
         outcomes.resize(rows.len(), Outcome::Unknown);
+        hold_back_after_failures(rows, &mut outcomes);
         Report { outcomes, reset }
     }
 
     pub async fn close(self) {
         let _ = self.channel.close(200, "shutdown".into()).await;
         let _ = self.connection.close(200, "shutdown".into()).await;
+    }
+}
+
+/// Once a row of an aggregate is not confirmed, its later rows in the batch
+/// are not marked published either, so that they go again after it and the
+/// outbox never records them as delivered ahead of it.
+fn hold_back_after_failures(rows: &[OutboxRow], outcomes: &mut [Outcome]) {
+    let mut failed = std::collections::HashSet::new();
+    for (row, outcome) in rows.iter().zip(outcomes.iter_mut()) {
+        if failed.contains(&row.aggregate_id) {
+            if *outcome == Outcome::Confirmed {
+                *outcome = Outcome::Unknown;
+            }
+        } else if *outcome != Outcome::Confirmed {
+            failed.insert(row.aggregate_id);
+        }
     }
 }
 
@@ -143,4 +168,47 @@ fn properties(row: &OutboxRow) -> BasicProperties {
         props = props.with_headers(headers);
     }
     props
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use uuid::Uuid;
+
+    fn row(aggregate: Uuid, seq: i64) -> OutboxRow {
+        OutboxRow {
+            id: Uuid::now_v7(),
+            seq,
+            aggregate_id: aggregate,
+            topic: "booking.created".into(),
+            payload: "{}".into(),
+            traceparent: None,
+            attempts: 0,
+            created_at: chrono::Utc::now(),
+        }
+    }
+
+    #[test]
+    fn later_rows_of_an_aggregate_wait_for_a_failed_one() {
+        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+        let rows = [row(a, 1), row(b, 2), row(a, 3), row(b, 4), row(a, 5)];
+        let mut outcomes = vec![
+            Outcome::Confirmed,
+            Outcome::Refused("nacked".into()),
+            Outcome::Confirmed,
+            Outcome::Confirmed,
+            Outcome::Confirmed,
+        ];
+        hold_back_after_failures(&rows, &mut outcomes);
+        assert_eq!(
+            outcomes,
+            vec![
+                Outcome::Confirmed,
+                Outcome::Refused("nacked".into()),
+                Outcome::Confirmed,
+                Outcome::Unknown,
+                Outcome::Confirmed,
+            ]
+        );
+    }
 }

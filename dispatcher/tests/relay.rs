@@ -573,3 +573,45 @@ async fn a_database_connection_cut_loses_nothing(
     assert_ordered(&rec.sequences().await, 100);
     relay.stop().await;
 }
+
+#[sqlx::test(migrator = "entrip_common::db::MIGRATOR")]
+async fn rows_behind_a_retry_do_not_hold_back_other_aggregates(pool: PgPool) {
+    let vhost = Vhost::new();
+    let rec = Recorder::start(&vhost.url(), "test.all", &["#"]).await;
+    // Aggregate A: its first row waits for a retry an hour away, and 300
+    // more rows queue behind it, ahead of 50 rows of other aggregates.
+    let a = insert_events(&pool, 1, 301, EventType::BookingCreated).await;
+    sqlx::query(
+        "UPDATE outbox SET attempts = 1, next_attempt_at = now() + interval '1 hour' WHERE id = $1",
+    )
+    .bind(a[0].0)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let others = insert_events(&pool, 50, 1, EventType::BookingCreated).await;
+    let settings = entrip_common::config::DispatcherSettings {
+        batch_size: 100,
+        ..fast_settings()
+    };
+    let relay = start_relay(&pool, &vhost.url(), settings);
+    eventually(30, "the other aggregates are published", || async {
+        count(&pool, "published_at IS NOT NULL").await == 50
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        count(&pool, "published_at IS NOT NULL").await,
+        50,
+        "A waits behind its retry"
+    );
+    let got: HashSet<String> = rec
+        .snapshot()
+        .await
+        .iter()
+        .map(|r| r.message_id())
+        .collect();
+    for (id, _, _) in &others {
+        assert!(got.contains(&id.to_string()));
+    }
+    relay.stop().await;
+}

@@ -72,6 +72,9 @@ impl Notifications {
     pub fn new(pool: PgPool, settings: &NotificationsSettings) -> Result<Self, reqwest::Error> {
         let client = reqwest::Client::builder()
             .timeout(Duration::from_millis(settings.timeout_ms))
+            // A redirect would turn the POST into a GET without the body: a
+            // 3xx is a failure, not a delivery.
+            .redirect(reqwest::redirect::Policy::none())
             .build()?;
         Ok(Self {
             pool,

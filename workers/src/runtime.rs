@@ -4,14 +4,14 @@
 //! growing delay, poison messages dead-lettered at once with the reason in
 //! `x-entrip-error`, reconnects with backoff, and graceful shutdown.
 
-use std::{sync::Arc, time::Instant};
+use std::{panic::AssertUnwindSafe, sync::Arc, time::Instant};
 
 use backon::BackoffBuilder;
 use entrip_common::{
     amqp::{self, ERROR_HEADER},
     config::{AmqpSettings, WorkersSettings},
 };
-use futures::{StreamExt, future::BoxFuture};
+use futures::{FutureExt, StreamExt, future::BoxFuture};
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection,
     message::Delivery,
@@ -243,7 +243,21 @@ impl<H: Handler> Step<H> {
         );
         async {
             let start = Instant::now();
-            let outcome = self.handler.handle(&msg).await;
+            // A panicking handler must not strand its message unacknowledged:
+            // it goes back to the queue, and x-delivery-limit ends a loop.
+            let outcome = match AssertUnwindSafe(self.handler.handle(&msg)).catch_unwind().await {
+                Ok(outcome) => outcome,
+                Err(_) => {
+                    tracing::error!("handler panicked; the message goes back to its queue");
+                    delivery
+                        .nack(BasicNackOptions {
+                            multiple: false,
+                            requeue: true,
+                        })
+                        .await?;
+                    return Ok(());
+                }
+            };
             let label = match &outcome {
                 Outcome::Processed => {
                     delivery.ack(BasicAckOptions::default()).await?;
@@ -264,8 +278,10 @@ impl<H: Handler> Step<H> {
                 Outcome::Retry(reason) | Outcome::Poison(reason) => {
                     let dlq = amqp::dlq_name(self.handler.queue());
                     tracing::error!(%reason, %dlq, "message dead-lettered");
-                    self.forward(&delivery, &dlq, msg.attempt, reason).await?;
+                    // Told first: a crash after the forward must not leave
+                    // the handler's bookkeeping (undelivered counts) behind.
                     self.handler.dead_lettered(&msg, reason).await;
+                    self.forward(&delivery, &dlq, msg.attempt, reason).await?;
                     "dead_lettered"
                 }
             };

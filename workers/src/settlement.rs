@@ -57,7 +57,13 @@ impl Handler for Settlement {
                     return Outcome::Poison(format!("unknown event type {other} for settlement"));
                 }
             };
-            match self.apply(&event, booking_id).await {
+            // Deduplicated by message_id, as every consumer does; the body's
+            // id when a message comes without one.
+            let message_id = msg
+                .message_id
+                .clone()
+                .unwrap_or_else(|| event.id.to_string());
+            match self.apply(&message_id, booking_id).await {
                 Ok(outcome) => outcome,
                 Err(err) if db::is_unavailable(&err) => Outcome::Retry(format!("database: {err}")),
                 Err(err) => Outcome::Retry(format!("settlement failed: {err}")),
@@ -67,9 +73,9 @@ impl Handler for Settlement {
 }
 
 impl Settlement {
-    async fn apply(&self, event: &Event, booking_id: Uuid) -> sqlx::Result<Outcome> {
+    async fn apply(&self, message_id: &str, booking_id: Uuid) -> sqlx::Result<Outcome> {
         let mut tx = self.pool.begin().await?;
-        if !inbox::claim(&mut tx, CONSUMER, &event.id.to_string()).await? {
+        if !inbox::claim(&mut tx, CONSUMER, message_id).await? {
             return Ok(Outcome::Duplicate);
         }
         let outcome = settle_if_due(&mut tx, booking_id).await?;
