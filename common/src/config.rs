@@ -196,7 +196,7 @@ impl Default for DispatcherSettings {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 9101)),
-            batch_size: 500,
+            batch_size: 2_000,
             poll_interval_ms: 1_000,
             confirm_timeout_ms: 10_000,
             max_attempts: 10,
