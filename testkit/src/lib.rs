@@ -183,3 +183,23 @@ pub fn promtool_check(text: &str) -> Result<(), String> {
         Err(findings)
     }
 }
+
+/// Waits until `cond` holds (checked every 100 ms), or panics naming `what`
+/// after `secs` seconds.
+pub async fn eventually<F, Fut>(secs: u64, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        if cond().await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}

@@ -134,24 +134,8 @@ pub async fn count(pool: &PgPool, sql_where: &str) -> i64 {
         .unwrap()
 }
 
-/// Waits until `cond` holds (checked every 100 ms) or panics after `secs`.
-pub async fn eventually<F, Fut>(secs: u64, what: &str, mut cond: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    loop {
-        if cond().await {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
+#[allow(unused_imports)]
+pub use entrip_testkit::eventually;
 
 /// A received message.
 #[derive(Debug, Clone)]

@@ -177,24 +177,8 @@ pub async fn depth(ch: &Channel, queue: &str) -> u32 {
     .message_count()
 }
 
-/// Waits until `cond` holds (checked every 100 ms) or panics after `secs`.
-pub async fn eventually<F, Fut>(secs: u64, what: &str, mut cond: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    loop {
-        if cond().await {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
+#[allow(unused_imports)]
+pub use entrip_testkit::eventually;
 
 pub async fn scalar(pool: &PgPool, sql: &str) -> i64 {
     sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned()))
