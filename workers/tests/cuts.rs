@@ -1,0 +1,109 @@
+//! The settlement consumer while PostgreSQL is cut off through a proxy:
+//! messages that fail meanwhile go through the retry path, and once the
+//! database is back every booking is settled exactly once.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::time::Duration;
+
+use entrip_testkit::{Proxy, Vhost};
+use entrip_workers::settlement::Settlement;
+use sqlx::{
+    PgPool,
+    postgres::{PgConnectOptions, PgPoolOptions},
+};
+use support::*;
+use uuid::Uuid;
+
+#[sqlx::test(migrator = "entrip_common::db::MIGRATOR")]
+async fn a_database_cut_delays_settlements_but_loses_and_doubles_none(
+    _opts: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let direct = PgPool::connect_with(connect.clone()).await.unwrap();
+    let proxy = Proxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    let via_proxy = PgPoolOptions::new()
+        .max_connections(30)
+        .acquire_timeout(Duration::from_millis(500))
+        .connect_with(connect.host("127.0.0.1").port(proxy.addr.port()))
+        .await
+        .unwrap();
+    let vhost = Vhost::new();
+    let mut fixtures = Vec::new();
+    for _ in 0..40 {
+        let mut f = booking(&direct, false).await;
+        add_payment(&direct, &mut f, "APPROVED").await;
+        fixtures.push(f);
+    }
+    let (_conn, ch) = channel(&vhost.url()).await;
+    // Plenty of retries: the cut lasts longer than the short test delays.
+    let settings = entrip_common::config::WorkersSettings {
+        max_retries: 50,
+        ..workers_settings()
+    };
+    let worker = start(
+        Settlement {
+            pool: via_proxy.clone(),
+        },
+        &vhost.url(),
+        settings,
+    );
+
+    for f in &fixtures[..20] {
+        publish_event(
+            &ch,
+            Uuid::now_v7(),
+            "payment.approved",
+            payment_data(f, "APPROVED"),
+        )
+        .await;
+    }
+    eventually(30, "the first half settled", || async {
+        scalar(&direct, "SELECT count(*) FROM settlements").await == 20
+    })
+    .await;
+
+    proxy.cut();
+    for f in &fixtures[20..] {
+        publish_event(
+            &ch,
+            Uuid::now_v7(),
+            "payment.approved",
+            payment_data(f, "APPROVED"),
+        )
+        .await;
+    }
+    eventually(30, "failures go through the retry path", || async {
+        worker.count("settlement", "retried") > 0
+    })
+    .await;
+    assert_eq!(
+        scalar(&direct, "SELECT count(*) FROM settlements").await,
+        20
+    );
+
+    proxy.restore();
+    eventually(60, "every booking settled after the cut", || async {
+        scalar(&direct, "SELECT count(*) FROM settlements").await == 40
+    })
+    .await;
+    assert_eq!(
+        scalar(
+            &direct,
+            "SELECT count(*) FROM outbox WHERE topic = 'settlement.recorded'"
+        )
+        .await,
+        40
+    );
+    assert_eq!(
+        scalar(
+            &direct,
+            "SELECT count(*) FROM inbox WHERE consumer = 'settlement'"
+        )
+        .await,
+        40
+    );
+    assert_eq!(worker.count("settlement", "dead_lettered"), 0);
+    worker.stop().await;
+}
