@@ -90,6 +90,9 @@ pub struct DispatcherSettings {
     pub listen: SocketAddr,
     /// Outbox rows claimed and published per batch.
     pub batch_size: u32,
+    /// Batches in flight at once, each in its own transaction on its own
+    /// channel: one lane's database work overlaps another's publishing.
+    pub lanes: u32,
     /// Fallback polling when no NOTIFY arrives.
     pub poll_interval_ms: u64,
     /// How long a batch waits for the broker's confirms.
@@ -197,6 +200,7 @@ impl Default for DispatcherSettings {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 9101)),
             batch_size: 2_000,
+            lanes: 2,
             poll_interval_ms: 1_000,
             confirm_timeout_ms: 10_000,
             max_attempts: 10,
@@ -337,6 +341,14 @@ impl Settings {
         let d = &self.dispatcher;
         if d.batch_size == 0 || d.batch_size > 10_000 {
             return invalid("dispatcher.batch_size", "must be between 1 and 10000");
+        }
+        // Each lane holds a connection for its batch; keep room for LISTEN,
+        // the gauges and the purge.
+        if d.lanes == 0 || d.lanes > 16 || d.lanes + 3 > self.database.max_connections {
+            return invalid(
+                "dispatcher.lanes",
+                "must be between 1 and 16, and at most database.max_connections - 3",
+            );
         }
         if d.max_attempts == 0 {
             return invalid("dispatcher.max_attempts", "must be at least 1");

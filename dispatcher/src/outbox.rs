@@ -36,7 +36,8 @@ pub struct OutboxRow {
 pub async fn claim(conn: &mut PgConnection, limit: u32) -> sqlx::Result<Vec<OutboxRow>> {
     sqlx::query_as(
         "WITH candidates AS (
-             SELECT id, seq, aggregate_id FROM outbox o
+             SELECT id, seq, aggregate_id, topic, payload, headers, attempts, created_at
+               FROM outbox o
               WHERE published_at IS NULL AND dead_at IS NULL AND next_attempt_at <= now()
                 -- Behind an older row waiting for its retry: cannot go now,
                 -- and must not fill the window ahead of rows that can.
@@ -49,17 +50,17 @@ pub async fn claim(conn: &mut PgConnection, limit: u32) -> sqlx::Result<Vec<Outb
               LIMIT $1
                 FOR UPDATE SKIP LOCKED
          ), ranked AS (
-             SELECT id, seq, aggregate_id,
-                    row_number() OVER (PARTITION BY aggregate_id ORDER BY seq) - 1 AS older_in_batch
+             SELECT *, row_number() OVER (PARTITION BY aggregate_id ORDER BY seq) - 1 AS older_in_batch
                FROM candidates
          )
-         SELECT o.id, o.seq, o.aggregate_id, o.topic, o.payload::text AS payload,
-                o.headers->>'traceparent' AS traceparent, o.attempts, o.created_at
-           FROM ranked c JOIN outbox o ON o.id = c.id
+         -- The locked rows carry every column: no second lookup by id.
+         SELECT c.id, c.seq, c.aggregate_id, c.topic, c.payload::text AS payload,
+                c.headers->>'traceparent' AS traceparent, c.attempts, c.created_at
+           FROM ranked c
           WHERE (SELECT count(*) FROM outbox p
                   WHERE p.aggregate_id = c.aggregate_id AND p.seq < c.seq
                     AND p.published_at IS NULL AND p.dead_at IS NULL) = c.older_in_batch
-          ORDER BY o.seq",
+          ORDER BY c.seq",
     )
     .bind(i64::from(limit))
     .fetch_all(conn)

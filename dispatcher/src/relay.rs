@@ -43,10 +43,31 @@ enum BatchError {
 }
 
 impl Relay {
-    /// Runs until `shutdown`; the batch in flight is finished first.
+    /// Runs `lanes` relay loops until `shutdown`; the batches in flight are
+    /// finished first. Lanes order themselves like separate dispatchers do:
+    /// the claim skips locked rows and rows behind them.
     pub async fn run(self, shutdown: CancellationToken) {
-        let wake = Arc::new(Notify::new());
-        let listener = tokio::spawn(listen(self.pool.clone(), wake.clone(), shutdown.clone()));
+        let wakes: Vec<Arc<Notify>> = (0..self.settings.lanes.max(1))
+            .map(|_| Arc::new(Notify::new()))
+            .collect();
+        let listener = tokio::spawn(listen(self.pool.clone(), wakes.clone(), shutdown.clone()));
+        let lanes = wakes.into_iter().enumerate().map(|(i, wake)| {
+            let lane = Relay {
+                name: format!("{}-lane{i}", self.name),
+                ..self.clone()
+            };
+            tokio::spawn(lane.run_lane(wake, shutdown.clone()))
+        });
+        for lane in futures::future::join_all(lanes).await {
+            if let Err(err) = lane {
+                tracing::error!(%err, "a relay lane ended abnormally");
+            }
+        }
+        listener.abort();
+        tracing::info!("relay stopped");
+    }
+
+    async fn run_lane(self, wake: Arc<Notify>, shutdown: CancellationToken) {
         let poll = Duration::from_millis(self.settings.poll_interval_ms);
         let mut publisher: Option<Publisher> = None;
         let mut db_backoff = retry_backoff().build();
@@ -96,21 +117,22 @@ impl Relay {
         if let Some(p) = publisher {
             p.close().await;
         }
-        listener.abort();
-        tracing::info!("relay stopped");
     }
 
     /// One batch: claim, publish, await confirms, mark — in one transaction.
     /// Returns how many rows were claimed.
     async fn relay_batch(&self, publisher: &Publisher) -> Result<usize, BatchError> {
+        let started = std::time::Instant::now();
         let mut tx = self.pool.begin().await?;
         let rows = outbox::claim(&mut tx, self.settings.batch_size).await?;
+        let claimed_at = started.elapsed();
         if rows.is_empty() {
             tx.commit().await?;
             return Ok(0);
         }
         let timeout = Duration::from_millis(self.settings.confirm_timeout_ms);
         let report = publisher.publish(&rows, timeout).await;
+        let published_at = started.elapsed();
 
         let mut confirmed = Vec::new();
         let mut failures = Vec::new();
@@ -130,7 +152,9 @@ impl Relay {
         }
         outbox::mark_published(&mut tx, &confirmed).await?;
         let dead = outbox::mark_failed(&mut tx, &failures, self.settings.max_attempts).await?;
+        let marked_at = started.elapsed();
         tx.commit().await?;
+        let committed_at = started.elapsed();
 
         let now = Utc::now();
         for (row, outcome) in rows.iter().zip(&report.outcomes) {
@@ -151,6 +175,10 @@ impl Relay {
             claimed = rows.len(),
             confirmed = confirmed.len(),
             refused = failures.len(),
+            claim_ms = claimed_at.as_millis() as u64,
+            publish_ms = (published_at - claimed_at).as_millis() as u64,
+            mark_ms = (marked_at - published_at).as_millis() as u64,
+            commit_ms = (committed_at - marked_at).as_millis() as u64,
             "batch relayed"
         );
         match report.reset {
@@ -190,7 +218,8 @@ async fn sleep_or_shutdown(wait: Duration, shutdown: &CancellationToken) {
 
 /// Wakes the relay on every NOTIFY. Only a hint: notifications sent while
 /// the listener reconnects are lost, and polling covers them.
-async fn listen(pool: PgPool, wake: Arc<Notify>, shutdown: CancellationToken) {
+async fn listen(pool: PgPool, wakes: Vec<Arc<Notify>>, shutdown: CancellationToken) {
+    let wake_all = || wakes.iter().for_each(|w| w.notify_one());
     let mut backoff = retry_backoff().build();
     while !shutdown.is_cancelled() {
         let mut listener = match PgListener::connect_with(&pool).await {
@@ -212,9 +241,9 @@ async fn listen(pool: PgPool, wake: Arc<Notify>, shutdown: CancellationToken) {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 n = listener.try_recv() => match n {
-                    Ok(Some(_)) => wake.notify_one(),
+                    Ok(Some(_)) => wake_all(),
                     // Reconnected: wake in case something was missed.
-                    Ok(None) => wake.notify_one(),
+                    Ok(None) => wake_all(),
                     Err(err) => {
                         tracing::debug!(%err, "LISTEN connection lost");
                         break;
