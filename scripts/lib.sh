@@ -243,3 +243,16 @@ entrip_ensure_services() {
 	entrip_ensure_database "$ENTRIP_PG_DB"
 	entrip_ensure_rabbitmq
 }
+
+# Benchmarks: records one figure for scripts/bench's report (a no-op when the
+# part runs alone) and prints nothing.
+entrip_metric() { # <name> <value>
+	if [[ -n ${ENTRIP_BENCH_METRICS:-} ]]; then
+		printf '%s %s\n' "$1" "$2" >>"$ENTRIP_BENCH_METRICS"
+	fi
+}
+
+# Benchmarks: peak resident memory (VmHWM, kB) of a running process.
+entrip_peak_rss_kb() { # <pid>
+	awk '/VmHWM/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0
+}

@@ -91,9 +91,36 @@ pub async fn claim(
     .bind(key.as_str())
     .fetch_optional(&mut *conn)
     .await?;
-    let Some(row) = row else {
-        return Ok(Claim::Retry);
-    };
+    match row {
+        Some(row) => judge(&row, fp),
+        None => Ok(Claim::Retry),
+    }
+}
+
+/// The replay fast path, outside any transaction: a key whose response is
+/// committed and not expired answers without the claim's row lock (which
+/// would cost a write and a commit flush per replay). Committed responses
+/// never change until they expire. `None`: no such key, or still in flight;
+/// take the claim path.
+pub async fn replay_committed(
+    pool: &sqlx::PgPool,
+    key: &IdempotencyKey,
+    fp: &Fingerprint,
+) -> sqlx::Result<Option<Claim>> {
+    let row = sqlx::query(
+        "SELECT method, path, request_hash, response_status, response_body
+           FROM idempotency_keys
+          WHERE key = $1 AND expires_at > now() AND response_status IS NOT NULL",
+    )
+    .bind(key.as_str())
+    .fetch_optional(pool)
+    .await?;
+    row.map(|row| judge(&row, fp)).transpose()
+}
+
+/// A stored key against this request: replay, misuse, or (no response yet)
+/// retry.
+fn judge(row: &sqlx::postgres::PgRow, fp: &Fingerprint) -> sqlx::Result<Claim> {
     let method: String = row.try_get("method")?;
     let path: String = row.try_get("path")?;
     let hash: Vec<u8> = row.try_get("request_hash")?;

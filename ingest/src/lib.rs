@@ -77,6 +77,11 @@ pub async fn submit(
 ) -> Result<Outcome, ApiError> {
     let ttl = Duration::from_secs(app.settings.idempotency_ttl_secs);
     let mut command = Some(command);
+    if let Some(claim) = idempotency::replay_committed(&app.pool, key, fingerprint).await?
+        && let Some(answer) = settled(claim, key)
+    {
+        return answer;
+    }
     for _ in 0..3 {
         let mut tx = app.pool.begin().await?;
         match idempotency::claim(&mut tx, key, fingerprint, ttl).await? {
@@ -97,21 +102,33 @@ pub async fn submit(
                     replayed: false,
                 });
             }
-            Claim::Replay(stored) => {
-                tracing::info!(idempotency_key = %key, "replaying the stored response");
-                return Ok(Outcome {
-                    status: StatusCode::from_u16(stored.status).unwrap_or(StatusCode::OK),
-                    body: stored.body,
-                    replayed: true,
-                });
-            }
-            Claim::Mismatch(detail) => return Err(ApiError::IdempotencyMisuse(detail.to_owned())),
             Claim::Retry => continue,
+            claim => {
+                if let Some(answer) = settled(claim, key) {
+                    return answer;
+                }
+            }
         }
     }
     Err(ApiError::Unavailable(
         "the idempotency key kept changing under this request".into(),
     ))
+}
+
+/// The answer for a key used before: its stored response, or misuse.
+fn settled(claim: Claim, key: &IdempotencyKey) -> Option<Result<Outcome, ApiError>> {
+    match claim {
+        Claim::Replay(stored) => {
+            tracing::info!(idempotency_key = %key, "replaying the stored response");
+            Some(Ok(Outcome {
+                status: StatusCode::from_u16(stored.status).unwrap_or(StatusCode::OK),
+                body: stored.body,
+                replayed: true,
+            }))
+        }
+        Claim::Mismatch(detail) => Some(Err(ApiError::IdempotencyMisuse(detail.to_owned()))),
+        Claim::Claimed | Claim::Retry => None,
+    }
 }
 
 /// The full router: API, health, readiness and metrics.

@@ -251,3 +251,49 @@ async fn a_refused_request_stores_no_key(pool: PgPool) {
     assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
     assert!(r.headers.get("idempotent-replayed").is_none());
 }
+
+/// A replay of a committed answer reads the key without locking it (the
+/// fast path: no write, no commit flush), so it is answered even while
+/// another transaction holds the key's row lock.
+#[sqlx::test(migrator = "entrip_common::db::MIGRATOR")]
+async fn a_replay_of_a_committed_answer_takes_no_row_lock(pool: PgPool) {
+    let s = Server::start(pool).await;
+    let user = s.create_user().await;
+    let body = booking_body(&user, &unique_code(), false);
+    let k = key();
+    let first = s.post("/v1/bookings", Some(&k), &body).await;
+    assert_eq!(first.status, StatusCode::CREATED, "{:?}", first.body);
+
+    let mut holder = s.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM idempotency_keys WHERE key = $1 FOR UPDATE")
+        .bind(&k)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let replay = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        s.post("/v1/bookings", Some(&k), &body),
+    )
+    .await
+    .expect("the replay waited for the row lock");
+    assert_eq!(replay.status, StatusCode::CREATED);
+    assert_eq!(replay.headers.get("idempotent-replayed").unwrap(), "true");
+    assert_eq!(replay.body, first.body);
+
+    // Misuse of the key is answered on the same path.
+    let other = booking_body(&user, &unique_code(), false);
+    let misuse = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        s.post("/v1/bookings", Some(&k), &other),
+    )
+    .await
+    .expect("the misuse answer waited for the row lock");
+    assert_eq!(
+        misuse.status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "{:?}",
+        misuse.body
+    );
+    holder.rollback().await.unwrap();
+    assert_eq!(s.count("bookings").await, 1);
+}

@@ -10,7 +10,10 @@
 //! events, building a backlog on `entrip.settlement` for the consumer
 //! throughput measurement.
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context, bail};
 use entrip_common::{amqp, config::AmqpSettings};
@@ -20,7 +23,11 @@ use lapin::{
     options::{BasicPublishOptions, ConfirmSelectOptions},
 };
 use serde_json::{Value, json};
+use tokio::sync::Semaphore;
 use uuid::Uuid;
+
+/// Journeys in flight before the steady load sheds.
+const MAX_IN_FLIGHT: usize = 2_000;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -97,19 +104,27 @@ async fn steady(base: &str, rate: u64, secs: u64) -> anyhow::Result<()> {
     let user = user["id"].as_str().context("user id")?.to_owned();
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    // Open loop, but not unbounded: past this many journeys in flight the
+    // client sheds (counted), rather than exhausting sockets.
+    let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let start = Instant::now();
     let mut tasks = Vec::new();
-    let mut n = 0;
+    let (mut n, mut shed) = (0, 0);
     while start.elapsed() < Duration::from_secs(secs) {
         tick.tick().await;
-        tasks.push(tokio::spawn(journey(
-            client.clone(),
-            base.to_owned(),
-            user.clone(),
-            n,
-        )));
         n += 1;
+        let Ok(permit) = in_flight.clone().try_acquire_owned() else {
+            shed += 1;
+            continue;
+        };
+        let journey = journey(client.clone(), base.to_owned(), user.clone(), n);
+        tasks.push(tokio::spawn(async move {
+            let done = journey.await;
+            drop(permit);
+            done
+        }));
     }
+    let offered_secs = start.elapsed().as_secs_f64();
     let mut failed = 0;
     for t in join_all(tasks).await {
         if !matches!(t, Ok(Ok(()))) {
@@ -117,7 +132,8 @@ async fn steady(base: &str, rate: u64, secs: u64) -> anyhow::Result<()> {
         }
     }
     println!(
-        "RESULT steady bookings={n} failed={failed} secs={:.1}",
+        "RESULT steady bookings={n} shed={shed} failed={failed} completed={} secs={offered_secs:.1} drained_secs={:.1}",
+        n - shed - failed,
         start.elapsed().as_secs_f64()
     );
     Ok(())

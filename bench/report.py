@@ -1,0 +1,148 @@
+#!/usr/bin/env python3
+"""Renders scripts/bench's figures (lines "name value" written by the bench
+parts through entrip_metric) as a Markdown report and a JSON file, each
+figure next to its ceiling and each target of issue 5 as met or missed.
+
+Usage: bench/report.py <metrics file> <report prefix> <header line>
+Writes <prefix>.md and <prefix>.json; exits 0 even when a target is missed
+(the report says so): a benchmark informs, it does not gate.
+"""
+import json
+import sys
+
+
+def load(path):
+    m = {}
+    with open(path) as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) != 2:
+                continue
+            try:
+                m[parts[0]] = float(parts[1])
+            except ValueError:
+                pass
+    return m
+
+
+def fmt(v, unit=""):
+    if v is None:
+        return "n/a"
+    s = f"{v:,.0f}" if abs(v) >= 100 else f"{v:,.2f}".rstrip("0").rstrip(".")
+    return s + unit
+
+
+def main():
+    path, prefix, header = sys.argv[1], sys.argv[2], sys.argv[3]
+    m = load(path)
+    g = m.get
+    out = [f"# Entrip benchmark report", "", header, ""]
+    targets = []
+
+    def target(name, value, limit, ok, detail):
+        targets.append({"target": name, "value": value, "limit": limit,
+                        "met": bool(ok) if value is not None else None, "detail": detail})
+
+    def ratio(a, b):
+        return a / b if a is not None and b else None
+
+    # Ingest
+    levels = sorted({int(k.split(".")[1][1:]) for k in m if k.startswith("ingest.c")})
+    if levels:
+        out += ["## Ingest: POST /v1/bookings (closed loop, unique keys) vs pgbench, same SQL",
+                "", "| concurrency | rps | p50 ms | p95 ms | p99 ms | errors | pgbench tps | ratio |",
+                "|---|---|---|---|---|---|---|---|"]
+        for c in levels:
+            k = f"ingest.c{c}"
+            out.append(f"| {c} | {fmt(g(k + '.rps'))} | {fmt(g(k + '.p50_ms'))} | {fmt(g(k + '.p95_ms'))} "
+                       f"| {fmt(g(k + '.p99_ms'))} | {fmt(g(k + '.errors'))} | {fmt(g(k + '.pgbench_tps'))} "
+                       f"| {fmt(ratio(g(k + '.rps'), g(k + '.pgbench_tps')))} |")
+        out.append("")
+        r = ratio(g("ingest.c32.rps"), g("ingest.c32.pgbench_tps"))
+        target("ingest >= 75 % of pgbench at concurrency 32", r, 0.75, r is not None and r >= 0.75,
+               f"{fmt(g('ingest.c32.rps'))} rps vs {fmt(g('ingest.c32.pgbench_tps'))} tps")
+    if g("ingest.open.rate") is not None:
+        out += [f"Open loop at {fmt(g('ingest.open.rate'))}/s (half the concurrency-32 rate): "
+                f"{fmt(g('ingest.open.rps'))} rps, p50 {fmt(g('ingest.open.p50_ms'))} ms, "
+                f"p95 {fmt(g('ingest.open.p95_ms'))} ms, p99 {fmt(g('ingest.open.p99_ms'))} ms, "
+                f"errors {fmt(g('ingest.open.errors'))}.", ""]
+        p99 = g("ingest.open.p99_ms")
+        target("ingest p99 <= 25 ms at half the concurrency-32 rate", p99, 25, p99 is not None and p99 <= 25,
+               f"open loop at {fmt(g('ingest.open.rate'))}/s")
+    if g("ingest.replay.rps") is not None:
+        r = ratio(g("ingest.replay.rps"), g("ingest.c32.rps"))
+        out += [f"Replay (same keys again, concurrency 32): {fmt(g('ingest.replay.rps'))} rps, "
+                f"p50 {fmt(g('ingest.replay.p50_ms'))} ms, p99 {fmt(g('ingest.replay.p99_ms'))} ms, "
+                f"errors {fmt(g('ingest.replay.errors'))}: {fmt(r)}x the create rate.", ""]
+        target("replay >= 2x the create rate", r, 2, r is not None and r >= 2,
+               f"{fmt(g('ingest.replay.rps'))} vs {fmt(g('ingest.c32.rps'))} rps")
+
+    # Relay
+    if g("relay.raw_rps") is not None:
+        raw = g("relay.raw_rps")
+        out += ["## Relay: draining a backlog of 100,000 outbox rows, publisher confirms", "",
+                f"Message bodies of {fmt(g('relay.bytes'))} bytes.", "",
+                "| what | events/s | of the ceiling |", "|---|---|---|",
+                f"| raw publish with confirms, one channel (the ceiling) | {fmt(raw)} | 1 |",
+                f"| raw publish with confirms, two channels (reference) | {fmt(g('relay.raw2_rps'))} | {fmt(ratio(g('relay.raw2_rps'), raw))} |",
+                f"| relay, 1 dispatcher | {fmt(g('relay.one_rps'))} | {fmt(ratio(g('relay.one_rps'), raw))} |",
+                f"| relay, 3 dispatchers | {fmt(g('relay.three_rps'))} | {fmt(ratio(g('relay.three_rps'), raw))} |", ""]
+        r = ratio(g("relay.one_rps"), raw)
+        target("relay, 1 dispatcher >= 70 % of the raw ceiling", r, 0.70, r is not None and r >= 0.70,
+               f"{fmt(g('relay.one_rps'))} vs {fmt(raw)} msg/s")
+        three, one = g("relay.three_rps"), g("relay.one_rps")
+        target("relay, 3 dispatchers faster than 1", ratio(three, one), 1,
+               three is not None and one is not None and three > one, f"{fmt(three)} vs {fmt(one)} events/s")
+    if g("relay.steady.p99_ms") is not None:
+        out += [f"Commit -> published with only the relay running, {fmt(g('relay.steady.rate'))} rows/s "
+                f"(pgbench inserting outbox rows): p50 {fmt(g('relay.steady.p50_ms'))} ms, "
+                f"p99 {fmt(g('relay.steady.p99_ms'))} ms, max {fmt(g('relay.steady.max_ms'))} ms.", ""]
+        p99 = g("relay.steady.p99_ms")
+        target("commit -> published p99 <= 50 ms at 500/s (relay alone, 500 rows/s)", p99, 50,
+               p99 is not None and p99 <= 50, "pgbench -R 500 inserting outbox rows")
+
+    # Workers and end to end
+    if g("workers.backlog_rps") is not None:
+        out += ["## Workers and the fleet end to end", "",
+                f"Settlement consumer draining a backlog of payment.approved: {fmt(g('workers.backlog_rps'))} messages/s.", ""]
+    rates = sorted({int(k.split(".")[1][1:]) for k in m if k.startswith("e2e.r")})
+    if rates:
+        out += ["Journeys (booking, payment, APPROVED result) offered at a steady rate, all three services running:", "",
+                "| offered /s | offered | completed /s | failed | shed | commit->published p50 / p99 ms | payment result->settlement p50 / p99 ms |",
+                "|---|---|---|---|---|---|---|"]
+        for r in rates:
+            k = f"e2e.r{r}"
+            out.append(f"| {r} | {fmt(g(k + '.offered'))} | {fmt(g(k + '.completed_rps'))} | {fmt(g(k + '.failed'))} "
+                       f"| {fmt(g(k + '.shed'))} | {fmt(g(k + '.published_p50_ms'))} / {fmt(g(k + '.published_p99_ms'))} "
+                       f"| {fmt(g(k + '.settled_p50_ms'))} / {fmt(g(k + '.settled_p99_ms'))} |")
+        out.append("")
+        if 500 in rates:
+            p99 = g("e2e.r500.published_p99_ms")
+            target("commit -> published p99 <= 50 ms at 500 bookings/s offered (whole fleet)", p99, 50,
+                   p99 is not None and p99 <= 50,
+                   f"{fmt(g('e2e.r500.completed_rps'))} journeys/s completed of 500 offered")
+
+    # Memory
+    rss = {k: v for k, v in m.items() if k.startswith("rss_kb.")}
+    if rss:
+        out += ["## Peak resident memory (VmHWM)", "", "| process | MB |", "|---|---|"]
+        for k, v in sorted(rss.items()):
+            out.append(f"| {k[len('rss_kb.'):]} | {v / 1024:.1f} |")
+        out.append("")
+        peak = max(rss.values()) / 1024
+        target("each service <= 100 MB RSS", peak, 100, peak <= 100, f"largest: {peak:.1f} MB")
+
+    out += ["## Targets (issue 5)", "", "| target | value | limit | met |", "|---|---|---|---|"]
+    for t in targets:
+        met = {True: "yes", False: "**no**", None: "not measured"}[t["met"]]
+        out.append(f"| {t['target']} | {fmt(t['value'])} ({t['detail']}) | {fmt(t['limit'])} | {met} |")
+    out.append("")
+    with open(prefix + ".md", "w") as f:
+        f.write("\n".join(out))
+    with open(prefix + ".json", "w") as f:
+        json.dump({"header": header, "metrics": m, "targets": targets}, f, indent=2, sort_keys=True)
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    main()
