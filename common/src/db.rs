@@ -99,9 +99,22 @@ pub fn is_unavailable(err: &sqlx::Error) -> bool {
         | sqlx::Error::PoolClosed
         | sqlx::Error::WorkerCrashed
         | sqlx::Error::Protocol(_) => true,
-        sqlx::Error::Database(db) => db.code().is_some_and(|c| is_transient_sqlstate(&c)),
+        sqlx::Error::Database(db) => {
+            db.code().is_some_and(|c| is_transient_sqlstate(&c)) || refuses_connections(db.as_ref())
+        }
         _ => false,
     }
+}
+
+/// FATAL 55000 when connecting: "database … is not currently accepting
+/// connections" (`ALTER DATABASE … ALLOW_CONNECTIONS false`, e.g. during
+/// maintenance). The database is away, not the request wrong. Only the
+/// FATAL form: an ERROR 55000 is a statement's fault.
+fn refuses_connections(db: &dyn sqlx::error::DatabaseError) -> bool {
+    db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+        .is_some_and(|e| {
+            e.code() == "55000" && matches!(e.severity(), sqlx::postgres::PgSeverity::Fatal)
+        })
 }
 
 /// SQLSTATEs after which the same request may succeed when retried:

@@ -169,3 +169,49 @@ async fn database_unreachable_gives_503_and_the_service_recovers(
     assert!(unavailable >= 3, "503s are counted");
     s.stop().await;
 }
+
+/// A database that refuses connections (`ALLOW_CONNECTIONS false`, FATAL
+/// 55000 on connect; found by the chaos suite, which answered 500 here):
+/// 503, then recovery with the same key once connections are allowed again.
+#[sqlx::test(migrator = "entrip_common::db::MIGRATOR")]
+async fn database_refusing_connections_gives_503(
+    _pool_opts: PgPoolOptions,
+    connect_opts: PgConnectOptions,
+) {
+    let db = connect_opts.get_database().unwrap().to_owned();
+    let pool = PgPoolOptions::new()
+        .max_connections(4)
+        .acquire_timeout(Duration::from_millis(800))
+        .connect_with(connect_opts.clone())
+        .await
+        .unwrap();
+    let s = Server::start(pool).await;
+    let user = s.create_user().await;
+    let admin = sqlx::PgPool::connect_with(connect_opts.database("postgres"))
+        .await
+        .unwrap();
+    let set = |allow: bool| {
+        sqlx::AssertSqlSafe(format!(
+            "ALTER DATABASE \"{db}\" WITH ALLOW_CONNECTIONS {allow}"
+        ))
+    };
+    sqlx::raw_sql(set(false)).execute(&admin).await.unwrap();
+    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
+        .bind(&db)
+        .execute(&admin)
+        .await
+        .unwrap();
+
+    let k = key();
+    let body = booking_body(&user, &unique_code(), false);
+    let r = s.post("/v1/bookings", Some(&k), &body).await;
+    sqlx::raw_sql(set(true)).execute(&admin).await.unwrap();
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{:?}", r.body);
+    assert!(r.headers.contains_key("retry-after"));
+
+    let r = s.post("/v1/bookings", Some(&k), &body).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    assert_eq!(s.count("bookings").await, 1);
+    admin.close().await;
+    s.stop().await;
+}

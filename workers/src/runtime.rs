@@ -185,7 +185,11 @@ impl<H: Handler> Consumer<H> {
                 }
                 Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
                     if let Ok(Err(err)) = done {
-                        in_flight.abort_all();
+                        // The channel is gone. The other handlers finish (their
+                        // effects commit; their acks fail and the redelivery is
+                        // deduplicated): aborting one could cut a webhook between
+                        // the receiver's 2xx and its record, and send it twice.
+                        finish(&mut in_flight).await;
                         return Err(err);
                     }
                     log_task(done);
@@ -202,12 +206,25 @@ impl<H: Handler> Consumer<H> {
                             };
                             in_flight.spawn(step.process(delivery));
                         }
-                        Some(Err(err)) => return Err(err),
-                        None => return Err(lapin::ErrorKind::InvalidChannelState(lapin::ChannelState::Closed, "consumer ended").into()),
+                        Some(Err(err)) => {
+                            finish(&mut in_flight).await;
+                            return Err(err);
+                        }
+                        None => {
+                            finish(&mut in_flight).await;
+                            return Err(lapin::ErrorKind::InvalidChannelState(lapin::ChannelState::Closed, "consumer ended").into());
+                        }
                     }
                 }
             }
         }
+    }
+}
+
+/// Waits for the messages in flight (dropping the set would abort them).
+async fn finish(in_flight: &mut JoinSet<Result<(), lapin::Error>>) {
+    while let Some(done) = in_flight.join_next().await {
+        log_task(done);
     }
 }
 

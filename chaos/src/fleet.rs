@@ -1,0 +1,308 @@
+//! The fleet under test: the real `ingest`, two `dispatcher`s and `workers`
+//! binaries as child processes of this one, each with its own listen port and
+//! log file. The fault injector kills and restarts them through this type;
+//! dropping it kills every child, also on an error or a panic.
+
+use std::{
+    fs::OpenOptions,
+    io::Write as _,
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::Error;
+
+/// The binaries the fleet needs, looked up in the binary directory.
+pub const BINARIES: [&str; 3] = ["ingest", "dispatcher", "workers"];
+
+/// Where and how the services run.
+#[derive(Debug, Clone)]
+pub struct FleetConfig {
+    pub bin_dir: PathBuf,
+    pub database_url: String,
+    pub amqp_url: String,
+    /// The `ENTRIP_CONFIG` file (webhook subscribers).
+    pub config_file: PathBuf,
+    pub log_dir: PathBuf,
+    /// Extra `ENTRIP__…` settings for every service.
+    pub env: Vec<(String, String)>,
+}
+
+/// The binary directory: `explicit`, else the running executable's
+/// directory or its parent (`target/release` for the CLI, `target/debug` for
+/// an integration test under `target/debug/deps`). Fails naming the missing
+/// file.
+pub fn find_bin_dir(explicit: Option<&Path>) -> Result<PathBuf, Error> {
+    let candidates: Vec<PathBuf> = match explicit {
+        Some(dir) => vec![dir.to_path_buf()],
+        None => {
+            let exe = std::env::current_exe()?;
+            let dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+            let parent = dir.parent().map(Path::to_path_buf);
+            std::iter::once(dir).chain(parent).collect()
+        }
+    };
+    for dir in &candidates {
+        if BINARIES.iter().all(|b| dir.join(b).is_file()) {
+            return Ok(dir.clone());
+        }
+    }
+    let first = candidates.first().cloned().unwrap_or_default();
+    let missing = BINARIES
+        .iter()
+        .map(|b| first.join(b))
+        .find(|p| !p.is_file())
+        .unwrap_or_else(|| first.clone());
+    Err(Error::Setup(format!(
+        "missing fleet binary {} (looked in {}); build them first: cargo build --workspace --bins (add --release for target/release)",
+        missing.display(),
+        candidates
+            .iter()
+            .map(|d| d.display().to_string())
+            .collect::<Vec<_>>()
+            .join(" and ")
+    )))
+}
+
+/// A free TCP port on 127.0.0.1 (bound, then released for the child).
+pub fn free_port() -> Result<u16, Error> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// One service slot: which binary, where it listens, and its process when
+/// it runs.
+#[derive(Debug)]
+pub struct Service {
+    pub name: String,
+    pub binary: &'static str,
+    listen_key: &'static str,
+    pub port: u16,
+    health_path: &'static str,
+    pub log_path: PathBuf,
+    child: Option<Child>,
+    pub starts: u32,
+}
+
+impl Service {
+    pub fn health_url(&self) -> String {
+        format!("http://127.0.0.1:{}{}", self.port, self.health_path)
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+}
+
+/// The running fleet: slot 0 ingest, 1 and 2 dispatchers, 3 workers.
+#[derive(Debug)]
+pub struct Fleet {
+    cfg: FleetConfig,
+    pub services: Vec<Service>,
+    /// Services that exited without being killed by the injector.
+    pub unexpected_exits: Vec<String>,
+}
+
+pub const INGEST: usize = 0;
+pub const DISPATCHERS: [usize; 2] = [1, 2];
+pub const WORKERS: usize = 3;
+
+impl Fleet {
+    pub fn new(cfg: FleetConfig) -> Result<Self, Error> {
+        let slots = [
+            ("ingest", "ingest", "ENTRIP__INGEST__LISTEN", "/readyz"),
+            (
+                "dispatcher-1",
+                "dispatcher",
+                "ENTRIP__DISPATCHER__LISTEN",
+                "/healthz",
+            ),
+            (
+                "dispatcher-2",
+                "dispatcher",
+                "ENTRIP__DISPATCHER__LISTEN",
+                "/healthz",
+            ),
+            ("workers", "workers", "ENTRIP__WORKERS__LISTEN", "/healthz"),
+        ];
+        let mut services = Vec::new();
+        for (name, binary, listen_key, health_path) in slots {
+            services.push(Service {
+                name: name.to_owned(),
+                binary,
+                listen_key,
+                port: free_port()?,
+                health_path,
+                log_path: cfg.log_dir.join(format!("{name}.log")),
+                child: None,
+                starts: 0,
+            });
+        }
+        Ok(Self {
+            cfg,
+            services,
+            unexpected_exits: Vec::new(),
+        })
+    }
+
+    pub fn ingest_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.services[INGEST].port)
+    }
+
+    /// A command for one of the fleet's binaries with the fleet's
+    /// environment (and nothing else from ours but `PATH`).
+    pub fn command(&self, binary: &str) -> Command {
+        let mut cmd = Command::new(self.cfg.bin_dir.join(binary));
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("DATABASE_URL", &self.cfg.database_url)
+            .env("AMQP_URL", &self.cfg.amqp_url)
+            .env("ENTRIP_CONFIG", &self.cfg.config_file);
+        for (k, v) in &self.cfg.env {
+            cmd.env(k, v);
+        }
+        cmd
+    }
+
+    /// Starts the slot's process unless it runs; output appends to its log.
+    pub fn start(&mut self, slot: usize) -> Result<(), Error> {
+        if self.services[slot].child.is_some() {
+            return Ok(());
+        }
+        let svc = &self.services[slot];
+        let mut log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&svc.log_path)?;
+        writeln!(
+            log,
+            "==== chaos: start #{} of {} at {} ====",
+            svc.starts + 1,
+            svc.name,
+            chrono::Utc::now().to_rfc3339()
+        )?;
+        let child = self
+            .command(svc.binary)
+            .env(svc.listen_key, format!("127.0.0.1:{}", svc.port))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| {
+                Error::Setup(format!(
+                    "cannot start {}: {e}",
+                    self.cfg.bin_dir.join(svc.binary).display()
+                ))
+            })?;
+        let svc = &mut self.services[slot];
+        svc.child = Some(child);
+        svc.starts += 1;
+        Ok(())
+    }
+
+    /// SIGKILLs the slot's process and reaps it; false when it was not running.
+    pub fn kill(&mut self, slot: usize) -> bool {
+        let svc = &mut self.services[slot];
+        let Some(mut child) = svc.child.take() else {
+            return false;
+        };
+        let _ = child.kill();
+        let _ = child.wait();
+        if let Ok(mut log) = OpenOptions::new().append(true).open(&svc.log_path) {
+            let _ = writeln!(
+                log,
+                "==== chaos: SIGKILL {} at {} ====",
+                svc.name,
+                chrono::Utc::now().to_rfc3339()
+            );
+        }
+        true
+    }
+
+    /// Notes (and forgets) processes that exited on their own.
+    pub fn reap_exited(&mut self) -> Vec<String> {
+        let mut exited = Vec::new();
+        for svc in &mut self.services {
+            if let Some(child) = svc.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                let what = format!(
+                    "{} exited by itself ({status}) at {}",
+                    svc.name,
+                    chrono::Utc::now().to_rfc3339()
+                );
+                tracing::warn!("{what}");
+                exited.push(what);
+                svc.child = None;
+            }
+        }
+        self.unexpected_exits.extend(exited.iter().cloned());
+        exited
+    }
+
+    /// Starts every slot that does not run.
+    pub fn start_all(&mut self) -> Result<(), Error> {
+        self.reap_exited();
+        for slot in 0..self.services.len() {
+            self.start(slot)?;
+        }
+        Ok(())
+    }
+
+    /// SIGTERM to every process, then SIGKILL to what still runs after
+    /// `grace`.
+    pub fn stop_all(&mut self, grace: Duration) {
+        for svc in &self.services {
+            if let Some(child) = &svc.child {
+                let _ = Command::new("kill")
+                    .args(["-TERM", &child.id().to_string()])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status();
+            }
+        }
+        let deadline = Instant::now() + grace;
+        for svc in &mut self.services {
+            if let Some(mut child) = svc.child.take() {
+                while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+
+    /// The last `lines` lines of every service's log, for failure output.
+    pub fn log_tails(&self, lines: usize) -> String {
+        let mut out = String::new();
+        for svc in &self.services {
+            let text = std::fs::read_to_string(&svc.log_path).unwrap_or_default();
+            let all: Vec<&str> = text.lines().collect();
+            let from = all.len().saturating_sub(lines);
+            out.push_str(&format!(
+                "---- {} ({}) last {} lines ----\n",
+                svc.name,
+                svc.log_path.display(),
+                all.len() - from
+            ));
+            for l in &all[from..] {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        for svc in &mut self.services {
+            if let Some(mut child) = svc.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}

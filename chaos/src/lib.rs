@@ -1,0 +1,415 @@
+//! The Entrip chaos suite: runs the real fleet (one ingest, two dispatchers,
+//! one workers) against a database and a RabbitMQ vhost, drives journeys
+//! through it while faults are injected, lets it drain, and checks the end
+//! state against what the client was told. [`run`] is the whole driver; the
+//! `chaos` binary and `tests/short.rs` call it.
+
+pub mod checks;
+pub mod faults;
+pub mod fleet;
+pub mod load;
+pub mod receiver;
+pub mod report;
+pub mod rng;
+
+use std::{
+    path::PathBuf,
+    str::FromStr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use tokio::sync::watch;
+
+pub use report::{Check, Report};
+
+use crate::{
+    fleet::{Fleet, FleetConfig},
+    receiver::{Receiver, Subscriber},
+    rng::Rng,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Setup(String),
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("http client: {0}")]
+    Http(#[from] reqwest::Error),
+    /// A failure after the fleet started, with the tail of its logs.
+    #[error("{message}\nservice logs in {log_dir}\n{tails}")]
+    WithLogs {
+        message: String,
+        log_dir: String,
+        tails: String,
+    },
+}
+
+/// What one run does.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Where `ingest`, `dispatcher` and `workers` are (see
+    /// [`fleet::find_bin_dir`]).
+    pub bin_dir: Option<PathBuf>,
+    /// The run's own database (created beforehand; migrated here).
+    pub database_url: String,
+    /// The run's own vhost (created beforehand), its name and URL.
+    pub vhost: String,
+    pub amqp_url: String,
+    /// Seconds of load.
+    pub duration: Duration,
+    /// Journeys started per second.
+    pub rate: f64,
+    pub seed: Option<u64>,
+    /// Broker-wide `stop_app`/`start_app`: never while other work uses the broker.
+    pub broker_restart: bool,
+    /// How long the fleet may take to drain after the load.
+    pub drain_timeout: Duration,
+    /// Pause between two faults (a uniform range).
+    pub fault_interval: (Duration, Duration),
+    /// Pool size per service (`database.max_connections`).
+    pub max_connections: u32,
+    /// Messages each worker consumer handles at once.
+    pub worker_concurrency: u32,
+    /// Where the service logs go; a fresh temporary directory when `None`.
+    pub log_dir: Option<PathBuf>,
+}
+
+impl Options {
+    pub fn new(database_url: String, vhost: String, amqp_url: String) -> Self {
+        Self {
+            bin_dir: None,
+            database_url,
+            vhost,
+            amqp_url,
+            duration: Duration::from_secs(60),
+            rate: 20.0,
+            seed: None,
+            broker_restart: false,
+            drain_timeout: Duration::from_secs(180),
+            fault_interval: (Duration::from_secs(1), Duration::from_secs(3)),
+            max_connections: 16,
+            worker_concurrency: 6,
+            log_dir: None,
+        }
+    }
+}
+
+/// The database name of a `postgres://…/name?…` URL.
+pub fn database_name(url: &str) -> Result<String, Error> {
+    let opts = PgConnectOptions::from_str(url)?;
+    opts.get_database()
+        .map(str::to_owned)
+        .ok_or_else(|| Error::Setup(format!("no database name in {url}")))
+}
+
+/// The webhook timeout the workers get: the receiver's hang windows hold
+/// requests longer than this.
+const WEBHOOK_TIMEOUT: Duration = Duration::from_millis(2000);
+
+const SUBSCRIBERS: [(&str, &str, &[&str]); 2] = [
+    (
+        "bookings",
+        "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+        &["booking.*", "settlement.recorded"],
+    ),
+    (
+        "payments",
+        "whsec_Y2hhb3MtcGF5bWVudHMtc3Vic2NyaWJlci1rZXk=",
+        &["payment.*", "approval.decided"],
+    ),
+];
+
+async fn wait_healthy(fleet: &Mutex<Fleet>, deadline: Duration) -> Result<(), Error> {
+    let urls: Vec<(String, String)> = {
+        let f = fleet.lock().unwrap_or_else(|e| e.into_inner());
+        f.services
+            .iter()
+            .map(|s| (s.name.clone(), s.health_url()))
+            .collect()
+    };
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()?;
+    let until = Instant::now() + deadline;
+    for (name, url) in urls {
+        loop {
+            if let Ok(r) = client.get(&url).send().await
+                && r.status().is_success()
+            {
+                break;
+            }
+            if Instant::now() > until {
+                return Err(Error::Setup(format!(
+                    "{name} not healthy at {url} within {deadline:?}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    Ok(())
+}
+
+/// Runs the whole suite; `Ok` carries the report whether or not its checks
+/// passed, `Err` means the run itself could not be carried out.
+pub async fn run(opts: Options) -> Result<Report, Error> {
+    let started_at = chrono::Utc::now();
+    let t0 = Instant::now();
+    let seed = opts.seed.unwrap_or_else(rng::fresh_seed);
+    tracing::info!(seed, "chaos run starting (replay with --seed {seed})");
+    let mut rng = Rng::new(seed);
+    let bin_dir = fleet::find_bin_dir(opts.bin_dir.as_deref())?;
+    let database = database_name(&opts.database_url)?;
+    let log_dir = match &opts.log_dir {
+        Some(d) => d.clone(),
+        None => std::env::temp_dir().join(format!(
+            "entrip-chaos-{}-{}",
+            started_at.format("%Y%m%dT%H%M%SZ"),
+            uuid::Uuid::new_v4().simple()
+        )),
+    };
+    std::fs::create_dir_all(&log_dir)?;
+    tracing::info!(log_dir = %log_dir.display(), bin_dir = %bin_dir.display(), "service logs");
+
+    let receiver = Arc::new(
+        Receiver::start(
+            SUBSCRIBERS
+                .iter()
+                .map(|(name, secret, topics)| Subscriber {
+                    name: (*name).to_owned(),
+                    secret: (*secret).to_owned(),
+                    topics: topics.iter().map(|t| (*t).to_owned()).collect(),
+                })
+                .collect(),
+        )
+        .await?,
+    );
+    let config_file = log_dir.join("entrip-chaos.toml");
+    std::fs::write(&config_file, receiver.config_toml())?;
+
+    let env = vec![
+        ("ENTRIP__LOG__LEVEL", "info".to_owned()),
+        (
+            "ENTRIP__DATABASE__MAX_CONNECTIONS",
+            opts.max_connections.to_string(),
+        ),
+        (
+            "ENTRIP__WORKERS__CONCURRENCY",
+            opts.worker_concurrency.to_string(),
+        ),
+        // Quick retries, so that the faults' effects heal within the run.
+        ("ENTRIP__AMQP__RETRY_DELAYS_MS", "200,1000,3000".to_owned()),
+        ("ENTRIP__DISPATCHER__POLL_INTERVAL_MS", "200".to_owned()),
+        (
+            "ENTRIP__NOTIFICATIONS__TIMEOUT_MS",
+            WEBHOOK_TIMEOUT.as_millis().to_string(),
+        ),
+    ];
+    let fleet = Fleet::new(FleetConfig {
+        bin_dir,
+        database_url: opts.database_url.clone(),
+        amqp_url: opts.amqp_url.clone(),
+        config_file,
+        log_dir: log_dir.clone(),
+        env: env.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+    })?;
+    let fleet = Arc::new(Mutex::new(fleet));
+    let with_logs = |message: String| {
+        let tails = fleet
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .log_tails(40);
+        Error::WithLogs {
+            message,
+            log_dir: log_dir.display().to_string(),
+            tails,
+        }
+    };
+
+    // Migrate once up front, then start the fleet.
+    let migrate = fleet
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .command("ingest")
+        .arg("migrate")
+        .output()?;
+    if !migrate.status.success() {
+        return Err(Error::Setup(format!(
+            "ingest migrate failed ({}): {}{}",
+            migrate.status,
+            String::from_utf8_lossy(&migrate.stdout),
+            String::from_utf8_lossy(&migrate.stderr)
+        )));
+    }
+    fleet
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .start_all()?;
+    if let Err(e) = wait_healthy(&fleet, Duration::from_secs(60)).await {
+        return Err(with_logs(e.to_string()));
+    }
+    let ingest_url = fleet.lock().unwrap_or_else(|e| e.into_inner()).ingest_url();
+    tracing::info!(%ingest_url, "fleet up: 1 ingest, 2 dispatchers, 1 workers");
+
+    let pool = PgPoolOptions::new()
+        .max_connections(4)
+        .connect_with(
+            PgConnectOptions::from_str(&opts.database_url)?.application_name("entrip-chaos"),
+        )
+        .await?;
+
+    // Load and faults side by side.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let faults = tokio::spawn(faults::run(
+        faults::FaultSettings {
+            vhost: opts.vhost.clone(),
+            database_url: opts.database_url.clone(),
+            database,
+            interval: opts.fault_interval,
+            broker_restart: opts.broker_restart,
+            load_duration: opts.duration,
+            webhook_timeout: WEBHOOK_TIMEOUT,
+        },
+        fleet.clone(),
+        receiver.clone(),
+        rng.fork(1),
+        stop_rx.clone(),
+    ));
+    let load = load::run(
+        load::LoadSettings {
+            base: ingest_url,
+            rate: opts.rate,
+            duration: opts.duration,
+            client_timeout: Duration::from_millis(1500),
+            give_up_after: Duration::from_secs(90),
+            abandon_fraction: 0.25,
+        },
+        rng.fork(2),
+        stop_rx,
+    )
+    .await;
+    let _ = stop_tx.send(true);
+    let fault_log = faults
+        .await
+        .map_err(|e| with_logs(format!("fault injector failed: {e}")))?;
+    let load = load.map_err(|e| with_logs(format!("load failed: {e}")))?;
+    let load_seconds = load.elapsed.as_secs_f64();
+    tracing::info!(
+        journeys = load.journeys.len(),
+        faults = ?fault_log.counts,
+        "load and faults over; draining"
+    );
+
+    // Every service up again, then the drain.
+    receiver.heal();
+    fleet
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .start_all()?;
+    if let Err(e) = wait_healthy(&fleet, Duration::from_secs(90)).await {
+        return Err(with_logs(e.to_string()));
+    }
+    let drain_start = Instant::now();
+    let expected_settlements = load.journeys.iter().filter(|j| j.expect_settled()).count() as i64;
+    let drained = checks::drain(
+        &pool,
+        &opts.vhost,
+        &receiver,
+        expected_settlements,
+        opts.drain_timeout,
+    )
+    .await;
+    let drain_seconds = drain_start.elapsed().as_secs_f64();
+    tracing::info!(?drained, "drain over after {drain_seconds:.1} s; checking");
+
+    let integrity = {
+        let f = fleet.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cmd = f.command("workers");
+        cmd.args(["integrity", "--once"]);
+        cmd
+    };
+    let mut totals = std::collections::BTreeMap::new();
+    let mut all_checks = vec![Check {
+        name: "fleet drained within the deadline".into(),
+        passed: drained.drained,
+        detail: format!(
+            "{drain_seconds:.1} s (limit {:?}): undelivered {}, queued {}, settlements {} of {expected_settlements}, webhooks missing {}",
+            opts.drain_timeout,
+            drained.undelivered,
+            drained.work_messages,
+            drained.settlements,
+            drained.webhooks_missing
+        ),
+    }];
+    let checked = checks::run_checks(
+        checks::Inputs {
+            pool: &pool,
+            vhost: &opts.vhost,
+            receiver: &receiver,
+            load: &load,
+            integrity,
+            worker_hits: &fault_log.worker_hits,
+        },
+        &mut totals,
+    )
+    .await
+    .map_err(|e| with_logs(format!("checks could not run: {e}")))?;
+    all_checks.extend(checked);
+
+    let service_exits = {
+        let mut f = fleet.lock().unwrap_or_else(|e| e.into_inner());
+        f.reap_exited();
+        f.unexpected_exits.clone()
+    };
+    all_checks.push(Check {
+        name: "no service exited by itself".into(),
+        passed: service_exits.is_empty(),
+        detail: format!("{} unexpected exits", service_exits.len()),
+    });
+    let mut faults_counts = fault_log.counts.clone();
+    faults_counts.insert(
+        "PostgreSQL backends terminated (total)".into(),
+        fault_log.backends_terminated,
+    );
+    let passed = all_checks.iter().all(|c| c.passed);
+    let log_tails = (!passed).then(|| {
+        fleet
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .log_tails(40)
+    });
+    fleet
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .stop_all(Duration::from_secs(10));
+    pool.close().await;
+
+    let report = Report {
+        seed,
+        started_at: started_at.to_rfc3339(),
+        load_seconds,
+        drain_seconds,
+        total_seconds: t0.elapsed().as_secs_f64(),
+        rate: opts.rate,
+        broker_restart: opts.broker_restart,
+        faults: faults_counts,
+        fault_errors: fault_log.errors,
+        totals,
+        responses_by_status: load.stats.by_status(),
+        client_problems: load.stats.problems(),
+        service_exits,
+        checks: all_checks,
+        passed,
+        log_dir: log_dir.display().to_string(),
+        log_tails,
+    };
+    // Next to the service logs too, so that a failed CI run can be read later.
+    if let Err(e) = report.write(&log_dir.join("report")) {
+        tracing::warn!("cannot write the report to {}: {e}", log_dir.display());
+    }
+    Ok(report)
+}

@@ -1,0 +1,116 @@
+//! The `chaos` binary: the command-line edge of the chaos suite. Parses the
+//! options, runs the driver, writes the report and exits non-zero when a
+//! check failed (1) or the run could not be carried out (2).
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::Context as _;
+use clap::Parser;
+use entrip_chaos::{Options, run};
+
+/// Drives bookings through the real fleet (1 ingest, 2 dispatchers, 1
+/// workers) while injecting faults, lets it drain, and checks the end state
+/// against what the client was told.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// The run's own database (it is migrated; use an empty one).
+    #[arg(long, env = "DATABASE_URL")]
+    database_url: String,
+    /// The run's own RabbitMQ vhost (it must exist; guest needs permissions).
+    #[arg(long)]
+    vhost: String,
+    /// The AMQP URL of that vhost; default: guest on 127.0.0.1:5672.
+    #[arg(long)]
+    amqp_url: Option<String>,
+    /// Seconds of load.
+    #[arg(long, default_value_t = 120)]
+    seconds: u64,
+    /// Journeys started per second.
+    #[arg(long, default_value_t = 30.0)]
+    rate: f64,
+    /// Seed of the random schedule (printed at the start of every run).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Also stop and start the whole broker application (`rabbitmqctl
+    /// stop_app`/`start_app`): disturbs everything else using the broker.
+    #[arg(long)]
+    broker_restart: bool,
+    /// Seconds the fleet may take to drain after the load.
+    #[arg(long, default_value_t = 300)]
+    drain_timeout: u64,
+    /// Where ingest, dispatcher and workers are; default: next to this
+    /// executable or in its parent directory.
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+    /// Directory for the service logs; default: a new temporary directory.
+    #[arg(long)]
+    log_dir: Option<PathBuf>,
+    /// Pool size per service (database.max_connections).
+    #[arg(long, default_value_t = 32)]
+    max_connections: u32,
+    /// Messages each worker consumer handles at once.
+    #[arg(long, default_value_t = 12)]
+    worker_concurrency: u32,
+    /// Write the report to <prefix>.md and <prefix>.json.
+    #[arg(long)]
+    report: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    match main_inner().await {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(err) => {
+            eprintln!("chaos: {err:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn main_inner() -> anyhow::Result<bool> {
+    let cli = Cli::parse();
+    let amqp_url = cli
+        .amqp_url
+        .clone()
+        .unwrap_or_else(|| format!("amqp://guest:guest@127.0.0.1:5672/{}", cli.vhost));
+    let mut opts = Options::new(cli.database_url.clone(), cli.vhost.clone(), amqp_url);
+    opts.bin_dir = cli.bin_dir;
+    opts.duration = Duration::from_secs(cli.seconds);
+    opts.rate = cli.rate;
+    opts.seed = cli.seed;
+    opts.broker_restart = cli.broker_restart;
+    opts.drain_timeout = Duration::from_secs(cli.drain_timeout);
+    opts.log_dir = cli.log_dir;
+    opts.max_connections = cli.max_connections;
+    opts.worker_concurrency = cli.worker_concurrency;
+    let report = tokio::select! {
+        r = run(opts) => r.context("chaos run")?,
+        _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted; the fleet's processes were stopped"),
+    };
+    println!("{}", report.markdown());
+    if let Some(prefix) = &cli.report {
+        report
+            .write(prefix)
+            .with_context(|| format!("writing the report to {}", prefix.display()))?;
+        eprintln!(
+            "chaos: report written to {0}.md and {0}.json",
+            prefix.display()
+        );
+    }
+    if !report.passed {
+        eprintln!("chaos: FAILED; service logs in {}", report.log_dir);
+        if let Some(tails) = &report.log_tails {
+            eprintln!("{tails}");
+        }
+    }
+    Ok(report.passed)
+}

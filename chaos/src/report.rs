@@ -1,0 +1,136 @@
+//! The run's report: seed, duration, faults, totals and each named check
+//! with its figures; rendered as Markdown for people and JSON for tools.
+
+use std::{collections::BTreeMap, fmt::Write as _, path::Path};
+
+use serde::Serialize;
+
+use crate::Error;
+
+/// One named check with what it found.
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    pub name: String,
+    pub passed: bool,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub seed: u64,
+    pub started_at: String,
+    /// Seconds of load (new journeys were started).
+    pub load_seconds: f64,
+    /// Seconds from the end of the load until the fleet was drained.
+    pub drain_seconds: f64,
+    pub total_seconds: f64,
+    /// Journeys started per second.
+    pub rate: f64,
+    pub broker_restart: bool,
+    pub faults: BTreeMap<String, u64>,
+    pub fault_errors: Vec<String>,
+    pub totals: BTreeMap<String, u64>,
+    pub responses_by_status: BTreeMap<String, u64>,
+    pub client_problems: Vec<String>,
+    pub service_exits: Vec<String>,
+    pub checks: Vec<Check>,
+    pub passed: bool,
+    pub log_dir: String,
+    /// The tail of each service's log, kept when a check failed (not in the
+    /// JSON: the files are in `log_dir`).
+    #[serde(skip)]
+    pub log_tails: Option<String>,
+}
+
+impl Report {
+    pub fn failed_checks(&self) -> Vec<&Check> {
+        self.checks.iter().filter(|c| !c.passed).collect()
+    }
+
+    pub fn markdown(&self) -> String {
+        let mut s = String::new();
+        let verdict = if self.passed { "PASSED" } else { "FAILED" };
+        let _ = writeln!(s, "# Entrip chaos run: {verdict}\n");
+        let _ = writeln!(
+            s,
+            "- seed `{}` (replay the schedule with `--seed {}`)",
+            self.seed, self.seed
+        );
+        let _ = writeln!(s, "- started {}", self.started_at);
+        let _ = writeln!(
+            s,
+            "- load {:.1} s at {} journeys/s; drain {:.1} s; total {:.1} s",
+            self.load_seconds, self.rate, self.drain_seconds, self.total_seconds
+        );
+        let _ = writeln!(
+            s,
+            "- broker-wide stop_app/start_app: {}",
+            if self.broker_restart { "yes" } else { "no" }
+        );
+        let _ = writeln!(s, "- service logs: `{}`\n", self.log_dir);
+
+        let _ = writeln!(s, "## Faults injected\n\n| fault | count |\n|---|---:|");
+        for (k, v) in &self.faults {
+            let _ = writeln!(s, "| {k} | {v} |");
+        }
+        if !self.fault_errors.is_empty() {
+            let _ = writeln!(s, "\nFault injection errors:\n");
+            for e in &self.fault_errors {
+                let _ = writeln!(s, "- {e}");
+            }
+        }
+        let _ = writeln!(s, "\n## Totals\n\n| figure | value |\n|---|---:|");
+        for (k, v) in &self.totals {
+            let _ = writeln!(s, "| {k} | {v} |");
+        }
+        let _ = writeln!(s, "\nClient answers by status: {}", {
+            let parts: Vec<String> = self
+                .responses_by_status
+                .iter()
+                .map(|(k, v)| format!("{k}: {v}"))
+                .collect();
+            parts.join(", ")
+        });
+        let _ = writeln!(
+            s,
+            "\n## Checks\n\n| check | result | figures |\n|---|---|---|"
+        );
+        for c in &self.checks {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} |",
+                c.name,
+                if c.passed { "pass" } else { "**FAIL**" },
+                c.detail.replace('|', "\\|").replace('\n', " ")
+            );
+        }
+        if !self.service_exits.is_empty() {
+            let _ = writeln!(s, "\n## Services that exited by themselves\n");
+            for e in &self.service_exits {
+                let _ = writeln!(s, "- {e}");
+            }
+        }
+        if !self.client_problems.is_empty() {
+            let _ = writeln!(s, "\n## Client problems (first ones)\n");
+            for p in &self.client_problems {
+                let _ = writeln!(s, "- {p}");
+            }
+        }
+        s
+    }
+
+    /// Writes `<prefix>.md` and `<prefix>.json`.
+    pub fn write(&self, prefix: &Path) -> Result<(), Error> {
+        if let Some(dir) = prefix.parent()
+            && !dir.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(dir)?;
+        }
+        let base = prefix.to_string_lossy();
+        std::fs::write(format!("{base}.md"), self.markdown())?;
+        let json = serde_json::to_string_pretty(self)
+            .map_err(|e| Error::Setup(format!("report JSON: {e}")))?;
+        std::fs::write(format!("{base}.json"), json)?;
+        Ok(())
+    }
+}
