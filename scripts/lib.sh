@@ -256,3 +256,13 @@ entrip_metric() { # <name> <value>
 entrip_peak_rss_kb() { # <pid>
 	awk '/VmHWM/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0
 }
+
+# Waits until a command succeeds, polling every 0.2 s; dies after <seconds>.
+entrip_wait_until() { # <seconds> <what> <command...>
+	local deadline=$((SECONDS + $1)) what=$2
+	shift 2
+	until "$@"; do
+		((SECONDS < deadline)) || entrip_die "timed out waiting for $what"
+		sleep 0.2
+	done
+}

@@ -80,13 +80,15 @@ pub async fn claim(conn: &mut PgConnection, limit: u32) -> sqlx::Result<Vec<Outb
         .await
 }
 
-/// Marks broker-confirmed rows published, in one statement.
+/// Marks broker-confirmed rows published, in one statement. The time is
+/// the mark's (`clock_timestamp()`, after the confirms), not the start of
+/// the relay's transaction (`now()`, before the claim).
 pub async fn mark_published(conn: &mut PgConnection, ids: &[Uuid]) -> sqlx::Result<u64> {
     if ids.is_empty() {
         return Ok(0);
     }
     let done = sqlx::query(
-        "UPDATE outbox SET published_at = now(), last_error = NULL
+        "UPDATE outbox SET published_at = clock_timestamp(), last_error = NULL
           WHERE id = ANY($1) AND published_at IS NULL",
     )
     .bind(ids)

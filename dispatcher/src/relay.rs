@@ -56,13 +56,9 @@ impl Relay {
                 name: format!("{}-lane{i}", self.name),
                 ..self.clone()
             };
-            tokio::spawn(lane.run_lane(wake, shutdown.clone()))
+            supervise(lane, wake, shutdown.clone())
         });
-        for lane in futures::future::join_all(lanes).await {
-            if let Err(err) = lane {
-                tracing::error!(%err, "a relay lane ended abnormally");
-            }
-        }
+        futures::future::join_all(lanes).await;
         listener.abort();
         tracing::info!("relay stopped");
     }
@@ -198,6 +194,21 @@ impl Relay {
             .build()
             .nth(n)
             .unwrap_or(Duration::from_millis(self.settings.backoff_max_ms))
+    }
+}
+
+/// Runs a lane until `shutdown`, starting it again if it panics: its
+/// transaction rolled back, so its rows go again.
+async fn supervise(lane: Relay, wake: Arc<Notify>, shutdown: CancellationToken) {
+    while !shutdown.is_cancelled() {
+        let run = tokio::spawn(lane.clone().run_lane(wake.clone(), shutdown.clone()));
+        match run.await {
+            Ok(()) => return,
+            Err(err) => {
+                tracing::error!(lane = %lane.name, %err, "relay lane failed; starting it again");
+                sleep_or_shutdown(Duration::from_secs(1), &shutdown).await;
+            }
+        }
     }
 }
 

@@ -54,14 +54,15 @@ async fn main() -> anyhow::Result<()> {
         latencies: Arc::new(Mutex::new(Vec::new())),
     };
     let duration = Duration::from_secs(secs);
+    if mode == "replay" {
+        // Not timed: only the replays are.
+        load.prepare_replay().await?;
+    }
     let started = Instant::now();
     match mode.as_str() {
         "closed" => load.closed(n, duration, false).await,
         "open" => load.open(n, duration).await,
-        "replay" => {
-            load.prepare_replay().await?;
-            load.closed(n, duration, true).await
-        }
+        "replay" => load.closed(n, duration, true).await,
         other => bail!("unknown mode {other}"),
     }
     let elapsed = started.elapsed().as_secs_f64();

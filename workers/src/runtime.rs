@@ -4,7 +4,11 @@
 //! growing delay, poison messages dead-lettered at once with the reason in
 //! `x-entrip-error`, reconnects with backoff, and graceful shutdown.
 
-use std::{panic::AssertUnwindSafe, sync::Arc, time::Instant};
+use std::{
+    panic::AssertUnwindSafe,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use backon::BackoffBuilder;
 use entrip_common::{
@@ -125,7 +129,7 @@ impl<H: Handler> Consumer<H> {
                     break;
                 }
                 Err(err) => {
-                    let wait = backoff.next().unwrap_or(std::time::Duration::from_secs(10));
+                    let wait = backoff.next().unwrap_or(Duration::from_secs(10));
                     amqp::log_setup_error(
                         &err,
                         &format!("consumer {} lost its connection", self.handler.name()),
@@ -176,9 +180,7 @@ impl<H: Handler> Consumer<H> {
             tokio::select! {
                 _ = shutdown.cancelled() => {
                     let _ = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
-                    while let Some(done) = in_flight.join_next().await {
-                        log_task(done);
-                    }
+                    finish(&mut in_flight).await;
                     let _ = channel.close(200, "shutdown".into()).await;
                     let _ = publisher.close(200, "shutdown".into()).await;
                     return Ok(());
@@ -221,10 +223,34 @@ impl<H: Handler> Consumer<H> {
     }
 }
 
-/// Waits for the messages in flight (dropping the set would abort them).
+/// How long the messages in flight may take to finish once their channel is
+/// gone or shutdown began: above a webhook call (5 s by default), a pool
+/// acquire (3 s) and a forward (`FORWARD_TIMEOUT`). Past it they are aborted
+/// and the broker redelivers them.
+const FINISH_GRACE: Duration = Duration::from_secs(30);
+
+/// A forward's publish and confirm: a blocked or half-dead connection must
+/// not hold a message (and the consumer's reconnect) forever.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Waits for the messages in flight (dropping the set would abort them), at
+/// most `FINISH_GRACE`.
 async fn finish(in_flight: &mut JoinSet<Result<(), lapin::Error>>) {
-    while let Some(done) = in_flight.join_next().await {
-        log_task(done);
+    let drained = tokio::time::timeout(FINISH_GRACE, async {
+        while let Some(done) = in_flight.join_next().await {
+            log_task(done);
+        }
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            left = in_flight.len(),
+            "messages still in flight after {FINISH_GRACE:?}; aborted, the broker redelivers them"
+        );
+        in_flight.abort_all();
+        while let Some(done) = in_flight.join_next().await {
+            log_task(done);
+        }
     }
 }
 
@@ -322,20 +348,29 @@ impl<H: Handler> Step<H> {
         attempt: u32,
         reason: &str,
     ) -> Result<(), lapin::Error> {
-        let confirmation = self
-            .publisher
-            .basic_publish(
-                "".into(),
-                queue.into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..BasicPublishOptions::default()
-                },
-                &delivery.data,
-                with_headers(&delivery.properties, attempt, reason),
-            )
-            .await?
-            .await?;
+        let publish = async {
+            self.publisher
+                .basic_publish(
+                    "".into(),
+                    queue.into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
+                    &delivery.data,
+                    with_headers(&delivery.properties, attempt, reason),
+                )
+                .await?
+                .await
+        };
+        let confirmation = tokio::time::timeout(FORWARD_TIMEOUT, publish)
+            .await
+            .map_err(|_| {
+                lapin::Error::from(lapin::ErrorKind::InvalidChannelState(
+                    lapin::ChannelState::Error,
+                    "no confirm for a forward in time",
+                ))
+            })??;
         if confirmation == Confirmation::Ack(None) {
             delivery.ack(BasicAckOptions::default()).await.map(drop)
         } else {
