@@ -88,7 +88,8 @@ impl NewEvent {
 /// Enqueues the event inside the caller's transaction. The caller must hold
 /// a lock on the aggregate's row so that `seq` follows commit order.
 pub async fn enqueue(conn: &mut PgConnection, event: &NewEvent) -> sqlx::Result<()> {
-    let payload = serde_json::to_value(event.envelope(Utc::now()))
+    // Sent as text and stored as json (see the migrations): no conversion.
+    let payload = serde_json::to_string(&event.envelope(Utc::now()))
         .map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
     let headers = match &event.traceparent {
         Some(tp) => serde_json::json!({ "traceparent": tp }),
@@ -96,7 +97,7 @@ pub async fn enqueue(conn: &mut PgConnection, event: &NewEvent) -> sqlx::Result<
     };
     sqlx::query(
         "INSERT INTO outbox (id, aggregate_type, aggregate_id, topic, payload, headers)
-         VALUES ($1, $2, $3, $4, $5, $6)",
+         VALUES ($1, $2, $3, $4, $5::json, $6)",
     )
     .bind(event.id)
     .bind(event.aggregate_type.as_str())
