@@ -1,7 +1,8 @@
 //! After the load: waiting for the fleet to drain, then checking the end
-//! state (database, broker queues, webhook receiver, `workers integrity
-//! --once`) against what the load generator was told. Table and column
-//! names are those of `migrations/`.
+//! state (database, broker queues, the chaos-owned tap queue, webhook
+//! receiver, `workers integrity --once`) against what the load generator was
+//! told and what the broker carried. Table and column names are those of
+//! `migrations/`.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -14,11 +15,17 @@ use uuid::Uuid;
 
 use crate::{
     Error,
-    faults::rabbitmqctl,
+    faults::{Hit, HitKind, rabbitmqctl},
     load::{BookingOutcome, Journey, LoadResult, Stats, Step},
-    receiver::{Receiver, Snapshot},
+    receiver::{Receiver, Snapshot, topic_matches},
     report::Check,
+    tap::TapLog,
 };
+
+/// The settlement consumer's name in table `inbox` (`CONSUMER` in
+/// workers/src/settlement.rs). The notifications consumer keeps no inbox rows
+/// (it dedupes by `notification_deliveries`), so it has no inbox check.
+pub const SETTLEMENT_CONSUMER: &str = "settlement";
 
 /// Messages in each queue of the vhost (ready + unacknowledged).
 pub async fn queue_depths(vhost: &str) -> Result<BTreeMap<String, i64>, String> {
@@ -176,7 +183,12 @@ pub struct Inputs<'a> {
     /// `workers integrity --once`, ready to run.
     pub integrity: Command,
     /// When faults hit the workers' work in flight.
-    pub worker_hits: &'a [Instant],
+    pub hits: &'a [Hit],
+    /// The workers' webhook timeout.
+    pub webhook_timeout: Duration,
+    /// What the chaos-owned tap queue held after the drain, or why it could
+    /// not be read.
+    pub tap: Result<&'a TapLog, &'a String>,
 }
 
 /// Runs every check; fills `totals` with the figures.
@@ -416,67 +428,225 @@ pub async fn run_checks(
         .filter(|b| !indeterminate.contains(b))
         .copied()
         .collect();
-    let recorded = scalar(
-        pool,
-        "SELECT count(*) FROM outbox WHERE topic = 'settlement.recorded'",
+    // One settlement.recorded event per settlement (its aggregate is the
+    // settlement, its data names the booking) and one booking.confirmed
+    // event per settled booking (its aggregate is the booking); none for
+    // anything else.
+    let settled: Vec<(Uuid, Uuid)> = sqlx::query_as("SELECT id, booking_id FROM settlements")
+        .fetch_all(pool)
+        .await?;
+    let settlement_of: HashMap<Uuid, Uuid> = settled.iter().copied().collect();
+    let settled_bookings: HashSet<Uuid> = settled.iter().map(|r| r.1).collect();
+    let recorded_events: Vec<(Uuid, Option<String>)> = sqlx::query_as(
+        "SELECT aggregate_id, payload->'data'->>'bookingId' FROM outbox WHERE topic = 'settlement.recorded'",
     )
+    .fetch_all(pool)
     .await?;
-    let recorded_distinct = scalar(
-        pool,
-        "SELECT count(DISTINCT payload->'data'->>'bookingId') FROM outbox WHERE topic = 'settlement.recorded'",
-    )
-    .await?;
-    let confirmed_events = scalar(
-        pool,
-        "SELECT count(*) FROM outbox WHERE topic = 'booking.confirmed'",
-    )
-    .await?;
-    let n_found = found.len() as i64;
+    let confirmed_events: Vec<(Uuid,)> =
+        sqlx::query_as("SELECT aggregate_id FROM outbox WHERE topic = 'booking.confirmed'")
+            .fetch_all(pool)
+            .await?;
+    let mut recorded_per_settlement: HashMap<Uuid, u64> = HashMap::new();
+    let mut recorded_bookings: HashSet<Uuid> = HashSet::new();
+    let mut event_problems: Vec<String> = Vec::new();
+    for (settlement, booking) in &recorded_events {
+        *recorded_per_settlement.entry(*settlement).or_default() += 1;
+        let booking = booking.as_deref().and_then(|b| Uuid::parse_str(b).ok());
+        if let Some(b) = booking {
+            recorded_bookings.insert(b);
+        }
+        match settlement_of.get(settlement) {
+            None => event_problems.push(format!(
+                "settlement.recorded for unknown settlement {settlement}"
+            )),
+            Some(b) if Some(*b) != booking => event_problems.push(format!(
+                "settlement.recorded of {settlement} names booking {booking:?}, not {b}"
+            )),
+            Some(_) => {}
+        }
+    }
+    for (id, booking) in &settled {
+        match recorded_per_settlement.get(id).copied().unwrap_or(0) {
+            1 => {}
+            n => event_problems.push(format!(
+                "settlement {id} (booking {booking}): {n} settlement.recorded events"
+            )),
+        }
+    }
+    let mut confirmed_per_booking: HashMap<Uuid, u64> = HashMap::new();
+    for (b,) in &confirmed_events {
+        *confirmed_per_booking.entry(*b).or_default() += 1;
+    }
+    for b in &settled_bookings {
+        match confirmed_per_booking.get(b).copied().unwrap_or(0) {
+            1 => {}
+            n => event_problems.push(format!("settled booking {b}: {n} booking.confirmed events")),
+        }
+    }
+    for b in confirmed_per_booking.keys() {
+        if !settled_bookings.contains(b) {
+            event_problems.push(format!("booking.confirmed for unsettled booking {b}"));
+        }
+    }
+    let n_found = found.len();
     checks.push(check(
         "settlements = approved-and-allowed payments, one event each",
         missing.is_empty()
             && extra.is_empty()
             && found.len() == found_set.len()
-            && recorded == n_found
-            && confirmed_events == n_found,
+            && recorded_bookings.len() == n_found
+            && recorded_events.len() == n_found
+            && confirmed_events.len() == n_found
+            && event_problems.is_empty(),
         format!(
-            "expected {}, found {} ({} missing [{}], {} unexpected [{}]); settlement.recorded events {recorded} ({recorded_distinct} distinct bookings), booking.confirmed events {confirmed_events}",
+            "expected {}, found {n_found} ({} missing [{}], {} unexpected [{}]); settlement.recorded events {} for {} distinct bookings; booking.confirmed events {} for {} distinct bookings; {} event problems [{}]",
             expected.len(),
-            found.len(),
             missing.len(),
             sample(&missing),
             extra.len(),
-            sample(&extra)
+            sample(&extra),
+            recorded_events.len(),
+            recorded_bookings.len(),
+            confirmed_events.len(),
+            confirmed_per_booking.len(),
+            event_problems.len(),
+            sample(&event_problems)
         ),
     ));
 
-    // ---- 6. outbox: every event published, none dead; inbox without duplicates
-    let events = scalar(pool, "SELECT count(*) FROM outbox").await?;
-    let unpublished = scalar(
-        pool,
-        "SELECT count(*) FROM outbox WHERE published_at IS NULL",
+    // ---- 6. the broker's side: every event carried (a chaos-owned queue
+    // bound with `#` saw it), first copies in commit order per aggregate;
+    // the settlement consumer applied exactly its events
+    let outbox_rows: Vec<(Uuid, i64, Uuid, String, bool, bool)> = sqlx::query_as(
+        "SELECT id, seq, aggregate_id, topic, published_at IS NOT NULL, dead_at IS NOT NULL
+           FROM outbox ORDER BY seq",
     )
+    .fetch_all(pool)
     .await?;
-    let dead = scalar(
-        pool,
-        "SELECT count(*) FROM outbox WHERE dead_at IS NOT NULL",
-    )
-    .await?;
+    let events = outbox_rows.len() as i64;
+    let dead = outbox_rows.iter().filter(|r| r.5).count();
+    let unpublished = outbox_rows.iter().filter(|r| !r.4 && !r.5).count();
+    let outbox_ids: HashSet<String> = outbox_rows.iter().map(|r| r.0.to_string()).collect();
+    let mut tap_figures = TapFigures::default();
+    match inp.tap {
+        Ok(tap) => {
+            let never_seen: Vec<String> = outbox_rows
+                .iter()
+                .map(|r| r.0.to_string())
+                .filter(|id| !tap.copies.contains_key(id))
+                .collect();
+            let unknown: Vec<&String> = tap
+                .copies
+                .keys()
+                .filter(|id| !outbox_ids.contains(*id))
+                .collect();
+            let mut duplicated: Vec<String> = tap
+                .copies
+                .iter()
+                .filter(|(_, n)| **n > 1)
+                .map(|(id, n)| format!("{id} x{n}"))
+                .collect();
+            duplicated.sort();
+            tap_figures = TapFigures {
+                messages: tap.messages,
+                distinct: tap.copies.len() as u64,
+                ids_duplicated: duplicated.len() as u64,
+                extra_copies: tap.copies.values().map(|n| n.saturating_sub(1)).sum(),
+                never_seen: never_seen.len() as u64,
+                out_of_order: 0,
+            };
+            let unknown: Vec<String> = unknown.into_iter().cloned().collect();
+            checks.push(check(
+                "broker: every outbox event published at least once, none dead",
+                never_seen.is_empty()
+                    && unknown.is_empty()
+                    && tap.without_id == 0
+                    && dead == 0
+                    && unpublished == 0,
+                format!(
+                    "{events} outbox rows; the chaos tap queue got {} messages, {} distinct ids; {} rows never on the broker [{}]; {} ids published more than once ({} extra copies, allowed: at least once) [{}]; {} ids not in the outbox [{}]; {} messages without message_id; outbox: {dead} dead, {unpublished} not marked published",
+                    tap.messages,
+                    tap.copies.len(),
+                    never_seen.len(),
+                    sample(&never_seen),
+                    duplicated.len(),
+                    tap_figures.extra_copies,
+                    sample(&duplicated),
+                    unknown.len(),
+                    sample(&unknown),
+                    tap.without_id
+                ),
+            ));
+            let order =
+                first_arrival_order(outbox_rows.iter().map(|r| (r.0, r.1, r.2)), &tap.first_at);
+            let OrderFindings {
+                aggregates,
+                with_several,
+                mut out_of_order,
+            } = order;
+            out_of_order.sort();
+            tap_figures.out_of_order = out_of_order.len() as u64;
+            checks.push(check(
+                "broker: each aggregate's events first published in commit order",
+                out_of_order.is_empty(),
+                format!(
+                    "{aggregates} aggregates, {with_several} of them with more than one event; {} first copies out of seq order [{}]",
+                    out_of_order.len(),
+                    sample(&out_of_order)
+                ),
+            ));
+        }
+        Err(e) => {
+            checks.push(check(
+                "broker: every outbox event published at least once, none dead",
+                false,
+                format!("the chaos tap queue could not be read: {e}; outbox: {events} rows, {dead} dead, {unpublished} not marked published"),
+            ));
+            checks.push(check(
+                "broker: each aggregate's events first published in commit order",
+                false,
+                format!("the chaos tap queue could not be read: {e}"),
+            ));
+        }
+    }
+    // The settlement queue's bindings, as the fleet declares them.
+    let settlement_bindings: &[&str] = entrip_common::amqp::WORKER_QUEUES
+        .iter()
+        .find(|q| q.name == entrip_common::amqp::SETTLEMENT_QUEUE)
+        .map_or(&[], |q| q.bindings);
+    let for_settlement: HashSet<String> = outbox_rows
+        .iter()
+        .filter(|r| settlement_bindings.iter().any(|p| topic_matches(p, &r.3)))
+        .map(|r| r.0.to_string())
+        .collect();
+    let applied: HashSet<String> =
+        sqlx::query_scalar::<_, String>("SELECT message_id FROM inbox WHERE consumer = $1")
+            .bind(SETTLEMENT_CONSUMER)
+            .fetch_all(pool)
+            .await?
+            .into_iter()
+            .collect();
+    let inbox_by_consumer: Vec<(String, i64)> =
+        sqlx::query_as("SELECT consumer, count(*) FROM inbox GROUP BY consumer ORDER BY consumer")
+            .fetch_all(pool)
+            .await?;
+    let mut not_applied: Vec<&String> = for_settlement.difference(&applied).collect();
+    not_applied.sort();
+    let mut applied_extra: Vec<&String> = applied.difference(&for_settlement).collect();
+    applied_extra.sort();
     checks.push(check(
-        "outbox: every event published, none dead",
-        unpublished == 0 && dead == 0,
-        format!("{events} events, {unpublished} unpublished, {dead} dead"),
-    ));
-    let inbox = scalar(pool, "SELECT count(*) FROM inbox").await?;
-    let inbox_distinct = scalar(
-        pool,
-        "SELECT count(*) FROM (SELECT DISTINCT consumer, message_id FROM inbox) t",
-    )
-    .await?;
-    checks.push(check(
-        "inbox: each message applied once",
-        inbox == inbox_distinct,
-        format!("{inbox} inbox rows, {inbox_distinct} distinct (consumer, message)"),
+        "inbox: the settlement consumer applied exactly the events bound to it",
+        not_applied.is_empty() && applied_extra.is_empty(),
+        format!(
+            "{} events with a topic bound to {} {settlement_bindings:?}; inbox rows of consumer {SETTLEMENT_CONSUMER:?}: {}; {} events not applied [{}]; {} applied that are not such events [{}]; inbox rows by consumer {inbox_by_consumer:?}",
+            for_settlement.len(),
+            entrip_common::amqp::SETTLEMENT_QUEUE,
+            applied.len(),
+            not_applied.len(),
+            sample(&not_applied),
+            applied_extra.len(),
+            sample(&applied_extra)
+        ),
     ));
 
     // ---- 7. webhooks: every (event, subscriber) received, duplicates counted
@@ -512,34 +682,50 @@ pub async fn run_checks(
         ),
     ));
     // A second copy is expected only when the worker lost its record of the
-    // 2xx: killed, or its database connection terminated, right after the
-    // first copy arrived (the POST takes at most the 2 s webhook timeout).
-    let unexplained: Vec<String> = seen
-        .counts
+    // 2xx (see `explain_duplicate`); every other one is a finding.
+    let mut explained_by: BTreeMap<&'static str, u64> = BTreeMap::new();
+    let mut unexplained: Vec<String> = Vec::new();
+    let mut dup_pairs: Vec<(&(String, String), &u64)> =
+        seen.counts.iter().filter(|(_, n)| **n > 1).collect();
+    dup_pairs.sort();
+    for (key, n) in dup_pairs {
+        let why = seen.first_seen.get(key).and_then(|first| {
+            explain_duplicate(
+                *first,
+                seen.first_copy.get(key),
+                inp.hits,
+                inp.webhook_timeout,
+            )
+        });
+        match why {
+            Some(why) => *explained_by.entry(why).or_default() += 1,
+            None => {
+                let (s, id) = key;
+                let how = seen.first_copy.get(key).map_or_else(
+                    || "answer not recorded".to_owned(),
+                    |c| {
+                        format!(
+                            "first 2xx after {:.0} ms, waited ≥ {:.0} ms{}",
+                            c.handling.as_secs_f64() * 1000.0,
+                            c.waited_at_least.as_secs_f64() * 1000.0,
+                            if c.client_gone { ", client gone" } else { "" }
+                        )
+                    },
+                );
+                unexplained.push(format!("{s}:{id} x{n} ({how})"));
+            }
+        }
+    }
+    let amqp_closes = inp
+        .hits
         .iter()
-        .filter(|(_, n)| **n > 1)
-        .filter(|(k, _)| {
-            let Some(first) = seen.first_seen.get(*k) else {
-                return true;
-            };
-            !inp.worker_hits.iter().any(|hit| {
-                let (a, b) = (*first, *hit);
-                let gap = if b >= a { b - a } else { a - b };
-                (b >= a && gap <= Duration::from_secs(3))
-                    || (b < a && gap <= Duration::from_millis(2500))
-            })
-        })
-        .map(|((s, id), n)| format!("{s}:{id} x{n}"))
-        .collect();
-    // A worker whose webhook timeout fires after the receiver accepted (a
-    // starved machine) also sends a second copy, indistinguishable from
-    // here: a few are tolerated, a pattern is not.
-    let tolerated = (want.len() / 100).max(3);
+        .filter(|h| h.kind == HitKind::AmqpClose)
+        .count();
     checks.push(check(
         "duplicate webhooks only where a worker lost its record",
-        unexplained.len() <= tolerated,
+        unexplained.is_empty(),
         format!(
-            "{duplicates} duplicate copies over {pairs_with_dup} pairs; {} without a workers SIGKILL or terminated connection at that moment (at most {tolerated} tolerated: a webhook timeout after the receiver's 2xx looks the same) [{}]",
+            "{duplicates} duplicate copies over {pairs_with_dup} pairs; explained by {explained_by:?}; {} unexplained [{}] (none tolerated; {amqp_closes} AMQP connection closes explain none: the handlers finish and commit before the consumer reconnects, and a redelivery finds the pair DELIVERED)",
             unexplained.len(),
             sample(&unexplained)
         ),
@@ -668,11 +854,252 @@ pub async fn run_checks(
     put("webhooks expected (event, subscriber)", want.len() as u64);
     put("webhooks received (deliveries)", received);
     put("webhooks duplicate copies", duplicates);
+    for (why, n) in &explained_by {
+        put(&format!("webhook duplicates explained: {why}"), *n);
+    }
+    put("webhook duplicates unexplained", unexplained.len() as u64);
     put(
-        "webhook duplicates not at a worker kill or terminated connection",
-        unexplained.len() as u64,
+        "broker: messages on the chaos tap queue",
+        tap_figures.messages,
+    );
+    put(
+        "broker: distinct events on the tap queue",
+        tap_figures.distinct,
+    );
+    put(
+        "broker: events published more than once",
+        tap_figures.ids_duplicated,
+    );
+    put(
+        "broker: extra copies of events (at least once)",
+        tap_figures.extra_copies,
+    );
+    put(
+        "broker: outbox events never published",
+        tap_figures.never_seen,
+    );
+    put(
+        "broker: first copies out of commit order",
+        tap_figures.out_of_order,
+    );
+    put(
+        "inbox rows of the settlement consumer",
+        applied.len() as u64,
     );
     put("webhook answers 500 (fault window)", seen.answered_500);
     put("webhook requests held (hang window)", seen.hung);
     Ok(checks)
+}
+
+/// The per-aggregate order of first arrivals on the tap queue.
+#[derive(Debug, Default)]
+struct OrderFindings {
+    /// Aggregates with at least one event seen on the broker.
+    aggregates: usize,
+    /// Of them, those with more than one.
+    with_several: usize,
+    /// Adjacent events (by `seq`) of one aggregate whose first copies
+    /// arrived the other way round.
+    out_of_order: Vec<String>,
+}
+
+/// Checks that, for each aggregate, the first copies of its events arrived
+/// in `seq` order. `rows` are (id, seq, aggregate) in any order; `first_at`
+/// the queue position of each id's first copy. A later copy (a republish
+/// after a lost confirm or mark) may come after anything: only first
+/// arrivals are compared. Events never seen are left out (the "published
+/// at least once" check names them).
+fn first_arrival_order(
+    rows: impl Iterator<Item = (Uuid, i64, Uuid)>,
+    first_at: &HashMap<String, usize>,
+) -> OrderFindings {
+    let mut by_aggregate: HashMap<Uuid, Vec<(i64, usize)>> = HashMap::new();
+    for (id, seq, aggregate) in rows {
+        if let Some(at) = first_at.get(&id.to_string()) {
+            by_aggregate.entry(aggregate).or_default().push((seq, *at));
+        }
+    }
+    let mut out_of_order = Vec::new();
+    for (aggregate, events) in &mut by_aggregate {
+        events.sort_unstable();
+        // Any inversion shows in some adjacent pair.
+        for pair in events.windows(2) {
+            let ((seq_a, at_a), (seq_b, at_b)) = (pair[0], pair[1]);
+            if at_b < at_a {
+                out_of_order.push(format!(
+                    "{aggregate}: seq {seq_b} (position {at_b}) before seq {seq_a} (position {at_a})"
+                ));
+            }
+        }
+    }
+    OrderFindings {
+        aggregates: by_aggregate.len(),
+        with_several: by_aggregate.values().filter(|e| e.len() > 1).count(),
+        out_of_order,
+    }
+}
+
+/// What the tap queue showed, for the totals.
+#[derive(Debug, Default)]
+struct TapFigures {
+    messages: u64,
+    distinct: u64,
+    ids_duplicated: u64,
+    extra_copies: u64,
+    never_seen: u64,
+    out_of_order: u64,
+}
+
+/// How long after the first copy's arrival the worker may still lose its
+/// record of the 2xx: the POST takes at most the webhook timeout, the
+/// record and commit follow at once; 0.5 s for a slow machine.
+fn record_window(webhook_timeout: Duration) -> Duration {
+    webhook_timeout + Duration::from_millis(500)
+}
+
+/// How close to the webhook timeout the first copy's answer must have come
+/// for the worker's timer to have fired before it read the 2xx.
+const TIMEOUT_MARGIN: Duration = Duration::from_millis(100);
+
+/// Why a webhook whose first copy arrived at `first` was sent again, if a
+/// recorded fault or the first answer explains it:
+///
+/// - a SIGKILL of the workers at `k`, with `first` in `[k − (timeout +
+///   0.5 s), k]`: killed between the 2xx and the commit of its record;
+/// - backends terminated, or a database outage (its backends terminated),
+///   over `[from, to]`, with `first` in `[from − (timeout + 0.5 s), to +
+///   0.5 s]`: the transaction holding the pair's row lock died before its
+///   commit (the request may have been on its way when it did);
+/// - the worker's webhook timeout: the first copy's connection dropped before
+///   its 2xx was written, or the copy waited and was handled for at least the
+///   timeout (less `TIMEOUT_MARGIN`) — the worker recorded a failure and
+///   retried.
+///
+/// An AMQP connection close explains none: the consumer lets its handlers
+/// finish (their commits stand, only the acks fail) before it reconnects,
+/// and the redelivery finds the pair DELIVERED under its row lock.
+pub fn explain_duplicate(
+    first: Instant,
+    first_copy: Option<&crate::receiver::FirstCopy>,
+    hits: &[Hit],
+    webhook_timeout: Duration,
+) -> Option<&'static str> {
+    let window = record_window(webhook_timeout);
+    let slack = Duration::from_millis(500);
+    let within = |from: Instant, to: Instant, before: Duration, after: Duration| {
+        first + before >= from && first <= to + after
+    };
+    let mut kinds: Vec<&Hit> = hits
+        .iter()
+        .filter(|h| match h.kind {
+            HitKind::WorkersKill => within(h.from, h.to, window, Duration::ZERO),
+            HitKind::BackendsTerminated | HitKind::DatabaseOutage => {
+                within(h.from, h.to, window, slack)
+            }
+            HitKind::AmqpClose => false,
+        })
+        .collect();
+    kinds.sort_by_key(|h| h.kind);
+    if let Some(h) = kinds.first() {
+        return Some(h.kind.label());
+    }
+    if first_copy.is_some_and(|c| c.timed_out(webhook_timeout, TIMEOUT_MARGIN)) {
+        return Some("webhook timeout before the 2xx was read");
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::receiver::FirstCopy;
+
+    fn at(base: Instant, ms: i64) -> Instant {
+        if ms >= 0 {
+            base + Duration::from_millis(ms.unsigned_abs())
+        } else {
+            base - Duration::from_millis(ms.unsigned_abs())
+        }
+    }
+
+    #[test]
+    fn first_arrivals_compared_per_aggregate() {
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        let ids: Vec<Uuid> = (0..5).map(|_| Uuid::new_v4()).collect();
+        // a: seq 1, 3, 5; b: seq 2, 4.
+        let rows = [
+            (ids[0], 1, a),
+            (ids[1], 2, b),
+            (ids[2], 3, a),
+            (ids[3], 4, b),
+            (ids[4], 5, a),
+        ];
+        let positions = |p: [usize; 5]| -> HashMap<String, usize> {
+            ids.iter().map(ToString::to_string).zip(p).collect()
+        };
+        // Interleaved across aggregates but in order within each: fine.
+        let ok = first_arrival_order(rows.iter().copied(), &positions([3, 0, 4, 1, 9]));
+        assert_eq!((ok.aggregates, ok.with_several), (2, 2));
+        assert!(ok.out_of_order.is_empty(), "{:?}", ok.out_of_order);
+        // a's seq 5 first arrived before its seq 3.
+        let bad = first_arrival_order(rows.iter().copied(), &positions([0, 1, 6, 3, 5]));
+        assert_eq!(bad.out_of_order.len(), 1, "{:?}", bad.out_of_order);
+        assert!(bad.out_of_order[0].contains("seq 5"));
+        // An event never seen is left out.
+        let mut seen = positions([0, 1, 6, 3, 5]);
+        seen.remove(&ids[4].to_string());
+        assert!(
+            first_arrival_order(rows.iter().copied(), &seen)
+                .out_of_order
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn duplicate_windows_per_fault_kind() {
+        let base = Instant::now() + Duration::from_secs(60);
+        let t = Duration::from_secs(2);
+        let kill = |ms| Hit {
+            kind: HitKind::WorkersKill,
+            from: at(base, ms),
+            to: at(base, ms),
+        };
+        let term = |from, to| Hit {
+            kind: HitKind::BackendsTerminated,
+            from: at(base, from),
+            to: at(base, to),
+        };
+        let close = Hit {
+            kind: HitKind::AmqpClose,
+            from: base,
+            to: base,
+        };
+        let why = |first_ms, hits: &[Hit]| explain_duplicate(at(base, first_ms), None, hits, t);
+        // SIGKILL: the first copy at most 2.5 s before, never after.
+        assert_eq!(why(-2500, &[kill(0)]), Some("workers SIGKILL"));
+        assert_eq!(why(0, &[kill(0)]), Some("workers SIGKILL"));
+        assert_eq!(why(-2501, &[kill(0)]), None);
+        assert_eq!(why(1, &[kill(0)]), None);
+        // Terminated backends over [0, 20 ms]: 2.5 s before to 0.5 s after.
+        assert_eq!(why(-2500, &[term(0, 20)]), Some("backends terminated"));
+        assert_eq!(why(520, &[term(0, 20)]), Some("backends terminated"));
+        assert_eq!(why(521, &[term(0, 20)]), None);
+        assert_eq!(why(-2501, &[term(0, 20)]), None);
+        // An AMQP close explains nothing.
+        assert_eq!(why(0, &[close]), None);
+        // A timeout, only with the receiver's evidence.
+        let slow = FirstCopy {
+            handling: Duration::from_millis(1950),
+            ..FirstCopy::default()
+        };
+        assert_eq!(
+            explain_duplicate(base, Some(&slow), &[], t),
+            Some("webhook timeout before the 2xx was read")
+        );
+        let quick = FirstCopy {
+            handling: Duration::from_millis(5),
+            ..FirstCopy::default()
+        };
+        assert_eq!(explain_duplicate(base, Some(&quick), &[close], t), None);
+    }
 }

@@ -4,13 +4,16 @@
 //! terminates the database's PostgreSQL backends, opens 500 and hang windows
 //! on the webhook receiver and, only when asked (never in tests, it is
 //! broker-wide), stops and starts the RabbitMQ application. Every injected
-//! fault is counted.
+//! fault is counted, and the moments a fault could make the workers lose
+//! their record of a webhook's 2xx are kept as [`Hit`]s. A service that exits
+//! by itself is noted and restarted alone; a stopped broker application is
+//! started again if the injector is dropped (Ctrl-C, panic) while it is down.
 
 use std::{
     collections::BTreeMap,
     str::FromStr,
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use sqlx::{Connection, postgres::PgConnectOptions};
@@ -37,15 +40,48 @@ pub struct FaultSettings {
     pub webhook_timeout: Duration,
 }
 
+/// A fault that may reach the workers' work in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum HitKind {
+    /// SIGKILL of the workers process.
+    WorkersKill,
+    /// `pg_terminate_backend` of every backend of the database.
+    BackendsTerminated,
+    /// The database refusing connections (its backends terminated first).
+    DatabaseOutage,
+    /// `rabbitmqctl close_all_connections` on the vhost.
+    AmqpClose,
+}
+
+impl HitKind {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::WorkersKill => "workers SIGKILL",
+            Self::BackendsTerminated => "backends terminated",
+            Self::DatabaseOutage => "database outage",
+            Self::AmqpClose => "AMQP connections closed",
+        }
+    }
+}
+
+/// When a fault struck: between `from` and `to` (the moments before and
+/// after the action; equal for a SIGKILL, taken once the process is reaped).
+#[derive(Debug, Clone, Copy)]
+pub struct Hit {
+    pub kind: HitKind,
+    pub from: Instant,
+    pub to: Instant,
+}
+
 /// Injected faults by kind, plus what went wrong injecting them.
 #[derive(Debug, Default, Clone)]
 pub struct FaultLog {
     pub counts: BTreeMap<String, u64>,
     /// Backends `pg_terminate_backend` ended, in all.
     pub backends_terminated: u64,
-    /// When a fault hit the workers' work in flight (SIGKILL of the workers,
-    /// backends terminated): the moments a webhook may be sent twice.
-    pub worker_hits: Vec<std::time::Instant>,
+    /// Faults that may reach the workers' work in flight, for matching
+    /// duplicate webhooks against.
+    pub hits: Vec<Hit>,
     pub errors: Vec<String>,
 }
 
@@ -57,6 +93,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 fn count(log: &Shared<FaultLog>, kind: &str) {
     *lock(log).counts.entry(kind.to_owned()).or_default() += 1;
+}
+
+fn hit(log: &Shared<FaultLog>, kind: HitKind, from: Instant, to: Instant) {
+    lock(log).hits.push(Hit { kind, from, to });
 }
 
 fn error(log: &Shared<FaultLog>, what: String) {
@@ -104,11 +144,13 @@ pub async fn terminate_backends(database_url: &str, database: &str) -> Result<i6
 
 /// Makes the database refuse every connection for `d` (existing backends
 /// terminated, `ALLOW_CONNECTIONS false`), then allows them again. Run from
-/// the maintenance database `postgres`. Returns the backends terminated.
+/// the maintenance database `postgres`. `terminated_at` is told the moments
+/// before and after the backends were terminated. Returns how many were.
 pub async fn database_outage(
     database_url: &str,
     database: &str,
     d: Duration,
+    terminated_at: impl FnOnce(Instant, Instant),
 ) -> Result<i64, Error> {
     let opts = PgConnectOptions::from_str(database_url)?
         .database("postgres")
@@ -120,6 +162,7 @@ pub async fn database_outage(
     sqlx::raw_sql(sqlx::AssertSqlSafe(deny))
         .execute(&mut conn)
         .await?;
+    let before = Instant::now();
     let terminated: Result<i64, sqlx::Error> = sqlx::query_scalar(
         "SELECT count(*) FROM (
              SELECT pg_terminate_backend(pid) FROM pg_stat_activity
@@ -128,6 +171,7 @@ pub async fn database_outage(
     .bind(database)
     .fetch_one(&mut conn)
     .await;
+    terminated_at(before, Instant::now());
     tokio::time::sleep(d).await;
     // Allow connections again whatever happened above; retried, since the
     // database must not stay closed.
@@ -157,12 +201,41 @@ pub async fn database_outage(
     Ok(terminated?)
 }
 
+/// Runs `rabbitmqctl start_app` (idempotent) when dropped while armed: a
+/// Ctrl-C (the runtime drops the injector's task) or a panic between
+/// `stop_app` and `start_app` must not leave the broker stopped.
+struct StartAppGuard {
+    armed: bool,
+}
+
+impl Drop for StartAppGuard {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        eprintln!("chaos: the broker application was left stopped; rabbitmqctl start_app");
+        match std::process::Command::new("rabbitmqctl")
+            .arg("start_app")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+        {
+            Ok(status) if status.success() => {}
+            Ok(status) => eprintln!("chaos: rabbitmqctl start_app: {status}"),
+            Err(e) => eprintln!("chaos: cannot run rabbitmqctl start_app: {e}"),
+        }
+    }
+}
+
 /// Stops the broker's application, waits, starts it and waits for it.
 async fn broker_restart(log: &Shared<FaultLog>, down: Duration) {
     tracing::warn!(
         "fault: rabbitmqctl stop_app (broker-wide), {:.1} s down",
         down.as_secs_f64()
     );
+    // Armed before stop_app: if that call is interrupted, the broker may be
+    // stopping already.
+    let mut guard = StartAppGuard { armed: true };
     if let Err(e) = rabbitmqctl(&["stop_app"]).await {
         error(log, e);
     } else {
@@ -171,7 +244,10 @@ async fn broker_restart(log: &Shared<FaultLog>, down: Duration) {
     tokio::time::sleep(down).await;
     for attempt in 0..5 {
         match rabbitmqctl(&["start_app"]).await {
-            Ok(_) => break,
+            Ok(_) => {
+                guard.armed = false;
+                break;
+            }
             Err(e) => {
                 error(log, format!("start_app attempt {attempt}: {e}"));
                 tokio::time::sleep(Duration::from_secs(2)).await;
@@ -192,21 +268,23 @@ fn kill_and_restart(
     down: Duration,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
-        let name = {
+        let (name, binary) = {
             let mut f = lock(&fleet);
             if !f.kill(slot) {
                 return;
             }
-            f.services[slot].name.clone()
+            (f.services[slot].name.clone(), f.services[slot].binary)
         };
+        if slot == fleet::WORKERS {
+            // Taken once the process is reaped: it is dead by then.
+            let at = Instant::now();
+            hit(&log, HitKind::WorkersKill, at, at);
+        }
         tracing::warn!(
             "fault: SIGKILL {name}, restart in {:.1} s",
             down.as_secs_f64()
         );
-        count(
-            &log,
-            &format!("SIGKILL {}", lock(&fleet).services[slot].binary),
-        );
+        count(&log, &format!("SIGKILL {binary}"));
         tokio::time::sleep(down).await;
         if let Err(e) = lock(&fleet).start(slot) {
             error(&log, format!("restarting {name}: {e}"));
@@ -245,15 +323,14 @@ pub async fn run(
         if *stop.borrow() {
             break;
         }
-        // A service that died by itself is noted (a finding) and restarted.
+        // A service that died by itself is noted (a finding) and restarted,
+        // alone: the slots the injector killed stay down for their planned
+        // time (their own task restarts them).
         {
             let mut f = lock(&fleet);
-            let exited = f.reap_exited();
-            if !exited.is_empty() {
-                for slot in 0..f.services.len() {
-                    if let Err(e) = f.start(slot) {
-                        error(&log, format!("restarting after an exit: {e}"));
-                    }
+            for slot in f.reap_exited() {
+                if let Err(e) = f.start(slot) {
+                    error(&log, format!("restarting after an exit: {e}"));
                 }
             }
         }
@@ -276,9 +353,11 @@ pub async fn run(
         match kind {
             0 => {
                 let reason = format!("chaos: closing connections after {:?}", started.elapsed());
+                let from = Instant::now();
                 match rabbitmqctl(&["close_all_connections", "-p", &settings.vhost, &reason]).await
                 {
                     Ok(out) => {
+                        hit(&log, HitKind::AmqpClose, from, Instant::now());
                         tracing::warn!("fault: {}", out.trim().replace('\n', " "));
                         count(&log, "AMQP connections closed (vhost)");
                     }
@@ -305,23 +384,27 @@ pub async fn run(
                     down,
                 ));
             }
-            3 => match terminate_backends(&settings.database_url, &settings.database).await {
-                Ok(n) => {
-                    lock(&log).worker_hits.push(std::time::Instant::now());
-                    tracing::warn!("fault: pg_terminate_backend ended {n} backends");
-                    count(&log, "pg_terminate_backend rounds");
-                    lock(&log).backends_terminated += n.max(0) as u64;
+            3 => {
+                let from = Instant::now();
+                match terminate_backends(&settings.database_url, &settings.database).await {
+                    Ok(n) => {
+                        hit(&log, HitKind::BackendsTerminated, from, Instant::now());
+                        tracing::warn!("fault: pg_terminate_backend ended {n} backends");
+                        count(&log, "pg_terminate_backend rounds");
+                        lock(&log).backends_terminated += n.max(0) as u64;
+                    }
+                    Err(e) => error(&log, format!("pg_terminate_backend: {e}")),
                 }
-                Err(e) => error(&log, format!("pg_terminate_backend: {e}")),
-            },
+            }
             6 => {
                 let d = rng.between(Duration::from_millis(500), Duration::from_millis(2500));
                 tracing::warn!(
                     "fault: PostgreSQL refuses connections to the database for {:.1} s",
                     d.as_secs_f64()
                 );
-                lock(&log).worker_hits.push(std::time::Instant::now());
-                match database_outage(&settings.database_url, &settings.database, d).await {
+                let outage_log = log.clone();
+                let mark = move |from, to| hit(&outage_log, HitKind::DatabaseOutage, from, to);
+                match database_outage(&settings.database_url, &settings.database, d, mark).await {
                     Ok(n) => {
                         count(&log, "PostgreSQL outage windows (connections refused)");
                         lock(&log).backends_terminated += n.max(0) as u64;

@@ -2,10 +2,18 @@
 //! binaries as child processes of this one, each with its own listen port and
 //! log file. The fault injector kills and restarts them through this type;
 //! dropping it kills every child, also on an error or a panic.
+//!
+//! Ports are picked by binding port 0 and releasing it, so another process
+//! (a parallel test) may take one before the child binds it. Dispatchers and
+//! workers therefore get a fresh port at every start, and a service that
+//! exits because its port is taken ("Address already in use" in its log
+//! since that start) is started again on a fresh port instead of being
+//! counted as an exit of its own. Ingest keeps its port across restarts
+//! (the load client was given its URL; the injector never kills it).
 
 use std::{
     fs::OpenOptions,
-    io::Write as _,
+    io::{Read as _, Seek as _, SeekFrom, Write as _},
     net::TcpListener,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -83,6 +91,21 @@ pub struct Service {
     pub log_path: PathBuf,
     child: Option<Child>,
     pub starts: u32,
+    /// Length of the log file when the running process was started: what it
+    /// wrote since is read to tell a bind failure.
+    log_offset: u64,
+    /// Restarts on a fresh port after a bind failure.
+    pub bind_retries: u32,
+}
+
+/// How many times a slot is restarted on a fresh port after a bind failure
+/// before such an exit counts as its own.
+const MAX_BIND_RETRIES: u32 = 5;
+
+/// Whether a service's log (since its start) shows that it could not bind
+/// its listen port because another process had it.
+pub fn is_bind_failure(log: &str) -> bool {
+    log.contains("Address already in use") || log.contains("os error 98")
 }
 
 impl Service {
@@ -137,6 +160,8 @@ impl Fleet {
                 log_path: cfg.log_dir.join(format!("{name}.log")),
                 child: None,
                 starts: 0,
+                log_offset: 0,
+                bind_retries: 0,
             });
         }
         Ok(Self {
@@ -166,15 +191,21 @@ impl Fleet {
     }
 
     /// Starts the slot's process unless it runs; output appends to its log.
+    /// Dispatchers and workers get a fresh port at every start (see the
+    /// module documentation).
     pub fn start(&mut self, slot: usize) -> Result<(), Error> {
         if self.services[slot].child.is_some() {
             return Ok(());
+        }
+        if slot != INGEST && self.services[slot].starts > 0 {
+            self.services[slot].port = free_port()?;
         }
         let svc = &self.services[slot];
         let mut log = OpenOptions::new()
             .create(true)
             .append(true)
             .open(&svc.log_path)?;
+        let log_offset = log.metadata()?.len();
         writeln!(
             log,
             "==== chaos: start #{} of {} at {} ====",
@@ -198,6 +229,7 @@ impl Fleet {
         let svc = &mut self.services[slot];
         svc.child = Some(child);
         svc.starts += 1;
+        svc.log_offset = log_offset;
         Ok(())
     }
 
@@ -220,24 +252,60 @@ impl Fleet {
         true
     }
 
-    /// Notes (and forgets) processes that exited on their own.
-    pub fn reap_exited(&mut self) -> Vec<String> {
-        let mut exited = Vec::new();
-        for svc in &mut self.services {
-            if let Some(child) = svc.child.as_mut()
-                && let Ok(Some(status)) = child.try_wait()
-            {
-                let what = format!(
-                    "{} exited by itself ({status}) at {}",
-                    svc.name,
-                    chrono::Utc::now().to_rfc3339()
-                );
-                tracing::warn!("{what}");
-                exited.push(what);
-                svc.child = None;
-            }
+    /// The slot's log since its last start.
+    fn log_since_start(&self, slot: usize) -> String {
+        let svc = &self.services[slot];
+        let mut text = String::new();
+        if let Ok(mut f) = std::fs::File::open(&svc.log_path)
+            && f.seek(SeekFrom::Start(svc.log_offset)).is_ok()
+        {
+            let _ = f.read_to_string(&mut text);
         }
-        self.unexpected_exits.extend(exited.iter().cloned());
+        text
+    }
+
+    /// Notes (and forgets) processes that exited on their own and returns
+    /// their slots. A process that exited because its listen port was taken
+    /// meanwhile is started again at once on a fresh port, and not counted
+    /// (at most `MAX_BIND_RETRIES` times per slot).
+    pub fn reap_exited(&mut self) -> Vec<usize> {
+        let mut exited = Vec::new();
+        for slot in 0..self.services.len() {
+            let status = match self.services[slot].child.as_mut().map(Child::try_wait) {
+                Some(Ok(Some(status))) => status,
+                _ => continue,
+            };
+            self.services[slot].child = None;
+            let name = self.services[slot].name.clone();
+            if self.services[slot].bind_retries < MAX_BIND_RETRIES
+                && is_bind_failure(&self.log_since_start(slot))
+            {
+                let old = self.services[slot].port;
+                self.services[slot].bind_retries += 1;
+                // `start` picks a fresh port for every slot but ingest.
+                let fresh = if slot == INGEST { free_port() } else { Ok(old) };
+                match fresh.and_then(|port| {
+                    self.services[slot].port = port;
+                    self.start(slot)
+                }) {
+                    Ok(()) => {
+                        tracing::warn!(
+                            "{name} could not bind port {old} (taken meanwhile); started again on port {}",
+                            self.services[slot].port
+                        );
+                        continue;
+                    }
+                    Err(e) => tracing::warn!("restarting {name} on a fresh port: {e}"),
+                }
+            }
+            let what = format!(
+                "{name} exited by itself ({status}) at {}",
+                chrono::Utc::now().to_rfc3339()
+            );
+            tracing::warn!("{what}");
+            self.unexpected_exits.push(what);
+            exited.push(slot);
+        }
         exited
     }
 
@@ -304,5 +372,65 @@ impl Drop for Fleet {
                 let _ = child.wait();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use super::*;
+
+    #[test]
+    fn a_bind_failure_restarts_on_a_fresh_port_other_exits_count() {
+        let dir = std::env::temp_dir().join(format!(
+            "entrip-chaos-fleet-test-{}",
+            uuid::Uuid::new_v4().simple()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let marker = dir.join("ran-once");
+        // "workers" fails like the services do when their port is taken, on
+        // its first run only; the others exit with another error.
+        let workers = format!(
+            "#!/bin/sh\nif [ ! -e '{m}' ]; then\n  touch '{m}'\n  echo \"Error: cannot listen on $ENTRIP__WORKERS__LISTEN (key workers.listen)\"\n  echo 'Caused by: Address already in use (os error 98)'\n  exit 1\nfi\nexec sleep 30\n",
+            m = marker.display()
+        );
+        let other = "#!/bin/sh\necho 'Error: database: connection refused'\nexit 1\n";
+        for (name, text) in [
+            ("workers", workers.as_str()),
+            ("dispatcher", other),
+            ("ingest", other),
+        ] {
+            let path = dir.join(name);
+            std::fs::write(&path, text).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let mut fleet = Fleet::new(FleetConfig {
+            bin_dir: dir.clone(),
+            database_url: String::new(),
+            amqp_url: String::new(),
+            config_file: dir.join("entrip-chaos.toml"),
+            log_dir: dir.clone(),
+            env: Vec::new(),
+        })
+        .unwrap();
+        fleet.start(WORKERS).unwrap();
+        fleet.start(DISPATCHERS[0]).unwrap();
+        std::thread::sleep(Duration::from_millis(1500));
+        let exited = fleet.reap_exited();
+        assert_eq!(exited, vec![DISPATCHERS[0]], "{:?}", fleet.unexpected_exits);
+        assert_eq!(fleet.unexpected_exits.len(), 1);
+        let w = &fleet.services[WORKERS];
+        assert!(w.is_running(), "workers not started again");
+        assert_eq!((w.bind_retries, w.starts), (1, 2));
+        let log = std::fs::read_to_string(&w.log_path).unwrap();
+        assert!(is_bind_failure(&log), "{log}");
+        // Its second run (sleeping) is not taken for a bind failure again.
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(fleet.reap_exited().is_empty());
+        drop(fleet);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

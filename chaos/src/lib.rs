@@ -1,8 +1,9 @@
 //! The Entrip chaos suite: runs the real fleet (one ingest, two dispatchers,
 //! one workers) against a database and a RabbitMQ vhost, drives journeys
 //! through it while faults are injected, lets it drain, and checks the end
-//! state against what the client was told. [`run`] is the whole driver; the
-//! `chaos` binary and `tests/short.rs` call it.
+//! state against what the client was told and against what the broker
+//! carried (a queue of the suite's own, see [`tap`]). [`run`] is the whole
+//! driver; the `chaos` binary and `tests/short.rs` call it.
 
 pub mod checks;
 pub mod faults;
@@ -11,6 +12,7 @@ pub mod load;
 pub mod receiver;
 pub mod report;
 pub mod rng;
+pub mod tap;
 
 use std::{
     path::PathBuf,
@@ -109,7 +111,10 @@ pub fn database_name(url: &str) -> Result<String, Error> {
 
 /// The webhook timeout the workers get: the receiver's hang windows hold
 /// requests longer than this.
-const WEBHOOK_TIMEOUT: Duration = Duration::from_millis(2000);
+pub const WEBHOOK_TIMEOUT: Duration = Duration::from_millis(2000);
+
+/// The journey rates a run accepts (journeys per second).
+pub const RATE_RANGE: std::ops::RangeInclusive<f64> = 0.1..=10_000.0;
 
 const SUBSCRIBERS: [(&str, &str, &[&str]); 2] = [
     (
@@ -124,39 +129,68 @@ const SUBSCRIBERS: [(&str, &str, &[&str]); 2] = [
     ),
 ];
 
+/// Waits until every service answers its health URL. The URLs are read
+/// again each round: a service restarted on a fresh port after a bind
+/// failure (see [`fleet`]) moves. A service that exits by itself meanwhile
+/// ends the wait at once.
 async fn wait_healthy(fleet: &Mutex<Fleet>, deadline: Duration) -> Result<(), Error> {
-    let urls: Vec<(String, String)> = {
-        let f = fleet.lock().unwrap_or_else(|e| e.into_inner());
-        f.services
-            .iter()
-            .map(|s| (s.name.clone(), s.health_url()))
-            .collect()
-    };
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(2))
         .build()?;
     let until = Instant::now() + deadline;
-    for (name, url) in urls {
-        loop {
-            if let Ok(r) = client.get(&url).send().await
-                && r.status().is_success()
-            {
+    loop {
+        let (urls, down): (Vec<(String, String)>, Vec<String>) = {
+            let mut f = fleet.lock().unwrap_or_else(|e| e.into_inner());
+            f.reap_exited();
+            (
+                f.services
+                    .iter()
+                    .map(|s| (s.name.clone(), s.health_url()))
+                    .collect(),
+                f.services
+                    .iter()
+                    .filter(|s| !s.is_running())
+                    .map(|s| s.name.clone())
+                    .collect(),
+            )
+        };
+        if !down.is_empty() {
+            return Err(Error::Setup(format!(
+                "{} exited by itself before it was healthy",
+                down.join(", ")
+            )));
+        }
+        let mut unhealthy = None;
+        for (name, url) in urls {
+            let ok = matches!(client.get(&url).send().await, Ok(r) if r.status().is_success());
+            if !ok {
+                unhealthy = Some((name, url));
                 break;
             }
-            if Instant::now() > until {
-                return Err(Error::Setup(format!(
-                    "{name} not healthy at {url} within {deadline:?}"
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
         }
+        let Some((name, url)) = unhealthy else {
+            return Ok(());
+        };
+        if Instant::now() > until {
+            return Err(Error::Setup(format!(
+                "{name} not healthy at {url} within {deadline:?}"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    Ok(())
 }
 
 /// Runs the whole suite; `Ok` carries the report whether or not its checks
 /// passed, `Err` means the run itself could not be carried out.
 pub async fn run(opts: Options) -> Result<Report, Error> {
+    if !(opts.rate.is_finite() && RATE_RANGE.contains(&opts.rate)) {
+        return Err(Error::Setup(format!(
+            "rate {} journeys/s out of range: it must be between {} and {}",
+            opts.rate,
+            RATE_RANGE.start(),
+            RATE_RANGE.end()
+        )));
+    }
     let started_at = chrono::Utc::now();
     let t0 = Instant::now();
     let seed = opts.seed.unwrap_or_else(rng::fresh_seed);
@@ -229,6 +263,9 @@ pub async fn run(opts: Options) -> Result<Report, Error> {
             tails,
         }
     };
+
+    // The chaos-owned queue on entrip.events, before any event is published.
+    tap::declare(&opts.amqp_url).await?;
 
     // Migrate once up front, then start the fleet.
     let migrate = fleet
@@ -324,7 +361,12 @@ pub async fn run(opts: Options) -> Result<Report, Error> {
     )
     .await;
     let drain_seconds = drain_start.elapsed().as_secs_f64();
-    tracing::info!(?drained, "drain over after {drain_seconds:.1} s; checking");
+    tracing::info!(
+        ?drained,
+        "drain over after {drain_seconds:.1} s; reading the tap queue"
+    );
+    let tap_log = tap::drain(&opts.amqp_url).await.map_err(|e| e.to_string());
+    tracing::info!("checking");
 
     let integrity = {
         let f = fleet.lock().unwrap_or_else(|e| e.into_inner());
@@ -352,7 +394,9 @@ pub async fn run(opts: Options) -> Result<Report, Error> {
             receiver: &receiver,
             load: &load,
             integrity,
-            worker_hits: &fault_log.worker_hits,
+            hits: &fault_log.hits,
+            webhook_timeout: WEBHOOK_TIMEOUT,
+            tap: tap_log.as_ref(),
         },
         &mut totals,
     )
@@ -363,6 +407,10 @@ pub async fn run(opts: Options) -> Result<Report, Error> {
     let service_exits = {
         let mut f = fleet.lock().unwrap_or_else(|e| e.into_inner());
         f.reap_exited();
+        totals.insert(
+            "services started again on a fresh port (port taken meanwhile)".into(),
+            f.services.iter().map(|s| u64::from(s.bind_retries)).sum(),
+        );
         f.unexpected_exits.clone()
     };
     all_checks.push(Check {

@@ -606,7 +606,12 @@ pub async fn run(
     let users = Arc::new(users);
 
     let started = Instant::now();
-    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / settings.rate.max(0.1)));
+    // `run` accepts rates in `RATE_RANGE` only; whatever the caller, the
+    // period stays positive (a zero period panics).
+    let period = Duration::try_from_secs_f64(1.0 / settings.rate.clamp(0.1, 10_000.0))
+        .unwrap_or(Duration::from_secs(1))
+        .max(Duration::from_micros(100));
+    let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut tasks = Vec::new();
     let mut n = 0u64;

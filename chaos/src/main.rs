@@ -26,8 +26,8 @@ struct Cli {
     /// Seconds of load.
     #[arg(long, default_value_t = 120)]
     seconds: u64,
-    /// Journeys started per second.
-    #[arg(long, default_value_t = 30.0)]
+    /// Journeys started per second (0.1 to 10000).
+    #[arg(long, default_value_t = 30.0, value_parser = parse_rate)]
     rate: f64,
     /// Seed of the random schedule (printed at the start of every run).
     #[arg(long)]
@@ -55,6 +55,23 @@ struct Cli {
     /// Write the report to <prefix>.md and <prefix>.json.
     #[arg(long)]
     report: Option<PathBuf>,
+}
+
+/// A journey rate within `entrip_chaos::RATE_RANGE` (not `inf`, not `NaN`).
+fn parse_rate(text: &str) -> Result<f64, String> {
+    let rate: f64 = text
+        .parse()
+        .map_err(|e| format!("not a number of journeys per second: {e}"))?;
+    let range = entrip_chaos::RATE_RANGE;
+    if rate.is_finite() && range.contains(&rate) {
+        Ok(rate)
+    } else {
+        Err(format!(
+            "must be between {} and {} journeys per second",
+            range.start(),
+            range.end()
+        ))
+    }
 }
 
 #[tokio::main]

@@ -2,19 +2,29 @@
 //! server, each verifying the Standard Webhooks signature with its secret and
 //! recording every accepted (subscriber, webhook-id) with its count. Fault
 //! windows make it answer 500, or hang past the workers' timeout, for a while.
+//!
+//! For the first accepted copy of each pair it also records how its 2xx went
+//! out: the time from the handler's start (request head read) until hyper
+//! took the end of the response body (the whole response is then buffered and
+//! flushed in the same step), whether the connection failed before that (the
+//! client gone, when hyper notices), and a lower bound of how long the request waited before
+//! the handler ran (from the signed `webhook-timestamp`, whole seconds). A
+//! worker whose webhook timeout fired before it read the 2xx sends the event
+//! again; these figures tell when that was the case.
 
 use std::{
     collections::HashMap,
     net::SocketAddr,
     sync::{Arc, Mutex, MutexGuard},
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use axum::{
     Router,
-    body::Bytes,
-    extract::{Path, State},
-    http::{HeaderMap, StatusCode},
+    body::{Body, Bytes},
+    extract::{Path, Request, State},
+    http::StatusCode,
+    response::{IntoResponse, Response},
     routing::post,
 };
 use entrip_common::signing;
@@ -35,22 +45,7 @@ impl Subscriber {
     }
 }
 
-/// AMQP-style topic patterns (`*` one segment, `#` any number), the
-/// subscriber filter syntax of the fleet's configuration.
-pub fn topic_matches(pattern: &str, topic: &str) -> bool {
-    fn go(p: &[&str], t: &[&str]) -> bool {
-        match (p.first(), t.first()) {
-            (None, None) => true,
-            (Some(&"#"), _) => go(&p[1..], t) || (!t.is_empty() && go(p, &t[1..])),
-            (Some(&"*"), Some(_)) => go(&p[1..], &t[1..]),
-            (Some(a), Some(b)) if a == b => go(&p[1..], &t[1..]),
-            _ => false,
-        }
-    }
-    let p: Vec<&str> = pattern.split('.').collect();
-    let t: Vec<&str> = topic.split('.').collect();
-    go(&p, &t)
-}
+pub use entrip_common::amqp::topic_matches;
 
 /// The receiver's behaviour right now.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -60,12 +55,41 @@ enum Mode {
     Hang { until: Instant, hold: Duration },
 }
 
+/// How the first accepted copy of a pair was answered.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct FirstCopy {
+    /// From the handler's start to the end of the 2xx (or to the moment the
+    /// connection was dropped without it).
+    pub handling: Duration,
+    /// The body of the 2xx was dropped before hyper took its end: the
+    /// connection failed first (as far as hyper noticed: a socket the
+    /// client closed may still take the write).
+    pub client_gone: bool,
+    /// At least this long passed between the signing (just before the
+    /// worker sent it) and the handler's start: `now − (webhook-timestamp +
+    /// 1 s)`, zero when negative.
+    pub waited_at_least: Duration,
+}
+
+impl FirstCopy {
+    /// Whether the worker's webhook timeout certainly fired before it could
+    /// read this 2xx: the client went away first, or the request spent at
+    /// least `timeout − margin` between being sent and the 2xx being written.
+    pub fn timed_out(&self, timeout: Duration, margin: Duration) -> bool {
+        self.client_gone || self.waited_at_least + self.handling >= timeout.saturating_sub(margin)
+    }
+}
+
+type Key = (String, String);
+
 #[derive(Debug, Default)]
 struct Seen {
     /// (subscriber, webhook-id) → accepted deliveries.
-    counts: HashMap<(String, String), u64>,
-    /// When each pair was first accepted.
-    first_seen: HashMap<(String, String), Instant>,
+    counts: HashMap<Key, u64>,
+    /// When each pair was first accepted (the handler's start).
+    first_seen: HashMap<Key, Instant>,
+    /// How the first accepted copy was answered (once its answer is done).
+    first_copy: HashMap<Key, FirstCopy>,
     bad_signatures: u64,
     unknown_subscriber: u64,
     answered_500: u64,
@@ -92,8 +116,9 @@ impl Shared {
 /// What the receiver saw, for the checks and the report.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
-    pub counts: HashMap<(String, String), u64>,
-    pub first_seen: HashMap<(String, String), Instant>,
+    pub counts: HashMap<Key, u64>,
+    pub first_seen: HashMap<Key, Instant>,
+    pub first_copy: HashMap<Key, FirstCopy>,
     pub bad_signatures: u64,
     pub unknown_subscriber: u64,
     pub answered_500: u64,
@@ -186,6 +211,7 @@ impl Receiver {
         Snapshot {
             counts: s.counts.clone(),
             first_seen: s.first_seen.clone(),
+            first_copy: s.first_copy.clone(),
             bad_signatures: s.bad_signatures,
             unknown_subscriber: s.unknown_subscriber,
             answered_500: s.answered_500,
@@ -200,33 +226,85 @@ impl Drop for Receiver {
     }
 }
 
+/// Records the first copy's [`FirstCopy`] when the answer's body ends
+/// (hyper took the whole 2xx) or is dropped before (the connection is gone).
+struct AnswerWatch {
+    shared: Arc<Shared>,
+    key: Key,
+    started: Instant,
+    waited_at_least: Duration,
+    written: bool,
+}
+
+impl Drop for AnswerWatch {
+    fn drop(&mut self) {
+        let first = FirstCopy {
+            handling: self.started.elapsed(),
+            client_gone: !self.written,
+            waited_at_least: self.waited_at_least,
+        };
+        self.shared
+            .seen()
+            .first_copy
+            .entry(self.key.clone())
+            .or_insert(first);
+    }
+}
+
+/// A 200 whose body (`ok`, chunked) tells `watch` when hyper has taken all of
+/// it: polled for the frame after the last one.
+fn watched_ok(watch: Option<AnswerWatch>) -> Response {
+    let stream = futures::stream::unfold((watch, false), |(watch, sent)| async move {
+        if sent {
+            if let Some(mut w) = watch {
+                w.written = true;
+            }
+            None
+        } else {
+            Some((
+                Ok::<_, std::convert::Infallible>(Bytes::from_static(b"ok")),
+                (watch, true),
+            ))
+        }
+    });
+    (StatusCode::OK, Body::from_stream(stream)).into_response()
+}
+
 async fn hook(
     State(shared): State<Arc<Shared>>,
     Path(subscriber): Path<String>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> StatusCode {
+    request: Request,
+) -> Response {
+    let started = Instant::now();
+    let now_unix = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
     let mode = *shared.mode();
     match mode {
         Mode::Fail500 { until } if Instant::now() < until => {
             shared.seen().answered_500 += 1;
-            return StatusCode::INTERNAL_SERVER_ERROR;
+            return StatusCode::INTERNAL_SERVER_ERROR.into_response();
         }
         Mode::Hang { until, hold } if Instant::now() < until => {
             shared.seen().hung += 1;
             // The worker gives up first (its timeout is shorter); if it
             // does not, this is still not a 2xx, so nothing is recorded.
             tokio::time::sleep(hold).await;
-            return StatusCode::SERVICE_UNAVAILABLE;
+            return StatusCode::SERVICE_UNAVAILABLE.into_response();
         }
         _ => {}
     }
+    let (parts, body) = request.into_parts();
+    let Ok(body) = axum::body::to_bytes(body, 1 << 20).await else {
+        return StatusCode::BAD_REQUEST.into_response();
+    };
     let Some(key) = shared.keys.get(&subscriber) else {
         shared.seen().unknown_subscriber += 1;
-        return StatusCode::NOT_FOUND;
+        return StatusCode::NOT_FOUND.into_response();
     };
     let header = |name: &str| {
-        headers
+        parts
+            .headers
             .get(name)
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default()
@@ -237,12 +315,92 @@ async fn hook(
     let signature = header("webhook-signature");
     if id.is_empty() || !signing::verify(key, &id, timestamp, &body, &signature) {
         shared.seen().bad_signatures += 1;
-        return StatusCode::UNAUTHORIZED;
+        return StatusCode::UNAUTHORIZED.into_response();
     }
-    let mut seen = shared.seen();
-    seen.first_seen
-        .entry((subscriber.clone(), id.clone()))
-        .or_insert_with(Instant::now);
-    *seen.counts.entry((subscriber, id)).or_default() += 1;
-    StatusCode::NO_CONTENT
+    let signed_by = u64::try_from(timestamp)
+        .map(|t| Duration::from_secs(t.saturating_add(1)))
+        .unwrap_or_default();
+    let key: Key = (subscriber, id);
+    let first = {
+        let mut seen = shared.seen();
+        let count = seen.counts.entry(key.clone()).or_default();
+        *count += 1;
+        let first = *count == 1;
+        seen.first_seen.entry(key.clone()).or_insert(started);
+        first
+    };
+    watched_ok(first.then(|| AnswerWatch {
+        shared: shared.clone(),
+        key,
+        started,
+        waited_at_least: now_unix.saturating_sub(signed_by),
+        written: false,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn records_how_the_first_copy_was_answered() {
+        #![allow(clippy::unwrap_used)]
+        let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+        let receiver = Receiver::start(vec![Subscriber {
+            name: "s".into(),
+            secret: secret.into(),
+            topics: vec!["#".into()],
+        }])
+        .await
+        .unwrap();
+        let key = signing::decode_secret(secret).unwrap();
+        let client = reqwest::Client::new();
+        let post = |id: &'static str| {
+            let ts = chrono::Utc::now().timestamp();
+            let body = b"{}".to_vec();
+            client
+                .post(receiver.url("s"))
+                .header("webhook-id", id)
+                .header("webhook-timestamp", ts.to_string())
+                .header("webhook-signature", signing::sign(&key, id, ts, &body))
+                .body(body)
+                .send()
+        };
+        for _ in 0..2 {
+            assert!(post("evt-1").await.unwrap().status().is_success());
+        }
+        let snap = receiver.snapshot();
+        let k1 = ("s".to_owned(), "evt-1".to_owned());
+        assert_eq!(snap.counts.get(&k1), Some(&2));
+        let first = snap.first_copy.get(&k1).copied().unwrap();
+        assert!(!first.client_gone, "{first:?}");
+        assert!(first.handling < Duration::from_secs(1), "{first:?}");
+        assert!(!first.timed_out(Duration::from_secs(2), Duration::from_millis(100)));
+    }
+
+    #[test]
+    fn timed_out_only_past_the_timeout_or_without_the_answer() {
+        let t = Duration::from_secs(2);
+        let m = Duration::from_millis(100);
+        let quick = FirstCopy {
+            handling: Duration::from_millis(3),
+            ..FirstCopy::default()
+        };
+        assert!(!quick.timed_out(t, m));
+        let gone = FirstCopy {
+            client_gone: true,
+            ..quick
+        };
+        assert!(gone.timed_out(t, m));
+        let waited = FirstCopy {
+            waited_at_least: Duration::from_millis(1950),
+            ..quick
+        };
+        assert!(waited.timed_out(t, m));
+        let slow = FirstCopy {
+            handling: Duration::from_millis(1899),
+            ..quick
+        };
+        assert!(!slow.timed_out(t, m));
+    }
 }

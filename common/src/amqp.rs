@@ -232,3 +232,36 @@ pub fn log_setup_error(err: &lapin::Error, what: &str) {
         tracing::warn!(%err, "{what}; reconnecting");
     }
 }
+
+/// AMQP topic patterns: `*` is one dot-separated word, `#` zero or more.
+/// The syntax of bindings and of the webhook subscribers' `topics`.
+pub fn topic_matches(pattern: &str, topic: &str) -> bool {
+    fn go(p: &[&str], t: &[&str]) -> bool {
+        match (p.first(), t.first()) {
+            (None, None) => true,
+            (Some(&"#"), _) => go(&p[1..], t) || (!t.is_empty() && go(p, &t[1..])),
+            (Some(&"*"), Some(_)) => go(&p[1..], &t[1..]),
+            (Some(a), Some(b)) if a == b => go(&p[1..], &t[1..]),
+            _ => false,
+        }
+    }
+    let p: Vec<&str> = pattern.split('.').collect();
+    let t: Vec<&str> = topic.split('.').collect();
+    go(&p, &t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::topic_matches;
+
+    #[test]
+    fn topic_patterns() {
+        assert!(topic_matches("booking.*", "booking.created"));
+        assert!(!topic_matches("booking.*", "payment.approved"));
+        assert!(topic_matches("#", "settlement.recorded"));
+        assert!(topic_matches("settlement.recorded", "settlement.recorded"));
+        assert!(topic_matches("*.approved", "payment.approved"));
+        assert!(!topic_matches("*", "payment.approved"));
+        assert!(topic_matches("payment.#", "payment.approved"));
+    }
+}

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use entrip_common::{
-    amqp::NOTIFICATIONS_QUEUE,
+    amqp::{NOTIFICATIONS_QUEUE, topic_matches},
     config::{NotificationsSettings, WebhookSettings},
     signing,
 };
@@ -44,22 +44,6 @@ impl Subscriber {
     pub fn wants(&self, topic: &str) -> bool {
         self.patterns.iter().any(|p| topic_matches(p, topic))
     }
-}
-
-/// AMQP-style topic patterns: `*` is one dot-separated word, `#` zero or more.
-pub fn topic_matches(pattern: &str, topic: &str) -> bool {
-    fn go(p: &[&str], t: &[&str]) -> bool {
-        match (p.first(), t.first()) {
-            (None, None) => true,
-            (Some(&"#"), _) => go(&p[1..], t) || (!t.is_empty() && go(p, &t[1..])),
-            (Some(&"*"), Some(_)) => go(&p[1..], &t[1..]),
-            (Some(a), Some(b)) if a == b => go(&p[1..], &t[1..]),
-            _ => false,
-        }
-    }
-    let p: Vec<&str> = pattern.split('.').collect();
-    let t: Vec<&str> = topic.split('.').collect();
-    go(&p, &t)
 }
 
 pub struct Notifications {
@@ -283,21 +267,5 @@ pub mod deliveries {
         sqlx::query_scalar("SELECT count(*) FROM notification_deliveries WHERE status = 'DEAD'")
             .fetch_one(pool)
             .await
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::topic_matches;
-
-    #[test]
-    fn topic_patterns() {
-        assert!(topic_matches("booking.*", "booking.created"));
-        assert!(!topic_matches("booking.*", "payment.approved"));
-        assert!(topic_matches("#", "settlement.recorded"));
-        assert!(topic_matches("settlement.recorded", "settlement.recorded"));
-        assert!(topic_matches("*.approved", "payment.approved"));
-        assert!(!topic_matches("*", "payment.approved"));
-        assert!(topic_matches("payment.#", "payment.approved"));
     }
 }
