@@ -1,8 +1,9 @@
-//! The claim's plan when many rows start waiting for a retry before the
-//! statistics know it (a broker outage fails whole batches): the retry test
-//! must stay one index probe per candidate. The chaos suite once saw the
-//! claim run into the statement timeout here, planned as a nested loop over
-//! every waiting row for each candidate.
+//! The claim's plan when the statistics are wrong: many rows start waiting
+//! for a retry before the statistics know it (a broker outage fails whole
+//! batches), or a backlog arrives in a table analyzed while empty (workers
+//! settling a backlog with no dispatcher running). Each probe must stay one
+//! lookup in the aggregate's index per candidate. The chaos suite and a
+//! benchmark once saw the claim run into the statement timeout here.
 
 use entrip_dispatcher::outbox::{self, CLAIM_SQL};
 use sqlx::PgPool;
@@ -69,4 +70,54 @@ async fn rows_waiting_for_a_retry_do_not_make_the_claim_quadratic(pool: PgPool) 
         "a claimed row is behind a row waiting for its retry"
     );
     tx.rollback().await.unwrap();
+}
+
+#[sqlx::test(migrator = "entrip_common::db::MIGRATOR")]
+async fn a_backlog_in_a_table_analyzed_while_empty_keeps_the_probes_per_aggregate(pool: PgPool) {
+    sqlx::query("ALTER TABLE outbox SET (autovacuum_enabled = false)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query("ANALYZE outbox").execute(&pool).await.unwrap();
+    // Two events per settled booking, as the settlement worker writes them.
+    sqlx::query(
+        "INSERT INTO outbox (id, aggregate_type, aggregate_id, topic, payload)
+         SELECT gen_random_uuid(), t.kind, gen_random_uuid(), t.topic, '{}'
+           FROM generate_series(1, 10000) i,
+                (VALUES ('settlement', 'settlement.recorded'), ('booking', 'booking.confirmed')) t(kind, topic)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    assert_probes_use_the_aggregate_index(&pool).await;
+}
+
+/// Both probes of the claim (older row waiting for a retry; older
+/// undelivered rows) are lookups in `outbox_pending_aggregate_idx`, never a
+/// scan of the seq or retry index, nor a loop over materialized rows.
+async fn assert_probes_use_the_aggregate_index(pool: &PgPool) {
+    let explain = format!("EXPLAIN (FORMAT JSON) {}", CLAIM_SQL.replace("$1", "2000"));
+    let plan: serde_json::Value = sqlx::query_scalar(sqlx::AssertSqlSafe(explain))
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    let plan = plan.to_string();
+    assert!(
+        !plan.contains("Materialize"),
+        "a probe is planned over materialized rows: {plan}"
+    );
+    assert!(
+        !plan.contains("outbox_due_idx"),
+        "a probe scans the retry index: {plan}"
+    );
+    assert_eq!(
+        plan.matches("outbox_pending_aggregate_idx").count(),
+        2,
+        "both probes use the aggregate's index: {plan}"
+    );
+    assert_eq!(
+        plan.matches("outbox_undelivered_seq_idx").count(),
+        1,
+        "only the candidate scan walks the seq index: {plan}"
+    );
 }
