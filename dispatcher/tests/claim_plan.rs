@@ -5,6 +5,8 @@
 //! lookup in the aggregate's index per candidate. The chaos suite and a
 //! benchmark once saw the claim run into the statement timeout here.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use entrip_dispatcher::outbox::{self, CLAIM_SQL};
 use sqlx::PgPool;
 
