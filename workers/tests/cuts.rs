@@ -14,7 +14,6 @@ use sqlx::{
     postgres::{PgConnectOptions, PgPoolOptions},
 };
 use support::*;
-use uuid::Uuid;
 
 #[sqlx::test(migrator = "entrip_common::db::MIGRATOR")]
 async fn a_database_cut_delays_settlements_but_loses_and_doubles_none(
@@ -50,30 +49,14 @@ async fn a_database_cut_delays_settlements_but_loses_and_doubles_none(
         settings,
     );
 
-    for f in &fixtures[..20] {
-        publish_event(
-            &ch,
-            Uuid::now_v7(),
-            "payment.approved",
-            payment_data(f, "APPROVED"),
-        )
-        .await;
-    }
+    publish_approved(&ch, &fixtures[..20]).await;
     eventually(30, "the first half settled", || async {
         scalar(&direct, "SELECT count(*) FROM settlements").await == 20
     })
     .await;
 
     proxy.cut();
-    for f in &fixtures[20..] {
-        publish_event(
-            &ch,
-            Uuid::now_v7(),
-            "payment.approved",
-            payment_data(f, "APPROVED"),
-        )
-        .await;
-    }
+    publish_approved(&ch, &fixtures[20..]).await;
     eventually(30, "failures go through the retry path", || async {
         worker.count("settlement", "retried") > 0
     })

@@ -394,15 +394,7 @@ async fn workers_killed_mid_stream_apply_every_effect_once(
         ids.push(f);
     }
     let mut workers = fleet.spawn("workers", "ENTRIP__WORKERS__LISTEN", free_port());
-    for f in &ids {
-        publish_event(
-            &ch,
-            Uuid::now_v7(),
-            "payment.approved",
-            payment_data(f, "APPROVED"),
-        )
-        .await;
-    }
+    publish_approved(&ch, &ids).await;
     eventually(60, "some settled", || async {
         scalar(&pool, "SELECT count(*) FROM settlements").await >= 30
     })
@@ -411,15 +403,7 @@ async fn workers_killed_mid_stream_apply_every_effect_once(
     assert!(!workers.wait_exit(10).await.success());
     let at_kill = scalar(&pool, "SELECT count(*) FROM settlements").await;
     // Redeliver everything once more on top, as a relay restart would.
-    for f in ids.iter().take(50) {
-        publish_event(
-            &ch,
-            Uuid::now_v7(),
-            "payment.approved",
-            payment_data(f, "APPROVED"),
-        )
-        .await;
-    }
+    publish_approved(&ch, ids.iter().take(50)).await;
     let mut again = fleet.spawn("workers", "ENTRIP__WORKERS__LISTEN", free_port());
     eventually(120, "all 300 settled", || async {
         scalar(&pool, "SELECT count(*) FROM settlements").await == 300

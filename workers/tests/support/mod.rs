@@ -282,6 +282,19 @@ pub fn payment_data(f: &Fixture, status: &str) -> Value {
     json!({"id": f.payment, "bookingId": f.booking, "status": status})
 }
 
+/// One `payment.approved` event, with a fresh event id, per fixture.
+pub async fn publish_approved<'a>(ch: &Channel, fixtures: impl IntoIterator<Item = &'a Fixture>) {
+    for f in fixtures {
+        publish_event(
+            ch,
+            Uuid::now_v7(),
+            "payment.approved",
+            payment_data(f, "APPROVED"),
+        )
+        .await;
+    }
+}
+
 /// The `data` of an approval.decided event for this fixture.
 pub fn approval_data(f: &Fixture, status: &str) -> Value {
     json!({"id": f.approval, "bookingId": f.booking, "status": status})
