@@ -10,13 +10,14 @@ use std::{
     time::{Duration, Instant},
 };
 
+use lapin::{options::QueueDeclareOptions, types::FieldTable};
 use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::{
     Error,
-    faults::{Hit, HitKind, rabbitmqctl},
-    load::{BookingOutcome, Journey, LoadResult, Stats, Step},
+    faults::{Fault, Hit, rabbitmqctl},
+    load::{BookingOutcome, Journey, LoadResult, Response, Stats, Step},
     receiver::{Receiver, Snapshot, topic_matches},
     report::Check,
     tap::TapLog,
@@ -84,72 +85,206 @@ async fn scalar(pool: &PgPool, sql: &'static str) -> Result<i64, Error> {
     Ok(sqlx::query_scalar(sql).fetch_one(pool).await?)
 }
 
+/// Ready messages of some queues, by passive declares over one AMQP
+/// connection: cheap enough to poll every few hundred milliseconds, where a
+/// `rabbitmqctl` call starts an Erlang VM (over a second of CPU, which a
+/// busy machine does not have to spare). It does not count messages
+/// delivered and not yet acknowledged, so [`drain`] confirms with
+/// [`queue_depths`] before it calls the fleet drained.
+struct ReadyProbe {
+    url: String,
+    conn: Option<lapin::Connection>,
+}
+
+impl ReadyProbe {
+    async fn ready(&mut self, names: &[String]) -> Result<i64, String> {
+        let conn = match self.conn.take() {
+            Some(c) if c.status().connected() => c,
+            _ => lapin::Connection::connect(
+                &self.url,
+                lapin::ConnectionProperties::default()
+                    .with_connection_name("entrip-chaos-drain".into()),
+            )
+            .await
+            .map_err(|e| format!("connect: {e}"))?,
+        };
+        let channel = conn
+            .create_channel()
+            .await
+            .map_err(|e| format!("channel: {e}"))?;
+        let mut total = 0;
+        for name in names {
+            let q = channel
+                .queue_declare(
+                    name.as_str().into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|e| format!("passive declare of {name}: {e}"))?;
+            total += i64::from(q.message_count());
+        }
+        let _ = channel.close(200, "probed".into()).await;
+        self.conn = Some(conn);
+        Ok(total)
+    }
+
+    async fn close(self) {
+        if let Some(c) = self.conn {
+            let _ = c.close(200, "drain over".into()).await;
+        }
+    }
+}
+
 /// What the drain saw last.
 #[derive(Debug, Default)]
 pub struct DrainState {
     pub undelivered: i64,
+    /// Messages in the worker and retry queues (ready and unacknowledged,
+    /// from the last `rabbitmqctl` confirmation; ready only while polling).
     pub work_messages: i64,
     pub settlements: i64,
     pub webhooks_missing: usize,
     pub drained: bool,
+    /// How long nothing moved when the drain ended.
+    pub still_for: Duration,
+}
+
+/// The figures whose movement is the fleet's progress while it drains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct DrainFigures {
+    undelivered: i64,
+    published: i64,
+    work_messages: i64,
+    settlements: i64,
+    webhooks_missing: usize,
+    webhooks_received: u64,
 }
 
 /// Waits until the outbox is delivered, the worker queues are empty, the
 /// expected settlements exist and every expected webhook arrived (twice in a
-/// row), or until `deadline`.
+/// row, then confirmed with `rabbitmqctl`, which counts unacknowledged
+/// messages too). It gives up only when none of those figures has moved
+/// for `stall`: a busy machine drains slowly, a stuck fleet does not drain
+/// at all, and a fixed deadline cannot tell the two apart.
 pub async fn drain(
     pool: &PgPool,
     vhost: &str,
+    amqp_url: &str,
     receiver: &Receiver,
     expected_settlements: i64,
-    deadline: Duration,
+    stall: Duration,
 ) -> DrainState {
-    let until = Instant::now() + deadline;
     let mut state = DrainState::default();
+    // The queue names from the broker itself (retry queues included).
+    let names: Vec<String> = match queue_depths(vhost).await {
+        Ok(d) => d.into_keys().filter(|k| is_work_queue(k)).collect(),
+        Err(e) => {
+            tracing::warn!("drain: cannot list the queues: {e}");
+            Vec::new()
+        }
+    };
+    let mut probe = ReadyProbe {
+        url: amqp_url.to_owned(),
+        conn: None,
+    };
+    let mut last: Option<DrainFigures> = None;
+    // Messages held unacknowledged at the last confirmation.
+    let mut last_held: Option<i64> = None;
+    let mut moved_at = Instant::now();
     let mut good_in_a_row = 0;
     let mut last_log = Instant::now();
-    while Instant::now() < until {
+    loop {
         let undelivered = scalar(
             pool,
             "SELECT count(*) FROM outbox WHERE published_at IS NULL AND dead_at IS NULL",
         )
         .await;
+        let published = scalar(
+            pool,
+            "SELECT count(*) FROM outbox WHERE published_at IS NOT NULL",
+        )
+        .await;
         let settlements = scalar(pool, "SELECT count(*) FROM settlements").await;
-        let depths = queue_depths(vhost).await;
+        let ready = probe.ready(&names).await;
         let want = expected_webhooks(pool, receiver).await;
-        if let (Ok(u), Ok(s), Ok(d), Ok(w)) = (undelivered, settlements, depths, want) {
-            let seen = receiver.snapshot();
-            state.undelivered = u;
-            state.settlements = s;
-            state.work_messages = d
-                .iter()
-                .filter(|(k, _)| is_work_queue(k))
-                .map(|(_, v)| *v)
-                .sum();
-            state.webhooks_missing = w.iter().filter(|k| !seen.counts.contains_key(*k)).count();
-            let good = u == 0
-                && state.work_messages == 0
-                && s >= expected_settlements
-                && state.webhooks_missing == 0;
-            good_in_a_row = if good { good_in_a_row + 1 } else { 0 };
-            if good_in_a_row >= 2 {
-                state.drained = true;
-                return state;
+        match (undelivered, published, settlements, ready, want) {
+            (Ok(u), Ok(p), Ok(s), Ok(r), Ok(w)) => {
+                let seen = receiver.snapshot();
+                let figures = DrainFigures {
+                    undelivered: u,
+                    published: p,
+                    work_messages: r,
+                    settlements: s,
+                    webhooks_missing: w.iter().filter(|k| !seen.counts.contains_key(*k)).count(),
+                    webhooks_received: seen.counts.values().sum(),
+                };
+                if last != Some(figures) {
+                    moved_at = Instant::now();
+                    last = Some(figures);
+                }
+                state.undelivered = u;
+                state.settlements = s;
+                state.work_messages = r;
+                state.webhooks_missing = figures.webhooks_missing;
+                let good =
+                    u == 0 && r == 0 && s >= expected_settlements && figures.webhooks_missing == 0;
+                good_in_a_row = if good { good_in_a_row + 1 } else { 0 };
             }
-            if last_log.elapsed() > Duration::from_secs(5) {
-                tracing::info!(
-                    undelivered = u,
-                    queued = state.work_messages,
-                    settlements = s,
-                    expected_settlements,
-                    webhooks_missing = state.webhooks_missing,
-                    "draining"
+            (u, p, s, r, w) => {
+                good_in_a_row = 0;
+                tracing::warn!(
+                    "drain: cannot read the figures: {:?} {:?} {:?} {:?} {:?}",
+                    u.err(),
+                    p.err(),
+                    s.err(),
+                    r.err(),
+                    w.err()
                 );
-                last_log = Instant::now();
             }
         }
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        if good_in_a_row >= 2 {
+            match queue_depths(vhost).await {
+                Ok(d) => {
+                    let held: i64 = d
+                        .iter()
+                        .filter(|(k, _)| is_work_queue(k))
+                        .map(|(_, v)| *v)
+                        .sum();
+                    state.work_messages = held;
+                    if held == 0 {
+                        state.drained = true;
+                        break;
+                    }
+                    // Delivered, not acknowledged yet (redeliveries the
+                    // workers find applied move no other figure): keep
+                    // polling, and count their acknowledgement as progress.
+                    tracing::info!("drain: {held} messages delivered and not acknowledged yet");
+                    if last_held != Some(held) {
+                        moved_at = Instant::now();
+                        last_held = Some(held);
+                    }
+                    good_in_a_row = 0;
+                }
+                Err(e) => tracing::warn!("drain: cannot list the queues: {e}"),
+            }
+        }
+        state.still_for = moved_at.elapsed();
+        if state.still_for >= stall {
+            tracing::warn!(?last, "drain: nothing moved for {stall:?}; giving up");
+            break;
+        }
+        if last_log.elapsed() > Duration::from_secs(5) {
+            tracing::info!(?last, expected_settlements, "draining");
+            last_log = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
+    state.still_for = moved_at.elapsed();
+    probe.close().await;
     state
 }
 
@@ -270,13 +405,13 @@ pub async fn run_checks(
 
     // ---- 2. nothing stored for what the client was told failed or refused
     let mut stored_anyway = Vec::new();
-    let mut told_failed_by_step: BTreeMap<String, u64> = BTreeMap::new();
+    let mut told_failed_by_step: BTreeMap<Step, u64> = BTreeMap::new();
     let mut told_keys = Vec::new();
     for j in journeys {
         let Some((step, key)) = &j.told_failed else {
             continue;
         };
-        *told_failed_by_step.entry(format!("{step:?}")).or_default() += 1;
+        *told_failed_by_step.entry(*step).or_default() += 1;
         told_keys.push(key.clone());
         let b = j.booking_id();
         let leaked = match step {
@@ -345,13 +480,13 @@ pub async fn run_checks(
     // The contract: 500 only for a fault of the service itself; a database
     // or broker away is a 503 with Retry-After.
     let by_status = st.by_status();
-    let internal = by_status.get("500").copied().unwrap_or(0);
+    let internal = by_status.get(&Response::Status(500)).copied().unwrap_or(0);
     checks.push(check(
         "no 500 answers (infrastructure faults are 503)",
         internal == 0,
         format!(
             "{internal} answers 500, {} answers 503",
-            by_status.get("503").copied().unwrap_or(0)
+            by_status.get(&Response::Status(503)).copied().unwrap_or(0)
         ),
     ));
 
@@ -683,7 +818,7 @@ pub async fn run_checks(
     ));
     // A second copy is expected only when the worker lost its record of the
     // 2xx (see `explain_duplicate`); every other one is a finding.
-    let mut explained_by: BTreeMap<&'static str, u64> = BTreeMap::new();
+    let mut explained_by: BTreeMap<Cause, u64> = BTreeMap::new();
     let mut unexplained: Vec<String> = Vec::new();
     let mut dup_pairs: Vec<(&(String, String), &u64)> =
         seen.counts.iter().filter(|(_, n)| **n > 1).collect();
@@ -719,13 +854,18 @@ pub async fn run_checks(
     let amqp_closes = inp
         .hits
         .iter()
-        .filter(|h| h.kind == HitKind::AmqpClose)
+        .filter(|h| h.fault == Fault::AmqpClose)
         .count();
     checks.push(check(
         "duplicate webhooks only where a worker lost its record",
         unexplained.is_empty(),
         format!(
-            "{duplicates} duplicate copies over {pairs_with_dup} pairs; explained by {explained_by:?}; {} unexplained [{}] (none tolerated; {amqp_closes} AMQP connection closes explain none: the handlers finish and commit before the consumer reconnects, and a redelivery finds the pair DELIVERED)",
+            "{duplicates} duplicate copies over {pairs_with_dup} pairs; explained by {{{}}}; {} unexplained [{}] (none tolerated; {amqp_closes} AMQP connection closes explain none: the handlers finish and commit before the consumer reconnects, and a redelivery finds the pair DELIVERED)",
+            explained_by
+                .iter()
+                .map(|(why, n)| format!("{}: {n}", why.label()))
+                .collect::<Vec<_>>()
+                .join(", "),
             unexplained.len(),
             sample(&unexplained)
         ),
@@ -841,7 +981,10 @@ pub async fn run_checks(
     );
     put(
         "bookings told failed",
-        told_failed_by_step.get("Booking").copied().unwrap_or(0),
+        told_failed_by_step
+            .get(&Step::Booking)
+            .copied()
+            .unwrap_or(0),
     );
     put("planted 422 requests", invalid.len() as u64);
     put(
@@ -855,7 +998,10 @@ pub async fn run_checks(
     put("webhooks received (deliveries)", received);
     put("webhooks duplicate copies", duplicates);
     for (why, n) in &explained_by {
-        put(&format!("webhook duplicates explained: {why}"), *n);
+        put(
+            &format!("webhook duplicates explained: {}", why.label()),
+            *n,
+        );
     }
     put("webhook duplicates unexplained", unexplained.len() as u64);
     put(
@@ -900,7 +1046,28 @@ struct OrderFindings {
     with_several: usize,
     /// Adjacent events (by `seq`) of one aggregate whose first copies
     /// arrived the other way round.
-    out_of_order: Vec<String>,
+    out_of_order: Vec<Inversion>,
+}
+
+/// Two events of one aggregate whose first copies arrived against their
+/// commit order: `later` (the higher `seq`) came first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Inversion {
+    aggregate: Uuid,
+    /// (`seq`, queue position) of the event committed first.
+    earlier: (i64, usize),
+    /// (`seq`, queue position) of the event committed after it.
+    later: (i64, usize),
+}
+
+impl std::fmt::Display for Inversion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}: seq {} (position {}) before seq {} (position {})",
+            self.aggregate, self.later.0, self.later.1, self.earlier.0, self.earlier.1
+        )
+    }
 }
 
 /// Checks that, for each aggregate, the first copies of its events arrived
@@ -924,11 +1091,13 @@ fn first_arrival_order(
         events.sort_unstable();
         // Any inversion shows in some adjacent pair.
         for pair in events.windows(2) {
-            let ((seq_a, at_a), (seq_b, at_b)) = (pair[0], pair[1]);
-            if at_b < at_a {
-                out_of_order.push(format!(
-                    "{aggregate}: seq {seq_b} (position {at_b}) before seq {seq_a} (position {at_a})"
-                ));
+            let (earlier, later) = (pair[0], pair[1]);
+            if later.1 < earlier.1 {
+                out_of_order.push(Inversion {
+                    aggregate: *aggregate,
+                    earlier,
+                    later,
+                });
             }
         }
     }
@@ -948,6 +1117,30 @@ struct TapFigures {
     extra_copies: u64,
     never_seen: u64,
     out_of_order: u64,
+}
+
+/// Why a second copy of a webhook was sent (see [`explain_duplicate`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Cause {
+    /// A fault that can make the worker lose its record of the first 2xx:
+    /// [`Fault::KillWorkers`], [`Fault::TerminateBackends`] or
+    /// [`Fault::DatabaseOutage`].
+    Fault(Fault),
+    /// The worker's webhook timeout fired before it read the first 2xx.
+    WebhookTimeout,
+}
+
+impl Cause {
+    /// The text of the human report.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Fault(Fault::KillWorkers) => "workers SIGKILL",
+            Self::Fault(Fault::TerminateBackends) => "backends terminated",
+            Self::Fault(Fault::DatabaseOutage) => "database outage",
+            Self::Fault(other) => other.label(),
+            Self::WebhookTimeout => "webhook timeout before the 2xx was read",
+        }
+    }
 }
 
 /// How long after the first copy's arrival the worker may still lose its
@@ -983,7 +1176,7 @@ pub fn explain_duplicate(
     first_copy: Option<&crate::receiver::FirstCopy>,
     hits: &[Hit],
     webhook_timeout: Duration,
-) -> Option<&'static str> {
+) -> Option<Cause> {
     let window = record_window(webhook_timeout);
     let slack = Duration::from_millis(500);
     let within = |from: Instant, to: Instant, before: Duration, after: Duration| {
@@ -991,20 +1184,24 @@ pub fn explain_duplicate(
     };
     let mut kinds: Vec<&Hit> = hits
         .iter()
-        .filter(|h| match h.kind {
-            HitKind::WorkersKill => within(h.from, h.to, window, Duration::ZERO),
-            HitKind::BackendsTerminated | HitKind::DatabaseOutage => {
-                within(h.from, h.to, window, slack)
-            }
-            HitKind::AmqpClose => false,
+        .filter(|h| match h.fault {
+            Fault::KillWorkers => within(h.from, h.to, window, Duration::ZERO),
+            Fault::TerminateBackends | Fault::DatabaseOutage => within(h.from, h.to, window, slack),
+            // None of these can lose the worker's record of a 2xx: the AMQP
+            // close (see above), and the rest reach no worker transaction.
+            Fault::AmqpClose
+            | Fault::KillDispatcher
+            | Fault::WebhookFailures
+            | Fault::WebhookHang
+            | Fault::BrokerRestart => false,
         })
         .collect();
-    kinds.sort_by_key(|h| h.kind);
+    kinds.sort_by_key(|h| h.fault);
     if let Some(h) = kinds.first() {
-        return Some(h.kind.label());
+        return Some(Cause::Fault(h.fault));
     }
     if first_copy.is_some_and(|c| c.timed_out(webhook_timeout, TIMEOUT_MARGIN)) {
-        return Some("webhook timeout before the 2xx was read");
+        return Some(Cause::WebhookTimeout);
     }
     None
 }
@@ -1044,7 +1241,8 @@ mod tests {
         // a's seq 5 first arrived before its seq 3.
         let bad = first_arrival_order(rows.iter().copied(), &positions([0, 1, 6, 3, 5]));
         assert_eq!(bad.out_of_order.len(), 1, "{:?}", bad.out_of_order);
-        assert!(bad.out_of_order[0].contains("seq 5"));
+        let inv = bad.out_of_order[0];
+        assert_eq!((inv.aggregate, inv.earlier, inv.later), (a, (3, 6), (5, 5)));
         // An event never seen is left out.
         let mut seen = positions([0, 1, 6, 3, 5]);
         seen.remove(&ids[4].to_string());
@@ -1060,31 +1258,45 @@ mod tests {
         let base = Instant::now() + Duration::from_secs(60);
         let t = Duration::from_secs(2);
         let kill = |ms| Hit {
-            kind: HitKind::WorkersKill,
+            fault: Fault::KillWorkers,
             from: at(base, ms),
             to: at(base, ms),
         };
         let term = |from, to| Hit {
-            kind: HitKind::BackendsTerminated,
+            fault: Fault::TerminateBackends,
+            from: at(base, from),
+            to: at(base, to),
+        };
+        let outage = |from, to| Hit {
+            fault: Fault::DatabaseOutage,
             from: at(base, from),
             to: at(base, to),
         };
         let close = Hit {
-            kind: HitKind::AmqpClose,
+            fault: Fault::AmqpClose,
             from: base,
             to: base,
         };
         let why = |first_ms, hits: &[Hit]| explain_duplicate(at(base, first_ms), None, hits, t);
+        let killed = Some(Cause::Fault(Fault::KillWorkers));
+        let terminated = Some(Cause::Fault(Fault::TerminateBackends));
         // SIGKILL: the first copy at most 2.5 s before, never after.
-        assert_eq!(why(-2500, &[kill(0)]), Some("workers SIGKILL"));
-        assert_eq!(why(0, &[kill(0)]), Some("workers SIGKILL"));
+        assert_eq!(why(-2500, &[kill(0)]), killed);
+        assert_eq!(why(0, &[kill(0)]), killed);
         assert_eq!(why(-2501, &[kill(0)]), None);
         assert_eq!(why(1, &[kill(0)]), None);
         // Terminated backends over [0, 20 ms]: 2.5 s before to 0.5 s after.
-        assert_eq!(why(-2500, &[term(0, 20)]), Some("backends terminated"));
-        assert_eq!(why(520, &[term(0, 20)]), Some("backends terminated"));
+        assert_eq!(why(-2500, &[term(0, 20)]), terminated);
+        assert_eq!(why(520, &[term(0, 20)]), terminated);
         assert_eq!(why(521, &[term(0, 20)]), None);
         assert_eq!(why(-2501, &[term(0, 20)]), None);
+        // An outage's termination, the same window.
+        assert_eq!(
+            why(300, &[outage(0, 20)]),
+            Some(Cause::Fault(Fault::DatabaseOutage))
+        );
+        // Where several explain it, the SIGKILL is named.
+        assert_eq!(why(0, &[outage(0, 20), term(0, 20), kill(0)]), killed);
         // An AMQP close explains nothing.
         assert_eq!(why(0, &[close]), None);
         // A timeout, only with the receiver's evidence.
@@ -1094,7 +1306,7 @@ mod tests {
         };
         assert_eq!(
             explain_duplicate(base, Some(&slow), &[], t),
-            Some("webhook timeout before the 2xx was read")
+            Some(Cause::WebhookTimeout)
         );
         let quick = FirstCopy {
             handling: Duration::from_millis(5),

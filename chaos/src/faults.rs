@@ -16,6 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use serde::Serialize;
 use sqlx::{Connection, postgres::PgConnectOptions};
 use tokio::{sync::watch, task::JoinHandle};
 
@@ -40,35 +41,93 @@ pub struct FaultSettings {
     pub webhook_timeout: Duration,
 }
 
-/// A fault that may reach the workers' work in flight.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum HitKind {
-    /// SIGKILL of the workers process.
-    WorkersKill,
-    /// `pg_terminate_backend` of every backend of the database.
-    BackendsTerminated,
-    /// The database refusing connections (its backends terminated first).
-    DatabaseOutage,
-    /// `rabbitmqctl close_all_connections` on the vhost.
+/// Every kind of fault the injector knows. The report counts them by kind
+/// (its JSON keys them by the snake_case name); [`Fault::label`] is only
+/// their text for people.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Fault {
+    /// `rabbitmqctl close_all_connections` on the run's vhost.
     AmqpClose,
+    /// SIGKILL of one of the two dispatchers (only while both run),
+    /// restarted 0.3–3 s later.
+    KillDispatcher,
+    /// SIGKILL of the workers, restarted 0.3–3 s later.
+    KillWorkers,
+    /// `pg_terminate_backend` of every backend of the run's database.
+    TerminateBackends,
+    /// The database refusing connections for 0.5–2.5 s
+    /// (`ALLOW_CONNECTIONS false`, its backends terminated first).
+    DatabaseOutage,
+    /// The webhook receiver answering 500 for 2–5 s.
+    WebhookFailures,
+    /// The webhook receiver holding requests past the workers' webhook
+    /// timeout for 2–5 s.
+    WebhookHang,
+    /// `rabbitmqctl stop_app`, 3–6 s down, `start_app`: broker-wide, so only
+    /// with `--broker-restart`, and not part of [`MIX`] but placed at about a
+    /// third and two thirds of the load.
+    BrokerRestart,
 }
 
-impl HitKind {
+impl Fault {
+    /// The text of the human report.
     pub fn label(self) -> &'static str {
         match self {
-            Self::WorkersKill => "workers SIGKILL",
-            Self::BackendsTerminated => "backends terminated",
-            Self::DatabaseOutage => "database outage",
-            Self::AmqpClose => "AMQP connections closed",
+            Self::AmqpClose => "AMQP connections closed (vhost)",
+            Self::KillDispatcher => "SIGKILL dispatcher",
+            Self::KillWorkers => "SIGKILL workers",
+            Self::TerminateBackends => "pg_terminate_backend rounds",
+            Self::DatabaseOutage => "PostgreSQL outage windows (connections refused)",
+            Self::WebhookFailures => "webhook 500 windows",
+            Self::WebhookHang => "webhook hang windows",
+            Self::BrokerRestart => "broker stop_app/start_app",
         }
+    }
+
+    /// The kinds a run injects: the mix, and the broker restart when asked.
+    pub fn injected(broker_restart: bool) -> impl Iterator<Item = Self> {
+        MIX.iter()
+            .map(|(f, _)| *f)
+            .chain(broker_restart.then_some(Self::BrokerRestart))
     }
 }
 
-/// When a fault struck: between `from` and `to` (the moments before and
-/// after the action; equal for a SIGKILL, taken once the process is reaped).
+/// The shuffled mix, with each kind's weight: a round holds every kind this
+/// many times, shuffled, so that each one comes up in every round (a short
+/// run that completes one round has seen them all) while the cheap, frequent
+/// faults of real life come up more often. The broker restart is not in it
+/// (see [`Fault::BrokerRestart`]).
+pub const MIX: [(Fault, usize); 7] = [
+    (Fault::AmqpClose, 2),
+    (Fault::KillDispatcher, 1),
+    (Fault::KillWorkers, 1),
+    (Fault::TerminateBackends, 2),
+    (Fault::DatabaseOutage, 1),
+    (Fault::WebhookFailures, 1),
+    (Fault::WebhookHang, 1),
+];
+
+/// One round of [`MIX`], shuffled; drawn from the end.
+pub fn round(rng: &mut Rng) -> Vec<Fault> {
+    let mut bag: Vec<Fault> = MIX
+        .iter()
+        .flat_map(|(fault, weight)| std::iter::repeat_n(*fault, *weight))
+        .collect();
+    for i in (1..bag.len()).rev() {
+        bag.swap(i, rng.below(i + 1));
+    }
+    bag
+}
+
+/// When a fault that may reach the workers' work in flight struck: between
+/// `from` and `to` (the moments before and after the action; equal for a
+/// SIGKILL, taken once the process is reaped). Kept for
+/// [`Fault::AmqpClose`], [`Fault::KillWorkers`], [`Fault::TerminateBackends`]
+/// and [`Fault::DatabaseOutage`].
 #[derive(Debug, Clone, Copy)]
 pub struct Hit {
-    pub kind: HitKind,
+    pub fault: Fault,
     pub from: Instant,
     pub to: Instant,
 }
@@ -76,7 +135,9 @@ pub struct Hit {
 /// Injected faults by kind, plus what went wrong injecting them.
 #[derive(Debug, Default, Clone)]
 pub struct FaultLog {
-    pub counts: BTreeMap<String, u64>,
+    pub counts: BTreeMap<Fault, u64>,
+    /// Rounds of [`MIX`] injected to the end.
+    pub rounds: u32,
     /// Backends `pg_terminate_backend` ended, in all.
     pub backends_terminated: u64,
     /// Faults that may reach the workers' work in flight, for matching
@@ -91,12 +152,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn count(log: &Shared<FaultLog>, kind: &str) {
-    *lock(log).counts.entry(kind.to_owned()).or_default() += 1;
+fn count(log: &Shared<FaultLog>, fault: Fault) {
+    *lock(log).counts.entry(fault).or_default() += 1;
 }
 
-fn hit(log: &Shared<FaultLog>, kind: HitKind, from: Instant, to: Instant) {
-    lock(log).hits.push(Hit { kind, from, to });
+fn hit(log: &Shared<FaultLog>, fault: Fault, from: Instant, to: Instant) {
+    lock(log).hits.push(Hit { fault, from, to });
 }
 
 fn error(log: &Shared<FaultLog>, what: String) {
@@ -104,13 +165,20 @@ fn error(log: &Shared<FaultLog>, what: String) {
     lock(log).errors.push(what);
 }
 
+/// How long a `rabbitmqctl` call may take (it starts an Erlang VM: seconds
+/// on a busy machine) before it counts as failed, so that a broker that
+/// stopped answering cannot hold the run forever.
+const RABBITMQCTL_TIMEOUT: Duration = Duration::from_secs(90);
+
 /// Runs `rabbitmqctl` with `args`; `Err` carries its output.
 pub async fn rabbitmqctl(args: &[&str]) -> Result<String, String> {
-    let out = tokio::process::Command::new("rabbitmqctl")
+    let run = tokio::process::Command::new("rabbitmqctl")
         .args(args)
         .kill_on_drop(true)
-        .output()
+        .output();
+    let out = tokio::time::timeout(RABBITMQCTL_TIMEOUT, run)
         .await
+        .map_err(|_| format!("rabbitmqctl {args:?}: no answer in {RABBITMQCTL_TIMEOUT:?}"))?
         .map_err(|e| format!("cannot run rabbitmqctl: {e}"))?;
     let text = format!(
         "{}{}",
@@ -239,7 +307,7 @@ async fn broker_restart(log: &Shared<FaultLog>, down: Duration) {
     if let Err(e) = rabbitmqctl(&["stop_app"]).await {
         error(log, e);
     } else {
-        count(log, "broker stop_app/start_app");
+        count(log, Fault::BrokerRestart);
     }
     tokio::time::sleep(down).await;
     for attempt in 0..5 {
@@ -260,31 +328,32 @@ async fn broker_restart(log: &Shared<FaultLog>, down: Duration) {
     tracing::warn!("fault: broker application started again");
 }
 
-/// Kills `slot`, waits `down`, starts it again.
+/// Kills `slot` (counted as `fault`), waits `down`, starts it again.
 fn kill_and_restart(
     fleet: Shared<Fleet>,
     log: Shared<FaultLog>,
+    fault: Fault,
     slot: usize,
     down: Duration,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
-        let (name, binary) = {
+        let name = {
             let mut f = lock(&fleet);
             if !f.kill(slot) {
                 return;
             }
-            (f.services[slot].name.clone(), f.services[slot].binary)
+            f.services[slot].name.clone()
         };
-        if slot == fleet::WORKERS {
+        if fault == Fault::KillWorkers {
             // Taken once the process is reaped: it is dead by then.
             let at = Instant::now();
-            hit(&log, HitKind::WorkersKill, at, at);
+            hit(&log, fault, at, at);
         }
         tracing::warn!(
             "fault: SIGKILL {name}, restart in {:.1} s",
             down.as_secs_f64()
         );
-        count(&log, &format!("SIGKILL {binary}"));
+        count(&log, fault);
         tokio::time::sleep(down).await;
         if let Err(e) = lock(&fleet).start(slot) {
             error(&log, format!("restarting {name}: {e}"));
@@ -292,19 +361,139 @@ fn kill_and_restart(
     })
 }
 
+/// What the injector works with while it runs.
+struct Injector {
+    settings: FaultSettings,
+    fleet: Shared<Fleet>,
+    receiver: Arc<Receiver>,
+    log: Shared<FaultLog>,
+    /// Faults still under way, with the round they belong to: restarts
+    /// (their tasks sleep out the planned downtime) and AMQP closes.
+    pending: Vec<(u32, JoinHandle<()>)>,
+    /// The round being drawn (0-based).
+    round: u32,
+    started: tokio::time::Instant,
+}
+
+impl Injector {
+    /// Injects one fault of the mix; `false` when it could not be injected
+    /// now (a dispatcher is down already) and should come again later in
+    /// the round.
+    async fn inject(&mut self, fault: Fault, rng: &mut Rng) -> bool {
+        let log = &self.log;
+        match fault {
+            Fault::AmqpClose => {
+                // In a task of its own: `rabbitmqctl` starts an Erlang VM,
+                // which takes seconds on a busy machine, and the next faults
+                // need not wait for it.
+                let reason = format!(
+                    "chaos: closing connections after {:?}",
+                    self.started.elapsed()
+                );
+                let vhost = self.settings.vhost.clone();
+                let log = log.clone();
+                let close = tokio::spawn(async move {
+                    let from = Instant::now();
+                    match rabbitmqctl(&["close_all_connections", "-p", &vhost, &reason]).await {
+                        Ok(out) => {
+                            hit(&log, fault, from, Instant::now());
+                            tracing::warn!("fault: {}", out.trim().replace('\n', " "));
+                            count(&log, fault);
+                        }
+                        Err(e) => error(&log, e),
+                    }
+                });
+                self.pending.push((self.round, close));
+            }
+            Fault::KillDispatcher => {
+                // Kill one dispatcher only while both run: two stay the norm.
+                let both = {
+                    let f = lock(&self.fleet);
+                    fleet::DISPATCHERS
+                        .iter()
+                        .all(|s| f.services[*s].is_running())
+                };
+                if !both {
+                    return false;
+                }
+                let slot = fleet::DISPATCHERS[rng.below(2)];
+                let down = rng.between(Duration::from_millis(300), Duration::from_secs(3));
+                let kill = kill_and_restart(self.fleet.clone(), log.clone(), fault, slot, down);
+                self.pending.push((self.round, kill));
+            }
+            Fault::KillWorkers => {
+                let down = rng.between(Duration::from_millis(300), Duration::from_secs(3));
+                let kill =
+                    kill_and_restart(self.fleet.clone(), log.clone(), fault, fleet::WORKERS, down);
+                self.pending.push((self.round, kill));
+            }
+            Fault::TerminateBackends => {
+                let from = Instant::now();
+                let s = &self.settings;
+                match terminate_backends(&s.database_url, &s.database).await {
+                    Ok(n) => {
+                        hit(log, fault, from, Instant::now());
+                        tracing::warn!("fault: pg_terminate_backend ended {n} backends");
+                        count(log, fault);
+                        lock(log).backends_terminated += n.max(0) as u64;
+                    }
+                    Err(e) => error(log, format!("pg_terminate_backend: {e}")),
+                }
+            }
+            Fault::DatabaseOutage => {
+                let d = rng.between(Duration::from_millis(500), Duration::from_millis(2500));
+                tracing::warn!(
+                    "fault: PostgreSQL refuses connections to the database for {:.1} s",
+                    d.as_secs_f64()
+                );
+                let outage_log = log.clone();
+                let mark = move |from, to| hit(&outage_log, fault, from, to);
+                let s = &self.settings;
+                match database_outage(&s.database_url, &s.database, d, mark).await {
+                    Ok(n) => {
+                        count(log, fault);
+                        lock(log).backends_terminated += n.max(0) as u64;
+                    }
+                    Err(e) => error(log, format!("database outage: {e}")),
+                }
+            }
+            Fault::WebhookFailures => {
+                let d = rng.between(Duration::from_secs(2), Duration::from_secs(5));
+                tracing::warn!(
+                    "fault: webhook receiver answers 500 for {:.1} s",
+                    d.as_secs_f64()
+                );
+                self.receiver.fail_for(d);
+                count(log, fault);
+            }
+            Fault::WebhookHang => {
+                let d = rng.between(Duration::from_secs(2), Duration::from_secs(5));
+                tracing::warn!("fault: webhook receiver hangs for {:.1} s", d.as_secs_f64());
+                let hold = self.settings.webhook_timeout + Duration::from_millis(1500);
+                self.receiver.hang_for(d, hold);
+                count(log, fault);
+            }
+            Fault::BrokerRestart => {
+                let down = rng.between(Duration::from_secs(3), Duration::from_secs(6));
+                broker_restart(log, down).await;
+            }
+        }
+        true
+    }
+}
+
 /// Injects faults until `stop` turns true; returns what it did once every
-/// restart it began is done.
+/// restart it began is done. `rounds` is told how many rounds of [`MIX`]
+/// were injected to the end, so that the load can go on until every kind
+/// came up.
 pub async fn run(
     settings: FaultSettings,
     fleet: Shared<Fleet>,
     receiver: Arc<Receiver>,
     mut rng: Rng,
     mut stop: watch::Receiver<bool>,
+    rounds: watch::Sender<u32>,
 ) -> FaultLog {
-    let log: Shared<FaultLog> = Arc::default();
-    let mut pending: Vec<JoinHandle<()>> = Vec::new();
-    let mut bag: Vec<u8> = Vec::new();
-    let started = tokio::time::Instant::now();
     // Broker restarts at about a third and two thirds of the load.
     let mut broker_at: Vec<Duration> = if settings.broker_restart {
         vec![
@@ -314,8 +503,18 @@ pub async fn run(
     } else {
         Vec::new()
     };
+    let mut injector = Injector {
+        settings,
+        fleet,
+        receiver,
+        log: Arc::default(),
+        pending: Vec::new(),
+        round: 0,
+        started: tokio::time::Instant::now(),
+    };
+    let mut bag = round(&mut rng);
     loop {
-        let pause = rng.between(settings.interval.0, settings.interval.1);
+        let pause = rng.between(injector.settings.interval.0, injector.settings.interval.1);
         tokio::select! {
             _ = tokio::time::sleep(pause) => {}
             _ = stop.changed() => {}
@@ -327,112 +526,101 @@ pub async fn run(
         // alone: the slots the injector killed stay down for their planned
         // time (their own task restarts them).
         {
-            let mut f = lock(&fleet);
+            let mut f = lock(&injector.fleet);
             for slot in f.reap_exited() {
                 if let Err(e) = f.start(slot) {
-                    error(&log, format!("restarting after an exit: {e}"));
+                    error(&injector.log, format!("restarting after an exit: {e}"));
                 }
             }
         }
         if let Some(at) = broker_at.first()
-            && started.elapsed() >= *at
+            && injector.started.elapsed() >= *at
         {
             broker_at.remove(0);
-            let down = rng.between(Duration::from_secs(3), Duration::from_secs(6));
-            broker_restart(&log, down).await;
+            injector.inject(Fault::BrokerRestart, &mut rng).await;
             continue;
         }
+        if let Some(fault) = bag.pop()
+            && !injector.inject(fault, &mut rng).await
+        {
+            // Again later in this round (at once if it was the last).
+            let at = rng.below(bag.len() + 1);
+            bag.insert(at, fault);
+        }
         if bag.is_empty() {
-            // A shuffled round of every kind: each one comes up in every round.
-            bag = vec![0, 0, 1, 2, 3, 3, 4, 5, 6];
-            for i in (1..bag.len()).rev() {
-                bag.swap(i, rng.below(i + 1));
-            }
+            injector.round += 1;
+            bag = round(&mut rng);
         }
-        let kind = bag.pop().unwrap_or(3);
-        match kind {
-            0 => {
-                let reason = format!("chaos: closing connections after {:?}", started.elapsed());
-                let from = Instant::now();
-                match rabbitmqctl(&["close_all_connections", "-p", &settings.vhost, &reason]).await
-                {
-                    Ok(out) => {
-                        hit(&log, HitKind::AmqpClose, from, Instant::now());
-                        tracing::warn!("fault: {}", out.trim().replace('\n', " "));
-                        count(&log, "AMQP connections closed (vhost)");
-                    }
-                    Err(e) => error(&log, e),
-                }
-            }
-            1 => {
-                // Kill one dispatcher only while both run: two stay the norm.
-                let both = fleet::DISPATCHERS
-                    .iter()
-                    .all(|s| lock(&fleet).services[*s].is_running());
-                if both {
-                    let slot = fleet::DISPATCHERS[rng.below(2)];
-                    let down = rng.between(Duration::from_millis(300), Duration::from_secs(3));
-                    pending.push(kill_and_restart(fleet.clone(), log.clone(), slot, down));
-                }
-            }
-            2 => {
-                let down = rng.between(Duration::from_millis(300), Duration::from_secs(3));
-                pending.push(kill_and_restart(
-                    fleet.clone(),
-                    log.clone(),
-                    fleet::WORKERS,
-                    down,
-                ));
-            }
-            3 => {
-                let from = Instant::now();
-                match terminate_backends(&settings.database_url, &settings.database).await {
-                    Ok(n) => {
-                        hit(&log, HitKind::BackendsTerminated, from, Instant::now());
-                        tracing::warn!("fault: pg_terminate_backend ended {n} backends");
-                        count(&log, "pg_terminate_backend rounds");
-                        lock(&log).backends_terminated += n.max(0) as u64;
-                    }
-                    Err(e) => error(&log, format!("pg_terminate_backend: {e}")),
-                }
-            }
-            6 => {
-                let d = rng.between(Duration::from_millis(500), Duration::from_millis(2500));
-                tracing::warn!(
-                    "fault: PostgreSQL refuses connections to the database for {:.1} s",
-                    d.as_secs_f64()
-                );
-                let outage_log = log.clone();
-                let mark = move |from, to| hit(&outage_log, HitKind::DatabaseOutage, from, to);
-                match database_outage(&settings.database_url, &settings.database, d, mark).await {
-                    Ok(n) => {
-                        count(&log, "PostgreSQL outage windows (connections refused)");
-                        lock(&log).backends_terminated += n.max(0) as u64;
-                    }
-                    Err(e) => error(&log, format!("database outage: {e}")),
-                }
-            }
-            4 => {
-                let d = rng.between(Duration::from_secs(2), Duration::from_secs(5));
-                tracing::warn!(
-                    "fault: webhook receiver answers 500 for {:.1} s",
-                    d.as_secs_f64()
-                );
-                receiver.fail_for(d);
-                count(&log, "webhook 500 windows");
-            }
-            _ => {
-                let d = rng.between(Duration::from_secs(2), Duration::from_secs(5));
-                tracing::warn!("fault: webhook receiver hangs for {:.1} s", d.as_secs_f64());
-                receiver.hang_for(d, settings.webhook_timeout + Duration::from_millis(1500));
-                count(&log, "webhook hang windows");
-            }
+        // A round is complete once it is drawn and its faults are over.
+        injector.pending.retain(|(_, h)| !h.is_finished());
+        let done = injector
+            .pending
+            .iter()
+            .map(|(r, _)| *r)
+            .min()
+            .unwrap_or(injector.round)
+            .min(injector.round);
+        let newly = {
+            let mut log = lock(&injector.log);
+            let newly = done > log.rounds;
+            log.rounds = log.rounds.max(done);
+            newly
+        };
+        if newly {
+            rounds.send_replace(done);
         }
-        pending.retain(|h| !h.is_finished());
     }
-    for h in pending {
+    for (_, h) in injector.pending {
         let _ = h.await;
     }
-    receiver.heal();
-    lock(&log).clone()
+    injector.receiver.heal();
+    lock(&injector.log).clone()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn a_round_holds_every_kind_of_the_mix_its_weight_times() {
+        let mut rng = Rng::new(7);
+        for _ in 0..20 {
+            let bag = round(&mut rng);
+            assert_eq!(bag.len(), MIX.iter().map(|(_, w)| w).sum::<usize>());
+            for (fault, weight) in MIX {
+                assert!(weight >= 1, "{fault:?} would never come up");
+                assert_eq!(bag.iter().filter(|f| **f == fault).count(), weight);
+            }
+            assert!(!bag.contains(&Fault::BrokerRestart));
+        }
+    }
+
+    #[test]
+    fn the_json_names_are_stable() {
+        let counts: BTreeMap<Fault, u64> = Fault::injected(true).map(|f| (f, 1)).collect();
+        let json = serde_json::to_value(&counts).unwrap();
+        let mut names: Vec<&str> = json
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        names.sort_unstable();
+        assert_eq!(
+            names,
+            [
+                "amqp_close",
+                "broker_restart",
+                "database_outage",
+                "kill_dispatcher",
+                "kill_workers",
+                "terminate_backends",
+                "webhook_failures",
+                "webhook_hang",
+            ]
+        );
+        assert_eq!(Fault::injected(false).count(), MIX.len());
+    }
 }

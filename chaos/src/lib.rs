@@ -3,7 +3,8 @@
 //! through it while faults are injected, lets it drain, and checks the end
 //! state against what the client was told and against what the broker
 //! carried (a queue of the suite's own, see [`tap`]). [`run`] is the whole
-//! driver; the `chaos` binary and `tests/short.rs` call it.
+//! driver; the `chaos` binary and the short CI run (`tests/it/short.rs`)
+//! call it.
 
 pub mod checks;
 pub mod faults;
@@ -62,17 +63,29 @@ pub struct Options {
     /// The run's own vhost (created beforehand), its name and URL.
     pub vhost: String,
     pub amqp_url: String,
-    /// Seconds of load.
+    /// How long journeys are started (at least; see `min_fault_rounds`).
     pub duration: Duration,
     /// Journeys started per second.
     pub rate: f64,
     pub seed: Option<u64>,
     /// Broker-wide `stop_app`/`start_app`: never while other work uses the broker.
     pub broker_restart: bool,
-    /// How long the fleet may take to drain after the load.
-    pub drain_timeout: Duration,
+    /// The drain fails when none of its figures (outbox rows undelivered and
+    /// published, queued messages, settlements, webhooks) moved for this
+    /// long. There is no deadline: a busy machine drains slowly, a stuck
+    /// fleet not at all.
+    pub drain_stall: Duration,
     /// Pause between two faults (a uniform range).
     pub fault_interval: (Duration, Duration),
+    /// The load goes on past `duration` until the injector has completed
+    /// this many rounds of the fault mix ([`faults::MIX`]), so that even a
+    /// short run sees every kind of fault with work in flight; at most
+    /// `duration` longer (a run that still has not is reported with the
+    /// counts it has).
+    pub min_fault_rounds: u32,
+    /// When the client gives a request up as lost (see
+    /// [`load::LoadSettings::give_up_after`]).
+    pub give_up_after: Duration,
     /// Pool size per service (`database.max_connections`).
     pub max_connections: u32,
     /// Messages each worker consumer handles at once.
@@ -92,8 +105,10 @@ impl Options {
             rate: 20.0,
             seed: None,
             broker_restart: false,
-            drain_timeout: Duration::from_secs(180),
+            drain_stall: Duration::from_secs(60),
             fault_interval: (Duration::from_secs(1), Duration::from_secs(3)),
+            min_fault_rounds: 1,
+            give_up_after: Duration::from_secs(60),
             max_connections: 16,
             worker_concurrency: 6,
             log_dir: None,
@@ -112,6 +127,16 @@ pub fn database_name(url: &str) -> Result<String, Error> {
 /// The webhook timeout the workers get: the receiver's hang windows hold
 /// requests longer than this.
 pub const WEBHOOK_TIMEOUT: Duration = Duration::from_millis(2000);
+
+/// Ingest's own deadline for a request (`ingest.request_timeout_secs`),
+/// after which it answers 503 itself.
+pub const INGEST_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The load client's per-attempt timeout: past the server's deadline, so
+/// that on a slow machine the server ends a slow request with a 503 and
+/// `Retry-After` instead of the client abandoning work that would have
+/// committed (see [`load`]).
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(INGEST_REQUEST_TIMEOUT.as_secs() + 3);
 
 /// The journey rates a run accepts (journeys per second).
 pub const RATE_RANGE: std::ops::RangeInclusive<f64> = 0.1..=10_000.0;
@@ -238,6 +263,14 @@ pub async fn run(opts: Options) -> Result<Report, Error> {
         // Quick retries, so that the faults' effects heal within the run.
         ("ENTRIP__AMQP__RETRY_DELAYS_MS", "200,1000,3000".to_owned()),
         ("ENTRIP__DISPATCHER__POLL_INTERVAL_MS", "200".to_owned()),
+        ("ENTRIP__DISPATCHER__BACKOFF_MIN_MS", "200".to_owned()),
+        ("ENTRIP__DISPATCHER__BACKOFF_MAX_MS", "2000".to_owned()),
+        (
+            "ENTRIP__INGEST__REQUEST_TIMEOUT_SECS",
+            INGEST_REQUEST_TIMEOUT.as_secs().to_string(),
+        ),
+        // The client honours it: a short one keeps the run short.
+        ("ENTRIP__INGEST__RETRY_AFTER_SECS", "1".to_owned()),
         (
             "ENTRIP__NOTIFICATIONS__TIMEOUT_MS",
             WEBHOOK_TIMEOUT.as_millis().to_string(),
@@ -299,8 +332,14 @@ pub async fn run(opts: Options) -> Result<Report, Error> {
         )
         .await?;
 
-    // Load and faults side by side.
+    // Faults while journeys are started: for `duration`, and on until the
+    // injector has completed its rounds. Then the started journeys end with
+    // the fleet left alone (every service up again), and the client gives a
+    // request up as lost only from then on: while faults go on, any request
+    // may be held up for as long as they last.
     let (stop_tx, stop_rx) = watch::channel(false);
+    let (calm_tx, calm_rx) = watch::channel(false);
+    let (rounds_tx, mut rounds_rx) = watch::channel(0u32);
     let faults = tokio::spawn(faults::run(
         faults::FaultSettings {
             vhost: opts.vhost.clone(),
@@ -315,33 +354,42 @@ pub async fn run(opts: Options) -> Result<Report, Error> {
         receiver.clone(),
         rng.fork(1),
         stop_rx.clone(),
+        rounds_tx,
     ));
-    let load = load::run(
+    let mut load = tokio::spawn(load::run(
         load::LoadSettings {
             base: ingest_url,
             rate: opts.rate,
-            duration: opts.duration,
-            client_timeout: Duration::from_millis(1500),
-            give_up_after: Duration::from_secs(90),
+            client_timeout: CLIENT_TIMEOUT,
+            give_up_after: opts.give_up_after,
             abandon_fraction: 0.25,
         },
         rng.fork(2),
         stop_rx,
-    )
-    .await;
+        calm_rx,
+    ));
+    let min_rounds = opts.min_fault_rounds;
+    let schedule = async {
+        tokio::time::sleep(opts.duration).await;
+        if min_rounds > 0 {
+            let rounds = rounds_rx.wait_for(|r| *r >= min_rounds);
+            if tokio::time::timeout(opts.duration, rounds).await.is_err() {
+                tracing::warn!(
+                    "the injector has not completed {min_rounds} rounds of the fault mix after {:?}; stopping the load anyway",
+                    opts.duration * 2
+                );
+            }
+        }
+    };
+    // A load that fails early (no users) ends the schedule at once.
+    let early = tokio::select! {
+        () = schedule => None,
+        result = &mut load => Some(result),
+    };
     let _ = stop_tx.send(true);
     let fault_log = faults
         .await
         .map_err(|e| with_logs(format!("fault injector failed: {e}")))?;
-    let load = load.map_err(|e| with_logs(format!("load failed: {e}")))?;
-    let load_seconds = load.elapsed.as_secs_f64();
-    tracing::info!(
-        journeys = load.journeys.len(),
-        faults = ?fault_log.counts,
-        "load and faults over; draining"
-    );
-
-    // Every service up again, then the drain.
     receiver.heal();
     fleet
         .lock()
@@ -350,14 +398,37 @@ pub async fn run(opts: Options) -> Result<Report, Error> {
     if let Err(e) = wait_healthy(&fleet, Duration::from_secs(90)).await {
         return Err(with_logs(e.to_string()));
     }
+    let _ = calm_tx.send(true);
+    tracing::info!(
+        faults = ?fault_log.counts,
+        "faults over, every service up; waiting for the started journeys"
+    );
+    let load = match early {
+        Some(result) => result,
+        None => load.await,
+    }
+    .map_err(|e| with_logs(format!("load task failed: {e}")))?
+    .map_err(|e| with_logs(format!("load failed: {e}")))?;
+    let load_seconds = load.elapsed.as_secs_f64();
+    tracing::info!(journeys = load.journeys.len(), "load over; draining");
+    // A service that exited by itself meanwhile is counted and started again.
+    fleet
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .start_all()?;
+    if let Err(e) = wait_healthy(&fleet, Duration::from_secs(90)).await {
+        return Err(with_logs(e.to_string()));
+    }
+
     let drain_start = Instant::now();
     let expected_settlements = load.journeys.iter().filter(|j| j.expect_settled()).count() as i64;
     let drained = checks::drain(
         &pool,
         &opts.vhost,
+        &opts.amqp_url,
         &receiver,
         expected_settlements,
-        opts.drain_timeout,
+        opts.drain_stall,
     )
     .await;
     let drain_seconds = drain_start.elapsed().as_secs_f64();
@@ -376,11 +447,16 @@ pub async fn run(opts: Options) -> Result<Report, Error> {
     };
     let mut totals = std::collections::BTreeMap::new();
     let mut all_checks = vec![Check {
-        name: "fleet drained within the deadline".into(),
+        name: "fleet drained (kept making progress until done)".into(),
         passed: drained.drained,
         detail: format!(
-            "{drain_seconds:.1} s (limit {:?}): undelivered {}, queued {}, settlements {} of {expected_settlements}, webhooks missing {}",
-            opts.drain_timeout,
+            "{drain_seconds:.1} s ({}; it fails when nothing moves for {:?}): undelivered {}, queued {}, settlements {} of {expected_settlements}, webhooks missing {}",
+            if drained.drained {
+                "drained".to_owned()
+            } else {
+                format!("nothing moved for {:.1} s", drained.still_for.as_secs_f64())
+            },
+            opts.drain_stall,
             drained.undelivered,
             drained.work_messages,
             drained.settlements,
@@ -418,11 +494,12 @@ pub async fn run(opts: Options) -> Result<Report, Error> {
         passed: service_exits.is_empty(),
         detail: format!("{} unexpected exits", service_exits.len()),
     });
-    let mut faults_counts = fault_log.counts.clone();
-    faults_counts.insert(
-        "PostgreSQL backends terminated (total)".into(),
-        fault_log.backends_terminated,
-    );
+    // Every kind the run injects, also the ones that did not come up.
+    let mut faults_counts: std::collections::BTreeMap<faults::Fault, u64> =
+        faults::Fault::injected(opts.broker_restart)
+            .map(|f| (f, 0))
+            .collect();
+    faults_counts.extend(fault_log.counts.iter().map(|(f, n)| (*f, *n)));
     let passed = all_checks.iter().all(|c| c.passed);
     let log_tails = (!passed).then(|| {
         fleet
@@ -439,12 +516,15 @@ pub async fn run(opts: Options) -> Result<Report, Error> {
     let report = Report {
         seed,
         started_at: started_at.to_rfc3339(),
+        journeys_seconds: load.started_for.as_secs_f64(),
         load_seconds,
         drain_seconds,
         total_seconds: t0.elapsed().as_secs_f64(),
         rate: opts.rate,
         broker_restart: opts.broker_restart,
         faults: faults_counts,
+        fault_rounds: fault_log.rounds,
+        backends_terminated: fault_log.backends_terminated,
         fault_errors: fault_log.errors,
         totals,
         responses_by_status: load.stats.by_status(),

@@ -1,10 +1,23 @@
 //! The load generator: journeys (booking → payment → result, and approval →
 //! decision for bookings that need one) at a steady rate through ingest's
-//! HTTP API, as a careful upstream client would send them: a short timeout,
-//! retries with the same `Idempotency-Key` and body until a definitive answer,
-//! some replays of answered requests, a planted fraction that gives up after a
-//! 5xx ("told failed"), and planted invalid requests. It records what the
-//! client was told, which is what the end state is checked against.
+//! HTTP API, as a careful upstream client would send them: a timeout longer
+//! than the server's own deadline, retries with the same `Idempotency-Key`
+//! and body until a definitive answer (after the server's `Retry-After`, or a
+//! growing, jittered backoff), some replays of answered requests, a planted
+//! fraction of first attempts with a timeout of a few milliseconds, a planted
+//! fraction that gives up after a 5xx ("told failed"), and planted invalid
+//! requests. It records what the client was told, which is what the end
+//! state is checked against.
+//!
+//! The client's patience is what tells a slow machine from a lost request.
+//! A per-attempt timeout shorter than the server takes on a busy machine
+//! makes every attempt a timeout: the server's work is cancelled and rolled
+//! back, the retries keep the machine busy, and nothing completes (a short
+//! run once saw 156 requests give up that way after 90 s of retries).
+//! So an attempt waits longer than the server's deadline (the server
+//! answers 503 by then), the client honours `Retry-After`, and a request
+//! counts as lost only when it stays unanswered after the faults are over
+//! while the fleet answers others (see [`LoadSettings::give_up_after`]).
 
 use std::{
     collections::BTreeMap,
@@ -15,26 +28,72 @@ use std::{
     time::{Duration, Instant},
 };
 
-use serde::Serialize;
+use backon::{BackoffBuilder as _, ExponentialBuilder};
+use serde::{Serialize, Serializer};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 use uuid::Uuid;
 
 use crate::{Error, rng::Rng};
 
-/// How the load runs.
+/// How the load runs. It starts journeys until told to stop (see [`run`]).
 #[derive(Debug, Clone)]
 pub struct LoadSettings {
     pub base: String,
     /// Journeys started per second.
     pub rate: f64,
-    pub duration: Duration,
-    /// Per-request client timeout.
+    /// Per-attempt client timeout: longer than the server's own deadline
+    /// (ingest's `request_timeout_secs`), so that the server, not the
+    /// client, ends a slow request, and a client timeout means the answer
+    /// was lost (or planted: a share of first attempts get a few
+    /// milliseconds).
     pub client_timeout: Duration,
-    /// A request still without a definitive answer after this is given up.
+    /// A request still without a definitive answer this long after the
+    /// faults are over (or after it was sent, if later), while the fleet gave
+    /// [`LOST_AMONG`] definitive answers to other requests meanwhile, is
+    /// lost: given up and counted. Without those answers (the whole fleet
+    /// slow, or the machine starved) it waits twice as long. While faults
+    /// are injected no request is given up: a run of database outages may
+    /// hold one up for as long as they last, and that phase is bounded.
     pub give_up_after: Duration,
     /// Share of journeys that stop at their first 5xx answer.
     pub abandon_fraction: f64,
+}
+
+/// Definitive answers to other requests that make an unanswered request
+/// lost rather than slow (see [`LoadSettings::give_up_after`]).
+pub const LOST_AMONG: u64 = 20;
+
+/// The longest `Retry-After` the client waits (the fleet is told to send 1 s
+/// in a chaos run).
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(5);
+
+/// How one attempt ended, for the report's answers by status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Response {
+    /// The server answered with this HTTP status.
+    Status(u16),
+    /// No complete answer within the attempt's timeout.
+    Timeout,
+    /// The connection failed (refused, reset) before a complete answer.
+    ConnectionError,
+}
+
+impl std::fmt::Display for Response {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Status(s) => write!(f, "{s}"),
+            Self::Timeout => f.write_str("timeout"),
+            Self::ConnectionError => f.write_str("connection-error"),
+        }
+    }
+}
+
+/// As its text (`"201"`, `"timeout"`), so that it can key a JSON object.
+impl Serialize for Response {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
 }
 
 /// Counters of the client's side.
@@ -50,7 +109,9 @@ pub struct Stats {
     pub replay_mismatches: AtomicU64,
     pub gave_up: AtomicU64,
     pub unexpected_answers: AtomicU64,
-    by_status: Mutex<BTreeMap<String, u64>>,
+    /// Definitive answers (2xx, 4xx) to any request: the fleet is serving.
+    pub answered: AtomicU64,
+    by_status: Mutex<BTreeMap<Response, u64>>,
     problems: Mutex<Vec<String>>,
 }
 
@@ -59,9 +120,9 @@ impl Stats {
         c.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn status(&self, s: &str) {
+    fn status(&self, r: Response) {
         let mut m = self.by_status.lock().unwrap_or_else(|e| e.into_inner());
-        *m.entry(s.to_owned()).or_default() += 1;
+        *m.entry(r).or_default() += 1;
     }
 
     /// Keeps the first problems verbatim for the report.
@@ -73,7 +134,7 @@ impl Stats {
         }
     }
 
-    pub fn by_status(&self) -> BTreeMap<String, u64> {
+    pub fn by_status(&self) -> BTreeMap<Response, u64> {
         self.by_status
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -93,7 +154,7 @@ impl Stats {
 }
 
 /// The steps of a journey, each one POST.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 pub enum Step {
     Booking,
     Payment,
@@ -182,9 +243,67 @@ struct Client {
     http: reqwest::Client,
     settings: LoadSettings,
     stats: Arc<Stats>,
+    /// When the faults were over, and the definitive answers given by then.
+    calm_since: Arc<std::sync::OnceLock<(Instant, u64)>>,
+}
+
+/// One attempt's answer.
+struct Reply {
+    status: u16,
+    body: Value,
+    replayed: bool,
+    /// The server's `Retry-After` (seconds), when it sent one.
+    retry_after: Option<Duration>,
+}
+
+/// Where a request's wait for a definitive answer began.
+struct Patience {
+    started: Instant,
+    answered_before: u64,
 }
 
 impl Client {
+    fn patience(&self) -> Patience {
+        Patience {
+            started: Instant::now(),
+            answered_before: Stats::get(&self.stats.answered),
+        }
+    }
+
+    /// Whether a request waiting since `p` is lost (see
+    /// [`LoadSettings::give_up_after`]).
+    fn lost(&self, p: &Patience) -> bool {
+        let Some((calm, answered_then)) = self.calm_since.get().copied() else {
+            return false;
+        };
+        let waited = p.started.max(calm).elapsed();
+        let others =
+            Stats::get(&self.stats.answered).saturating_sub(p.answered_before.max(answered_then));
+        let limit = self.settings.give_up_after;
+        (waited >= limit && others >= LOST_AMONG) || waited >= limit * 2
+    }
+
+    /// Growing delays with jitter between attempts, so that requests failed
+    /// by one fault do not come back all at once.
+    fn backoff() -> impl Iterator<Item = Duration> {
+        ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(100))
+            .with_max_delay(Duration::from_secs(2))
+            .with_jitter()
+            .without_max_times()
+            .build()
+    }
+
+    /// The pause before the next attempt: the server's `Retry-After` (at
+    /// most [`MAX_RETRY_AFTER`]) when it sent one, else the backoff's.
+    fn pause(
+        backoff: &mut impl Iterator<Item = Duration>,
+        retry_after: Option<Duration>,
+    ) -> Duration {
+        let next = backoff.next().unwrap_or(Duration::from_secs(2));
+        retry_after.map_or(next, |r| r.min(MAX_RETRY_AFTER).max(next))
+    }
+
     /// Sends one POST until a definitive answer, always with the same key and
     /// body. With `abandon_on_5xx`, a 5xx is final when no earlier attempt
     /// was ambiguous (a timeout could have committed).
@@ -196,7 +315,8 @@ impl Client {
         abandon_on_5xx: bool,
         first_timeout: Option<Duration>,
     ) -> Answer {
-        let started = Instant::now();
+        let patience = self.patience();
+        let mut backoff = Self::backoff();
         let mut ambiguous = false;
         let mut attempt: u32 = 0;
         loop {
@@ -206,39 +326,51 @@ impl Client {
                 Stats::bump(&self.stats.retries);
             }
             let timeout = if attempt == 1 { first_timeout } else { None };
+            let mut retry_after = None;
             match self.once(path, key, body, timeout).await {
-                Ok((status, value, _)) if (200..300).contains(&status) => {
-                    return Answer::Success(status, value);
+                Ok(r) if (200..300).contains(&r.status) => {
+                    return Answer::Success(r.status, r.body);
                 }
-                Ok((status, _, _)) if status >= 500 => {
+                Ok(r) if r.status >= 500 => {
                     Stats::bump(&self.stats.server_errors);
                     if abandon_on_5xx && !ambiguous {
-                        return Answer::ToldFailed(status);
+                        return Answer::ToldFailed(r.status);
                     }
                     ambiguous = true;
+                    retry_after = r.retry_after;
                 }
-                Ok((status, value, _)) => return Answer::Refused(status, value),
+                Ok(r) => return Answer::Refused(r.status, r.body),
                 Err(_) => {
                     Stats::bump(&self.stats.timeouts);
                     ambiguous = true;
                 }
             }
-            if started.elapsed() > self.settings.give_up_after {
-                return Answer::GaveUp(format!("{attempt} attempts in {:?}", started.elapsed()));
+            if self.lost(&patience) {
+                return Answer::GaveUp(format!(
+                    "{attempt} attempts in {:?}",
+                    patience.started.elapsed()
+                ));
             }
-            let backoff = Duration::from_millis((100u64 << attempt.min(4)).min(1500));
-            tokio::time::sleep(backoff).await;
+            tokio::time::sleep(Self::pause(&mut backoff, retry_after)).await;
         }
     }
 
-    /// One attempt: status, JSON body and whether it was a replay.
+    /// One attempt.
     async fn once(
         &self,
         path: &str,
         key: &str,
         body: &Value,
         timeout: Option<Duration>,
-    ) -> Result<(u16, Value, bool), reqwest::Error> {
+    ) -> Result<Reply, reqwest::Error> {
+        let failed = |e: reqwest::Error| {
+            self.stats.status(if e.is_timeout() {
+                Response::Timeout
+            } else {
+                Response::ConnectionError
+            });
+            e
+        };
         let mut req = self
             .http
             .post(format!("{}{path}", self.settings.base))
@@ -247,60 +379,65 @@ impl Client {
         if let Some(t) = timeout {
             req = req.timeout(t);
         }
-        let resp = req.send().await;
-        let resp = match resp {
-            Ok(r) => r,
-            Err(e) => {
-                self.stats.status(if e.is_timeout() {
-                    "timeout"
-                } else {
-                    "connect-error"
-                });
-                return Err(e);
-            }
-        };
+        let resp = req.send().await.map_err(failed)?;
         let status = resp.status().as_u16();
-        let replayed = resp
-            .headers()
-            .get("idempotent-replayed")
-            .and_then(|v| v.to_str().ok())
-            == Some("true");
-        let text = resp
-            .text()
-            .await
-            .inspect_err(|_| self.stats.status("timeout"))?;
-        self.stats.status(&status.to_string());
-        let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
-        Ok((status, value, replayed))
+        let header = |name: &str| {
+            resp.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let replayed = header("idempotent-replayed").as_deref() == Some("true");
+        let retry_after = header("retry-after")
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let text = resp.text().await.map_err(failed)?;
+        self.stats.status(Response::Status(status));
+        if status < 500 {
+            Stats::bump(&self.stats.answered);
+        }
+        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        Ok(Reply {
+            status,
+            body,
+            replayed,
+            retry_after,
+        })
     }
 
     /// Sends an answered request again: it must come back the same, marked
     /// as a replay.
     async fn replay(&self, path: &str, key: &str, body: &Value, first: &(u16, Value)) {
         Stats::bump(&self.stats.replays);
-        let started = Instant::now();
+        let patience = self.patience();
+        let mut backoff = Self::backoff();
         loop {
             Stats::bump(&self.stats.requests);
+            let mut retry_after = None;
             match self.once(path, key, body, None).await {
-                Ok((status, value, replayed)) if status < 500 => {
-                    if status != first.0 || value != first.1 || !replayed {
+                Ok(r) if r.status < 500 => {
+                    if r.status != first.0 || r.body != first.1 || !r.replayed {
                         Stats::bump(&self.stats.replay_mismatches);
                         self.stats.problem(format!(
-                            "replay of {path} key {key}: got {status} replayed={replayed} {value}, first answer {} {}",
-                            first.0, first.1
+                            "replay of {path} key {key}: got {} replayed={} {}, first answer {} {}",
+                            r.status, r.replayed, r.body, first.0, first.1
                         ));
                     }
                     return;
                 }
-                _ => Stats::bump(&self.stats.retries),
+                Ok(r) => {
+                    Stats::bump(&self.stats.retries);
+                    retry_after = r.retry_after;
+                }
+                Err(_) => Stats::bump(&self.stats.retries),
             }
-            if started.elapsed() > self.settings.give_up_after {
+            if self.lost(&patience) {
                 Stats::bump(&self.stats.gave_up);
                 self.stats
                     .problem(format!("replay of {path} key {key}: no answer, gave up"));
                 return;
             }
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            tokio::time::sleep(Self::pause(&mut backoff, retry_after)).await;
         }
     }
 }
@@ -569,24 +706,40 @@ pub struct LoadResult {
     pub users: Vec<Uuid>,
     pub journeys: Vec<Journey>,
     pub stats: Arc<Stats>,
+    /// How long journeys were started.
+    pub started_for: Duration,
+    /// That, and the wait for the started ones to end.
     pub elapsed: Duration,
 }
 
-/// Creates the users, then starts journeys at the set rate until the
-/// duration is over or `stop` turns true, and waits for the started ones.
+/// Creates the users, then starts journeys at the set rate until `stop`
+/// turns true (the driver decides when: see [`crate::run`]), and waits for
+/// the started ones. `calm` turns true when the faults are over: only then
+/// may a request be given up (see [`LoadSettings::give_up_after`]).
 pub async fn run(
     settings: LoadSettings,
     mut rng: Rng,
     mut stop: watch::Receiver<bool>,
+    mut calm: watch::Receiver<bool>,
 ) -> Result<LoadResult, Error> {
     let http = reqwest::Client::builder()
         .timeout(settings.client_timeout)
         .build()?;
     let stats = Arc::new(Stats::default());
+    let calm_since = Arc::new(std::sync::OnceLock::new());
+    let watch_calm = {
+        let (calm_since, stats) = (calm_since.clone(), stats.clone());
+        tokio::spawn(async move {
+            if calm.wait_for(|c| *c).await.is_ok() {
+                let _ = calm_since.set((Instant::now(), Stats::get(&stats.answered)));
+            }
+        })
+    };
     let client = Arc::new(Client {
         http,
         settings: settings.clone(),
         stats: stats.clone(),
+        calm_since,
     });
     let mut users = Vec::new();
     for i in 0..4 {
@@ -615,7 +768,7 @@ pub async fn run(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut tasks = Vec::new();
     let mut n = 0u64;
-    while started.elapsed() < settings.duration && !*stop.borrow() {
+    while !*stop.borrow() {
         tokio::select! {
             _ = tick.tick() => {}
             _ = stop.changed() => break,
@@ -628,12 +781,16 @@ pub async fn run(
         )));
         n += 1;
     }
+    let started_for = started.elapsed();
     tracing::info!(
         journeys = n,
-        "load: no new journeys; waiting for the started ones"
+        "load: no new journeys after {:.1} s; waiting for the started ones",
+        started_for.as_secs_f64()
     );
     let mut journeys = Vec::new();
-    for t in futures::future::join_all(tasks).await {
+    let ended = futures::future::join_all(tasks).await;
+    watch_calm.abort();
+    for t in ended {
         match t {
             Ok(j) => journeys.push(j),
             Err(e) => return Err(Error::Setup(format!("a journey task failed: {e}"))),
@@ -643,6 +800,7 @@ pub async fn run(
         users: users.to_vec(),
         journeys,
         stats,
+        started_for,
         elapsed: started.elapsed(),
     })
 }

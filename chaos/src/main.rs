@@ -23,7 +23,8 @@ struct Cli {
     /// The AMQP URL of that vhost; default: guest on 127.0.0.1:5672.
     #[arg(long)]
     amqp_url: Option<String>,
-    /// Seconds of load.
+    /// Seconds of load (longer if the fault mix has not come up in full by
+    /// then; see --min-fault-rounds).
     #[arg(long, default_value_t = 120)]
     seconds: u64,
     /// Journeys started per second (0.1 to 10000).
@@ -36,9 +37,18 @@ struct Cli {
     /// stop_app`/`start_app`): disturbs everything else using the broker.
     #[arg(long)]
     broker_restart: bool,
-    /// Seconds the fleet may take to drain after the load.
-    #[arg(long, default_value_t = 300)]
-    drain_timeout: u64,
+    /// The drain fails when nothing moves (outbox, queues, settlements,
+    /// webhooks) for this many seconds; there is no overall deadline.
+    #[arg(long, default_value_t = 60)]
+    drain_stall: u64,
+    /// Seconds after which the client gives a request up as lost (while
+    /// others are answered; twice that if none are).
+    #[arg(long, default_value_t = 60)]
+    give_up_after: u64,
+    /// Rounds of the fault mix that must be injected before the load ends
+    /// (each round holds every kind; at most --seconds more).
+    #[arg(long, default_value_t = 1)]
+    min_fault_rounds: u32,
     /// Where ingest, dispatcher and workers are; default: next to this
     /// executable or in its parent directory.
     #[arg(long)]
@@ -52,7 +62,7 @@ struct Cli {
     /// Messages each worker consumer handles at once.
     #[arg(long, default_value_t = 12)]
     worker_concurrency: u32,
-    /// Write the report to <prefix>.md and <prefix>.json.
+    /// Write the report to REPORT.md and REPORT.json.
     #[arg(long)]
     report: Option<PathBuf>,
 }
@@ -105,7 +115,9 @@ async fn main_inner() -> anyhow::Result<bool> {
     opts.rate = cli.rate;
     opts.seed = cli.seed;
     opts.broker_restart = cli.broker_restart;
-    opts.drain_timeout = Duration::from_secs(cli.drain_timeout);
+    opts.drain_stall = Duration::from_secs(cli.drain_stall);
+    opts.give_up_after = Duration::from_secs(cli.give_up_after);
+    opts.min_fault_rounds = cli.min_fault_rounds;
     opts.log_dir = cli.log_dir;
     opts.max_connections = cli.max_connections;
     opts.worker_concurrency = cli.worker_concurrency;

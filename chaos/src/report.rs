@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, fmt::Write as _, path::Path};
 
 use serde::Serialize;
 
-use crate::Error;
+use crate::{Error, faults::Fault, load::Response};
 
 /// One named check with what it found.
 #[derive(Debug, Clone, Serialize)]
@@ -19,7 +19,9 @@ pub struct Check {
 pub struct Report {
     pub seed: u64,
     pub started_at: String,
-    /// Seconds of load (new journeys were started).
+    /// Seconds new journeys were started.
+    pub journeys_seconds: f64,
+    /// Seconds of load: that, and until the started journeys ended.
     pub load_seconds: f64,
     /// Seconds from the end of the load until the fleet was drained.
     pub drain_seconds: f64,
@@ -27,10 +29,19 @@ pub struct Report {
     /// Journeys started per second.
     pub rate: f64,
     pub broker_restart: bool,
-    pub faults: BTreeMap<String, u64>,
+    /// Injected faults by kind (JSON keys: the kinds' snake_case names),
+    /// every kind the run injects, zeros included.
+    pub faults: BTreeMap<Fault, u64>,
+    /// Rounds of the fault mix injected to the end.
+    pub fault_rounds: u32,
+    /// PostgreSQL backends that `pg_terminate_backend` and the outages ended.
+    pub backends_terminated: u64,
     pub fault_errors: Vec<String>,
+    /// Figures for people; no code looks them up.
     pub totals: BTreeMap<String, u64>,
-    pub responses_by_status: BTreeMap<String, u64>,
+    /// The client's attempts by how they ended (JSON keys `"201"`,
+    /// `"timeout"`, …).
+    pub responses_by_status: BTreeMap<Response, u64>,
     pub client_problems: Vec<String>,
     pub service_exits: Vec<String>,
     pub checks: Vec<Check>,
@@ -59,8 +70,12 @@ impl Report {
         let _ = writeln!(s, "- started {}", self.started_at);
         let _ = writeln!(
             s,
-            "- load {:.1} s at {} journeys/s; drain {:.1} s; total {:.1} s",
-            self.load_seconds, self.rate, self.drain_seconds, self.total_seconds
+            "- journeys started for {:.1} s at {} journeys/s, load over after {:.1} s; drain {:.1} s; total {:.1} s",
+            self.journeys_seconds,
+            self.rate,
+            self.load_seconds,
+            self.drain_seconds,
+            self.total_seconds
         );
         let _ = writeln!(
             s,
@@ -69,10 +84,19 @@ impl Report {
         );
         let _ = writeln!(s, "- service logs: `{}`\n", self.log_dir);
 
-        let _ = writeln!(s, "## Faults injected\n\n| fault | count |\n|---|---:|");
-        for (k, v) in &self.faults {
-            let _ = writeln!(s, "| {k} | {v} |");
+        let _ = writeln!(
+            s,
+            "## Faults injected ({} full rounds of the mix)\n\n| fault | count |\n|---|---:|",
+            self.fault_rounds
+        );
+        for (fault, n) in &self.faults {
+            let _ = writeln!(s, "| {} | {n} |", fault.label());
         }
+        let _ = writeln!(
+            s,
+            "| PostgreSQL backends terminated (total) | {} |",
+            self.backends_terminated
+        );
         if !self.fault_errors.is_empty() {
             let _ = writeln!(s, "\nFault injection errors:\n");
             for e in &self.fault_errors {

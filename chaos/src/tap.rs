@@ -8,12 +8,16 @@
 
 use std::collections::HashMap;
 
+use std::time::Duration;
+
 use entrip_common::amqp::{EVENTS_EXCHANGE, UNROUTED};
+use futures::StreamExt as _;
 use lapin::{
-    Connection, ConnectionProperties, ExchangeKind,
+    BasicProperties, Connection, ConnectionProperties, ExchangeKind,
     options::{
-        BasicGetOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
-        QueueDeleteOptions, QueuePurgeOptions,
+        BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicQosOptions,
+        ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+        QueuePurgeOptions,
     },
     types::{AMQPValue, FieldTable, LongString, ShortString},
 };
@@ -112,7 +116,39 @@ pub struct TapLog {
     pub without_id: u64,
 }
 
-/// Reads the tap queue to the end (`basic.get`, queue order), then deletes it.
+impl TapLog {
+    fn record(&mut self, properties: &BasicProperties) {
+        let position = usize::try_from(self.messages).unwrap_or(usize::MAX);
+        self.messages += 1;
+        match properties.message_id() {
+            Some(id) => {
+                let id = id.as_str().to_owned();
+                self.first_at.entry(id.clone()).or_insert(position);
+                *self.copies.entry(id).or_default() += 1;
+            }
+            None => self.without_id += 1,
+        }
+    }
+}
+
+/// Deliveries in flight to the reading consumer, acknowledged in batches.
+const READ_BATCH: u16 = 500;
+
+/// Acknowledges a delivery and every one before it on its channel.
+async fn ack(delivery: lapin::message::Delivery) -> Result<(), Error> {
+    delivery
+        .acker
+        .ack(BasicAckOptions { multiple: true })
+        .await
+        .map(|_| ())
+        .map_err(|e| broker("basic.ack", e))
+}
+
+/// Reads the tap queue to the end, in queue order, then deletes it. The
+/// messages it held when the read began come through a consumer (one
+/// `basic.get` round trip per message would take minutes for a long run's
+/// tens of thousands); any that came later, and any the consumer left
+/// unacknowledged, through `basic.get` until the queue is empty.
 pub async fn drain(amqp_url: &str) -> Result<TapLog, Error> {
     let conn = connect(amqp_url).await?;
     let channel = conn
@@ -120,24 +156,76 @@ pub async fn drain(amqp_url: &str) -> Result<TapLog, Error> {
         .await
         .map_err(|e| broker("channel", e))?;
     let mut log = TapLog::default();
-    let mut position = 0usize;
-    while let Some(msg) = channel
+    let held = channel
+        .queue_declare(
+            TAP_QUEUE.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| broker("counting the messages", e))?
+        .message_count();
+    if held > 0 {
+        channel
+            .basic_qos(READ_BATCH, BasicQosOptions::default())
+            .await
+            .map_err(|e| broker("basic.qos", e))?;
+        let tag = ShortString::from("entrip-chaos-tap-reader");
+        let mut consumer = channel
+            .basic_consume(
+                TAP_QUEUE.into(),
+                tag.clone(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| broker("basic.consume", e))?;
+        // The last delivery read and not yet acknowledged (with the ones
+        // before it: `multiple`).
+        let mut unacked: (u16, Option<lapin::message::Delivery>) = (0, None);
+        while log.messages < u64::from(held) {
+            // Nothing else reads the queue: a pause this long means the
+            // broker stopped sending, and `basic.get` below takes over.
+            let next = tokio::time::timeout(Duration::from_secs(10), consumer.next()).await;
+            let Ok(Some(delivery)) = next else { break };
+            let delivery = delivery.map_err(|e| broker("consuming", e))?;
+            log.record(&delivery.properties);
+            unacked = (unacked.0 + 1, Some(delivery));
+            if unacked.0 >= READ_BATCH / 2
+                && let (_, Some(last)) = std::mem::take(&mut unacked)
+            {
+                ack(last).await?;
+            }
+        }
+        // Everything read is acknowledged before the consumer goes: what it
+        // was sent beyond that comes again, to `basic.get` below.
+        if let (_, Some(last)) = unacked {
+            ack(last).await?;
+        }
+        channel
+            .basic_cancel(tag, BasicCancelOptions::default())
+            .await
+            .map_err(|e| broker("basic.cancel", e))?;
+    }
+    let getter = if held > 0 {
+        let _ = channel.close(200, "tap read".into()).await;
+        conn.create_channel()
+            .await
+            .map_err(|e| broker("channel", e))?
+    } else {
+        channel
+    };
+    while let Some(msg) = getter
         .basic_get(TAP_QUEUE.into(), BasicGetOptions { no_ack: true })
         .await
         .map_err(|e| broker("basic.get", e))?
     {
-        log.messages += 1;
-        match msg.delivery.properties.message_id() {
-            Some(id) => {
-                let id = id.as_str().to_owned();
-                log.first_at.entry(id.clone()).or_insert(position);
-                *log.copies.entry(id).or_default() += 1;
-            }
-            None => log.without_id += 1,
-        }
-        position += 1;
+        log.record(&msg.delivery.properties);
     }
-    if let Err(e) = channel
+    if let Err(e) = getter
         .queue_delete(TAP_QUEUE.into(), QueueDeleteOptions::default())
         .await
     {

@@ -17,6 +17,7 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use lapin::{
     Channel, Connection, ConnectionProperties, ExchangeKind,
     options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions},
+    protocol::{AMQPErrorKind, AMQPSoftError},
     types::{AMQPValue, FieldTable, LongString, ShortString},
 };
 use tokio_util::sync::CancellationToken;
@@ -222,11 +223,20 @@ pub async fn declare_topology(
     Ok(())
 }
 
+/// Whether the broker refused a declaration because the queue or exchange
+/// exists with other arguments (channel error 406 PRECONDITION_FAILED).
+fn is_topology_mismatch(err: &lapin::Error) -> bool {
+    matches!(
+        err.kind(),
+        lapin::ErrorKind::ProtocolError(e)
+            if *e.kind() == AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)
+    )
+}
+
 /// Logs a failed channel set-up; a topology that differs from the broker's
-/// (PRECONDITION_FAILED) is a configuration error that retrying cannot fix.
+/// is a configuration error that retrying cannot fix.
 pub fn log_setup_error(err: &lapin::Error, what: &str) {
-    let text = err.to_string();
-    if text.contains("PRECONDITION_FAILED") {
+    if is_topology_mismatch(err) {
         tracing::error!(%err, "{what}: the broker's queues were declared with other arguments; every service must use the same amqp.delivery_limit and amqp.retry_delays_ms");
     } else {
         tracing::warn!(%err, "{what}; reconnecting");
@@ -252,7 +262,35 @@ pub fn topic_matches(pattern: &str, topic: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::topic_matches;
+    use super::*;
+
+    /// A service started with another `amqp.delivery_limit` than the
+    /// broker's queues were declared with is told so, from the error's
+    /// code (this pins lapin's error kinds: an upgrade that changes them
+    /// fails here).
+    #[tokio::test]
+    async fn a_topology_declared_with_other_arguments_is_a_mismatch() {
+        let vhost = entrip_testkit::Vhost::new();
+        let settings = AmqpSettings {
+            url: vhost.url(),
+            ..AmqpSettings::default()
+        };
+        let conn = connect(&vhost.url(), "test").await.unwrap();
+        let channel = conn.create_channel().await.unwrap();
+        declare_topology(&channel, &settings).await.unwrap();
+        declare_topology(&channel, &settings).await.unwrap();
+        let other = AmqpSettings {
+            delivery_limit: settings.delivery_limit + 1,
+            ..settings
+        };
+        let channel = conn.create_channel().await.unwrap();
+        let err = declare_topology(&channel, &other).await.unwrap_err();
+        assert!(is_topology_mismatch(&err), "{err:?}");
+        // A lost connection is not one.
+        conn.close(200, "done".into()).await.unwrap();
+        let err = conn.create_channel().await.unwrap_err();
+        assert!(!is_topology_mismatch(&err), "{err:?}");
+    }
 
     #[test]
     fn topic_patterns() {

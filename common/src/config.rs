@@ -263,7 +263,7 @@ impl Settings {
     }
 
     /// Loads the settings from the given environment (tests pass their own).
-    pub fn load_from(env: HashMap<String, String>) -> Result<Self, ConfigError> {
+    fn load_from(env: HashMap<String, String>) -> Result<Self, ConfigError> {
         let defaults = Config::try_from(&Settings::default())?;
         let mut builder = Config::builder()
             .add_source(defaults)

@@ -45,7 +45,7 @@ impl Currency {
     }
 
     /// Decimals the currency allows: KRW and JPY 0, USD and EUR 2.
-    pub fn minor_units(self) -> u32 {
+    fn minor_units(self) -> u32 {
         self.0.exponent().map_or(2, u32::from)
     }
 }
@@ -78,7 +78,7 @@ impl Money {
     }
 
     /// Zero or a positive amount (a tax, for instance).
-    pub fn new_non_negative(amount: Decimal, currency: Currency) -> Result<Self, Invalid> {
+    fn new_non_negative(amount: Decimal, currency: Currency) -> Result<Self, Invalid> {
         if amount < Decimal::ZERO {
             return invalid("must not be negative");
         }
@@ -107,7 +107,7 @@ impl Money {
     }
 
     /// Rebuilds a stored value (already validated when it was written).
-    pub fn from_stored(amount: Decimal, currency: Currency) -> Self {
+    fn from_stored(amount: Decimal, currency: Currency) -> Self {
         Self {
             amount: amount.normalize(),
             currency,

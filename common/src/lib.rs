@@ -1,6 +1,7 @@
 //! Shared library of the Entrip fleet: configuration, telemetry, the
 //! PostgreSQL pool and migrations, domain types, the audit log and outbox
-//! writers, the Prometheus registry and exporter, and graceful shutdown.
+//! writers, the Prometheus registry and exporter, graceful shutdown, and
+//! the start-up every service shares.
 
 pub mod amqp;
 pub mod audit;
@@ -9,6 +10,7 @@ pub mod db;
 pub mod domain;
 pub mod events;
 pub mod metrics;
+pub mod service;
 pub mod shutdown;
 pub mod signing;
 pub mod store;

@@ -53,7 +53,7 @@ fn first_death(props: &BasicProperties) -> Option<&FieldTable> {
 
 /// The routing key the event was first published with: the event type
 /// (`type` property), else the one RabbitMQ recorded in `x-death`.
-pub fn original_routing_key(props: &BasicProperties) -> Option<String> {
+pub(crate) fn original_routing_key(props: &BasicProperties) -> Option<String> {
     if let Some(kind) = props.kind() {
         return Some(kind.as_str().to_owned());
     }
@@ -159,15 +159,7 @@ pub async fn replay(
         let props = msg.delivery.properties.clone();
         let message_id = props.message_id().as_ref().map(|s| s.as_str().to_owned());
         let Some(routing_key) = original_routing_key(&props) else {
-            channel
-                .basic_nack(
-                    tag,
-                    BasicNackOptions {
-                        multiple: false,
-                        requeue: true,
-                    },
-                )
-                .await?;
+            requeue(channel, tag).await?;
             return Err(ReplayError::NoRoutingKey { message_id });
         };
         let confirmation = channel
@@ -184,15 +176,7 @@ pub async fn replay(
             .await?
             .await?;
         if confirmation != Confirmation::Ack(None) {
-            channel
-                .basic_nack(
-                    tag,
-                    BasicNackOptions {
-                        multiple: false,
-                        requeue: true,
-                    },
-                )
-                .await?;
+            requeue(channel, tag).await?;
             return Err(ReplayError::NotConfirmed { message_id });
         }
         channel.basic_ack(tag, BasicAckOptions::default()).await?;
@@ -200,6 +184,19 @@ pub async fn replay(
         replayed += 1;
     }
     Ok(replayed)
+}
+
+/// Leaves a fetched message in its queue.
+async fn requeue(channel: &Channel, tag: u64) -> Result<(), lapin::Error> {
+    channel
+        .basic_nack(
+            tag,
+            BasicNackOptions {
+                multiple: false,
+                requeue: true,
+            },
+        )
+        .await
 }
 
 /// The original properties without the dead-lettering bookkeeping.

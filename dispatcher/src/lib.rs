@@ -5,5 +5,5 @@
 pub mod dlq;
 pub mod metrics;
 pub mod outbox;
-pub mod publisher;
+mod publisher;
 pub mod relay;

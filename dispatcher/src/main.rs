@@ -2,7 +2,7 @@
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
-use entrip_common::{amqp, config::Settings, db, metrics::new_registry, shutdown, telemetry};
+use entrip_common::{amqp, config::Settings, db, service::Service, telemetry};
 use entrip_dispatcher::{
     dlq,
     metrics::RelayMetrics,
@@ -145,17 +145,15 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn run(settings: Settings) -> anyhow::Result<()> {
-    let token = shutdown::on_signal();
-    let pool = db::connect_and_migrate(&settings.database)
-        .await
-        .context("database start-up")?;
-    let registry = new_registry();
-    let metrics = RelayMetrics::register(&registry)?;
+    let service = Service::start(&settings.database).await?;
+    let metrics = RelayMetrics::register(&service.registry)?;
     let listen = settings.dispatcher.listen;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen} (key `dispatcher.listen`)"))?;
-    let http = entrip_common::metrics::spawn_server(listener, registry.clone(), token.clone());
+    let http = service.serve_metrics(listen, "dispatcher.listen").await?;
+    let Service {
+        shutdown: token,
+        pool,
+        ..
+    } = service;
     let housekeeping = tokio::spawn(relay::housekeeping(
         pool.clone(),
         settings.dispatcher.clone(),

@@ -8,13 +8,13 @@ use crate::outbox::Stats;
 
 #[derive(Clone)]
 pub struct RelayMetrics {
-    pub undelivered: IntGauge,
-    pub oldest_age: Gauge,
+    undelivered: IntGauge,
+    oldest_age: Gauge,
     pub published: IntCounterVec,
     pub failures: IntCounter,
-    pub dead: IntGauge,
+    dead: IntGauge,
     /// Commit (outbox row created) to broker confirm.
-    pub latency: Histogram,
+    pub(crate) latency: Histogram,
 }
 
 impl RelayMetrics {
@@ -62,7 +62,7 @@ impl RelayMetrics {
         Ok(m)
     }
 
-    pub fn set_stats(&self, stats: &Stats) {
+    pub(crate) fn set_stats(&self, stats: &Stats) {
         self.undelivered.set(stats.undelivered);
         self.oldest_age.set(stats.oldest_undelivered_age_secs);
         self.dead.set(stats.dead);

@@ -12,14 +12,13 @@ use uuid::Uuid;
 #[derive(Debug, Clone, FromRow)]
 pub struct OutboxRow {
     pub id: Uuid,
-    pub seq: i64,
-    pub aggregate_id: Uuid,
-    pub topic: String,
+    pub(crate) aggregate_id: Uuid,
+    pub(crate) topic: String,
     /// The CloudEvents JSON, published as is.
-    pub payload: String,
-    pub traceparent: Option<String>,
-    pub attempts: i32,
-    pub created_at: DateTime<Utc>,
+    pub(crate) payload: String,
+    pub(crate) traceparent: Option<String>,
+    pub(crate) attempts: i32,
+    pub(crate) created_at: DateTime<Utc>,
 }
 
 /// The claim statement (`$1`: the batch size); public so that a test can
@@ -48,7 +47,7 @@ pub const CLAIM_SQL: &str = "WITH candidates AS (
                FROM candidates
          )
          -- The locked rows carry every column: no second lookup by id.
-         SELECT c.id, c.seq, c.aggregate_id, c.topic, c.payload::text AS payload,
+         SELECT c.id, c.aggregate_id, c.topic, c.payload::text AS payload,
                 c.headers->>'traceparent' AS traceparent, c.attempts, c.created_at
            FROM ranked c
           -- The row comparisons below mean `seq <` within the aggregate,
@@ -92,7 +91,7 @@ pub async fn claim(conn: &mut PgConnection, limit: u32) -> sqlx::Result<Vec<Outb
 /// Marks broker-confirmed rows published, in one statement. The time is
 /// the mark's (`clock_timestamp()`, after the confirms), not the start of
 /// the relay's transaction (`now()`, before the claim).
-pub async fn mark_published(conn: &mut PgConnection, ids: &[Uuid]) -> sqlx::Result<u64> {
+pub(crate) async fn mark_published(conn: &mut PgConnection, ids: &[Uuid]) -> sqlx::Result<u64> {
     if ids.is_empty() {
         return Ok(0);
     }
@@ -108,17 +107,17 @@ pub async fn mark_published(conn: &mut PgConnection, ids: &[Uuid]) -> sqlx::Resu
 
 /// A publish the broker refused (nack, return) or did not confirm in time.
 #[derive(Debug, Clone)]
-pub struct Failure {
-    pub id: Uuid,
-    pub error: String,
+pub(crate) struct Failure {
+    pub(crate) id: Uuid,
+    pub(crate) error: String,
     /// When to try again.
-    pub retry_in: Duration,
+    pub(crate) retry_in: Duration,
 }
 
 /// Counts a failed attempt for each row, in one statement; rows that reach
 /// `max_attempts` become dead. Returns the ids and topics of the rows that
 /// died.
-pub async fn mark_failed(
+pub(crate) async fn mark_failed(
     conn: &mut PgConnection,
     failures: &[Failure],
     max_attempts: u32,

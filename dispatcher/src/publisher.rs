@@ -19,7 +19,7 @@ use crate::outbox::OutboxRow;
 
 /// What became of one row.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// The broker confirmed it: mark it published.
     Confirmed,
     /// Nack, return (unroutable) or no confirm in time: counts an attempt.
@@ -30,20 +30,20 @@ pub enum Outcome {
 
 /// The outcomes of a batch, one per row.
 #[derive(Debug)]
-pub struct Report {
-    pub outcomes: Vec<Outcome>,
+pub(crate) struct Report {
+    pub(crate) outcomes: Vec<Outcome>,
     /// Set when the connection is unusable and must be replaced.
-    pub reset: Option<String>,
+    pub(crate) reset: Option<String>,
 }
 
 /// A connection with a confirm-mode channel and the topology declared.
-pub struct Publisher {
+pub(crate) struct Publisher {
     connection: Connection,
     channel: Channel,
 }
 
 impl Publisher {
-    pub async fn connect(
+    pub(crate) async fn connect(
         connection: Connection,
         settings: &AmqpSettings,
     ) -> Result<Self, lapin::Error> {
@@ -60,7 +60,7 @@ impl Publisher {
 
     /// Publishes the rows in order and waits for their confirms. One
     /// outcome per row; `reset` says why the connection must be replaced.
-    pub async fn publish(&self, rows: &[OutboxRow], timeout: Duration) -> Report {
+    pub(crate) async fn publish(&self, rows: &[OutboxRow], timeout: Duration) -> Report {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut confirms = Vec::with_capacity(rows.len());
         let mut reset = None;
@@ -116,7 +116,7 @@ impl Publisher {
         Report { outcomes, reset }
     }
 
-    pub async fn close(self) {
+    pub(crate) async fn close(self) {
         let _ = self.channel.close(200, "shutdown".into()).await;
         let _ = self.connection.close(200, "shutdown".into()).await;
     }
@@ -175,10 +175,9 @@ mod tests {
     use super::*;
     use uuid::Uuid;
 
-    fn row(aggregate: Uuid, seq: i64) -> OutboxRow {
+    fn row(aggregate: Uuid) -> OutboxRow {
         OutboxRow {
             id: Uuid::now_v7(),
-            seq,
             aggregate_id: aggregate,
             topic: "booking.created".into(),
             payload: "{}".into(),
@@ -191,7 +190,7 @@ mod tests {
     #[test]
     fn later_rows_of_an_aggregate_wait_for_a_failed_one() {
         let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
-        let rows = [row(a, 1), row(b, 2), row(a, 3), row(b, 4), row(a, 5)];
+        let rows = [row(a), row(b), row(a), row(b), row(a)];
         let mut outcomes = vec![
             Outcome::Confirmed,
             Outcome::Refused("nacked".into()),

@@ -22,7 +22,7 @@ use crate::{
 };
 
 /// The NOTIFY channel that outbox inserts signal (see the migrations).
-pub const CHANNEL: &str = "entrip_outbox";
+const CHANNEL: &str = "entrip_outbox";
 
 #[derive(Clone)]
 pub struct Relay {

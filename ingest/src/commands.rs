@@ -24,45 +24,56 @@ use entrip_common::store::{
 
 use crate::error::ApiError;
 
-/// A validated request.
+/// A validated request (see `requests.rs`); commands on an existing entity
+/// carry its id, from the HTTP path.
 #[derive(Debug, Clone)]
-pub enum Command {
+pub(crate) enum Command {
     CreateUser(NewUser),
     CreateBooking(NewBooking),
-    CancelBooking {
-        id: Uuid,
-        reason: Text,
-    },
+    CancelBooking(Uuid, Cancellation),
     CreatePayment(NewPayment),
-    RecordPaymentResult {
-        id: Uuid,
-        outcome: PaymentOutcome,
-        approval_id: Option<Text>,
-        reason: Option<Text>,
-    },
+    RecordPaymentResult(Uuid, PaymentResult),
     CreateApproval(NewApproval),
-    DecideApproval {
-        id: Uuid,
-        approver_id: Uuid,
-        decision: Decision,
-        reason: Option<Text>,
-    },
+    DecideApproval(Uuid, ApprovalDecision),
+}
+
+/// Why a booking is canceled.
+#[derive(Debug, Clone)]
+pub(crate) struct Cancellation {
+    pub(crate) reason: Text,
+}
+
+/// What the payment gateway reports about a payment.
+#[derive(Debug, Clone)]
+pub(crate) struct PaymentResult {
+    pub(crate) outcome: PaymentOutcome,
+    /// The gateway's approval id; present exactly when APPROVED.
+    pub(crate) approval_id: Option<Text>,
+    pub(crate) reason: Option<Text>,
+}
+
+/// An approver's decision on the current step of an approval.
+#[derive(Debug, Clone)]
+pub(crate) struct ApprovalDecision {
+    pub(crate) approver_id: Uuid,
+    pub(crate) decision: Decision,
+    pub(crate) reason: Option<Text>,
 }
 
 /// Who sent the command and under which key, for audit rows and events.
 #[derive(Debug, Clone)]
-pub struct Context {
+pub(crate) struct Context {
     /// `http` or `amqp`.
-    pub channel: &'static str,
-    pub idempotency_key: String,
-    pub traceparent: Option<String>,
+    pub(crate) channel: &'static str,
+    pub(crate) idempotency_key: String,
+    pub(crate) traceparent: Option<String>,
 }
 
 /// The answer to a command: status and JSON body.
 #[derive(Debug, Clone)]
-pub struct Reply {
-    pub status: StatusCode,
-    pub body: Value,
+pub(crate) struct Reply {
+    pub(crate) status: StatusCode,
+    pub(crate) body: Value,
 }
 
 impl Reply {
@@ -119,7 +130,7 @@ async fn record(
 }
 
 /// Runs the command in the caller's transaction.
-pub async fn execute(
+pub(crate) async fn execute(
     conn: &mut PgConnection,
     cmd: Command,
     ctx: &Context,
@@ -127,28 +138,13 @@ pub async fn execute(
     match cmd {
         Command::CreateUser(user) => create_user(conn, user, ctx).await,
         Command::CreateBooking(booking) => create_booking(conn, booking, ctx).await,
-        Command::CancelBooking { id, reason } => cancel_booking(conn, id, reason, ctx).await,
+        Command::CancelBooking(id, cancel) => cancel_booking(conn, id, cancel, ctx).await,
         Command::CreatePayment(payment) => create_payment(conn, payment, ctx).await,
-        Command::RecordPaymentResult {
-            id,
-            outcome,
-            approval_id,
-            reason,
-        } => record_payment_result(conn, id, outcome, approval_id, reason, ctx).await,
+        Command::RecordPaymentResult(id, result) => {
+            record_payment_result(conn, id, result, ctx).await
+        }
         Command::CreateApproval(approval) => create_approval(conn, approval, ctx).await,
-        Command::DecideApproval {
-            id,
-            approver_id,
-            decision,
-            reason,
-        } => decide_approval(conn, id, approver_id, decision, reason, ctx).await,
-    }
-}
-
-fn not_found(entity: &'static str, id: Uuid) -> ApiError {
-    ApiError::NotFound {
-        entity,
-        id: id.to_string(),
+        Command::DecideApproval(id, decision) => decide_approval(conn, id, decision, ctx).await,
     }
 }
 
@@ -197,7 +193,7 @@ async fn create_booking(
     ctx: &Context,
 ) -> Result<Reply, ApiError> {
     if !users::exists(conn, booking.user_id).await? {
-        return Err(not_found("user", booking.user_id));
+        return Err(ApiError::not_found("user", booking.user_id));
     }
     let id = Uuid::now_v7();
     tracing::Span::current().record("booking_id", tracing::field::display(id));
@@ -229,13 +225,13 @@ async fn create_booking(
 async fn cancel_booking(
     conn: &mut PgConnection,
     id: Uuid,
-    reason: Text,
+    Cancellation { reason }: Cancellation,
     ctx: &Context,
 ) -> Result<Reply, ApiError> {
     tracing::Span::current().record("booking_id", tracing::field::display(id));
     let booking = bookings::lock(conn, id)
         .await?
-        .ok_or_else(|| not_found("booking", id))?;
+        .ok_or_else(|| ApiError::not_found("booking", id))?;
     match booking.status() {
         Some(BookingStatus::Pending) => {}
         Some(BookingStatus::Canceled) => {
@@ -275,7 +271,7 @@ async fn create_payment(
     tracing::Span::current().record("booking_id", tracing::field::display(payment.booking_id));
     let booking = bookings::lock(conn, payment.booking_id)
         .await?
-        .ok_or_else(|| not_found("booking", payment.booking_id))?;
+        .ok_or_else(|| ApiError::not_found("booking", payment.booking_id))?;
     if booking.status() != Some(BookingStatus::Pending) {
         return Err(ApiError::Conflict(format!(
             "the booking is {}; payments are accepted only for PENDING bookings",
@@ -337,14 +333,16 @@ async fn create_payment(
 async fn record_payment_result(
     conn: &mut PgConnection,
     id: Uuid,
-    outcome: PaymentOutcome,
-    approval_id: Option<Text>,
-    reason: Option<Text>,
+    PaymentResult {
+        outcome,
+        approval_id,
+        reason,
+    }: PaymentResult,
     ctx: &Context,
 ) -> Result<Reply, ApiError> {
     let payment = payments::lock(conn, id)
         .await?
-        .ok_or_else(|| not_found("payment", id))?;
+        .ok_or_else(|| ApiError::not_found("payment", id))?;
     tracing::Span::current().record("booking_id", tracing::field::display(payment.booking_id));
     if payment.status() != Some(PaymentStatus::Pending) {
         return Err(ApiError::Conflict(format!(
@@ -390,9 +388,9 @@ async fn create_approval(
     tracing::Span::current().record("booking_id", tracing::field::display(approval.booking_id));
     let booking = bookings::lock(conn, approval.booking_id)
         .await?
-        .ok_or_else(|| not_found("booking", approval.booking_id))?;
+        .ok_or_else(|| ApiError::not_found("booking", approval.booking_id))?;
     if !users::exists(conn, approval.requester_id).await? {
-        return Err(not_found("user", approval.requester_id));
+        return Err(ApiError::not_found("user", approval.requester_id));
     }
     if booking.status() != Some(BookingStatus::Pending) {
         return Err(ApiError::Conflict(format!(
@@ -440,24 +438,26 @@ async fn create_approval(
 async fn decide_approval(
     conn: &mut PgConnection,
     id: Uuid,
-    approver_id: Uuid,
-    decision: Decision,
-    reason: Option<Text>,
+    ApprovalDecision {
+        approver_id,
+        decision,
+        reason,
+    }: ApprovalDecision,
     ctx: &Context,
 ) -> Result<Reply, ApiError> {
     // Lock order everywhere: booking, then its payment or approval.
     let Some(peek) = approvals::get(conn, id).await? else {
-        return Err(not_found("approval", id));
+        return Err(ApiError::not_found("approval", id));
     };
     tracing::Span::current().record("booking_id", tracing::field::display(peek.booking_id));
     let booking = bookings::lock(conn, peek.booking_id)
         .await?
-        .ok_or_else(|| not_found("booking", peek.booking_id))?;
+        .ok_or_else(|| ApiError::not_found("booking", peek.booking_id))?;
     let approval = approvals::lock(conn, id)
         .await?
-        .ok_or_else(|| not_found("approval", id))?;
+        .ok_or_else(|| ApiError::not_found("approval", id))?;
     if !users::exists(conn, approver_id).await? {
-        return Err(not_found("user", approver_id));
+        return Err(ApiError::not_found("user", approver_id));
     }
     if approval.status() != Some(ApprovalStatus::Pending) {
         return Err(ApiError::Conflict(format!(

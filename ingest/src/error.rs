@@ -7,34 +7,17 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use entrip_common::db;
-use serde::Serialize;
+use uuid::Uuid;
 
-/// A field that was refused, and why.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct FieldError {
-    pub field: String,
-    pub message: String,
-}
-
-impl FieldError {
-    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Self {
-            field: field.into(),
-            message: message.into(),
-        }
-    }
-}
+use crate::requests::{FieldError, Refusal};
 
 /// Every way a request can fail.
 #[derive(Debug, thiserror::Error)]
-pub enum ApiError {
+pub(crate) enum ApiError {
     #[error("invalid request: {0:?}")]
     Validation(Vec<FieldError>),
-    #[error("request body is not valid JSON: {detail}")]
-    BadJson {
-        detail: String,
-        field: Option<String>,
-    },
+    #[error("request body is not valid JSON: {0}")]
+    BadJson(String),
     #[error("{0}")]
     BadRequest(String),
     #[error("request body is larger than {limit} bytes")]
@@ -68,16 +51,13 @@ pub enum ApiError {
 static RETRY_AFTER: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
 
 /// Sets the `Retry-After` value sent with 503 answers.
-pub fn set_retry_after(secs: u64) {
+pub(crate) fn set_retry_after(secs: u64) {
     let _ = RETRY_AFTER.set(secs);
 }
 
 impl ApiError {
-    pub fn validation(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Self::Validation(vec![FieldError::new(field, message)])
-    }
-
-    pub fn rule(field: &str, detail: impl Into<String>) -> Self {
+    /// A rule across fields or entities was broken (422), at `field`.
+    pub(crate) fn rule(field: &str, detail: impl Into<String>) -> Self {
         let detail = detail.into();
         Self::Unprocessable {
             errors: vec![FieldError::new(field, detail.clone())],
@@ -85,11 +65,16 @@ impl ApiError {
         }
     }
 
-    pub fn status(&self) -> StatusCode {
+    pub(crate) fn not_found(entity: &'static str, id: Uuid) -> Self {
+        Self::NotFound {
+            entity,
+            id: id.to_string(),
+        }
+    }
+
+    fn status(&self) -> StatusCode {
         match self {
-            Self::Validation(_) | Self::BadJson { .. } | Self::BadRequest(_) => {
-                StatusCode::BAD_REQUEST
-            }
+            Self::Validation(_) | Self::BadJson(_) | Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::NotFound { .. } | Self::NoRoute(_) => StatusCode::NOT_FOUND,
@@ -106,7 +91,7 @@ impl ApiError {
     fn kind(&self) -> (&'static str, &'static str) {
         match self {
             Self::Validation(_) => ("validation", "Invalid request"),
-            Self::BadJson { .. } => ("invalid-json", "Malformed JSON body"),
+            Self::BadJson(_) => ("invalid-json", "Malformed JSON body"),
             Self::BadRequest(_) => ("bad-request", "Bad request"),
             Self::PayloadTooLarge { .. } => ("payload-too-large", "Request body too large"),
             Self::UnsupportedMediaType(_) => ("unsupported-media-type", "Unsupported media type"),
@@ -122,7 +107,7 @@ impl ApiError {
     }
 
     /// The problem+json body.
-    pub fn body(&self) -> serde_json::Value {
+    fn body(&self) -> serde_json::Value {
         let (slug, title) = self.kind();
         let status = self.status().as_u16();
         let detail = match self {
@@ -142,18 +127,22 @@ impl ApiError {
             "status": status,
             "detail": detail,
         });
-        let errors = match self {
-            Self::Validation(errors) | Self::Unprocessable { errors, .. } => errors.clone(),
-            Self::BadJson {
-                field: Some(field),
-                detail,
-            } => vec![FieldError::new(field.clone(), detail.clone())],
-            _ => Vec::new(),
-        };
-        if !errors.is_empty() {
+        if let Self::Validation(errors) | Self::Unprocessable { errors, .. } = self
+            && !errors.is_empty()
+        {
             body["errors"] = serde_json::json!(errors);
         }
         body
+    }
+}
+
+impl From<Refusal> for ApiError {
+    fn from(refusal: Refusal) -> Self {
+        match refusal {
+            Refusal::Malformed(detail) => Self::BadJson(detail),
+            Refusal::Fields(errors) => Self::Validation(errors),
+            Refusal::Rule { field, detail } => Self::rule(field, detail),
+        }
     }
 }
 

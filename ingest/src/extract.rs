@@ -1,21 +1,125 @@
-//! Request parsing shared by every endpoint: the body (size limit, content
-//! type, strict JSON with the failing field named), the `Idempotency-Key`
-//! and `traceparent` headers, path ids, and a collector of field errors.
+//! The HTTP side of a request, as axum extractors: the `Idempotency-Key`
+//! header ([`Key`]), who is calling ([`Caller`]), a path id ([`PathId`]),
+//! and the body with the request's fingerprint ([`JsonBody`]); [`Post`]
+//! bundles what every POST needs. Each answers a bad request with the
+//! problem+json of `error.rs`. What a body means is `requests.rs`'s.
 
 use axum::{
     body::Body,
-    http::{HeaderMap, header},
+    extract::{FromRequest, FromRequestParts, MatchedPath, Path, Request},
+    http::{HeaderMap, header, request::Parts},
 };
-use entrip_common::domain::{IdempotencyKey, Invalid};
+use entrip_common::domain::IdempotencyKey;
 use http_body_util::BodyExt;
 use serde::de::DeserializeOwned;
 use uuid::Uuid;
 
-use crate::error::{ApiError, FieldError};
+use crate::{
+    App,
+    commands::Context,
+    error::ApiError,
+    idempotency::Fingerprint,
+    requests::{self, Refusal},
+};
+
+/// The `Idempotency-Key` header, required on every POST.
+pub(crate) struct Key(pub(crate) IdempotencyKey);
+
+impl<S: Send + Sync> FromRequestParts<S> for Key {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        let invalid = |message: &str| ApiError::from(Refusal::field("Idempotency-Key", message));
+        let value = parts
+            .headers
+            .get("idempotency-key")
+            .ok_or_else(|| invalid("header is required on every POST"))?;
+        let text = value
+            .to_str()
+            .map_err(|_| invalid("must be 16-255 visible ASCII characters"))?;
+        IdempotencyKey::parse(text)
+            .map(Self)
+            .map_err(|e| invalid(&e.0))
+    }
+}
+
+/// Who sends the request, for the audit log and the events it causes: the
+/// channel and its W3C trace context. (Authentication, when it comes,
+/// yields the API client here.)
+pub(crate) struct Caller {
+    pub(crate) traceparent: Option<String>,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        Ok(Self {
+            traceparent: traceparent(&parts.headers),
+        })
+    }
+}
+
+/// A valid W3C `traceparent` header, if one was sent (an invalid one is
+/// ignored, as the W3C recommendation says).
+fn traceparent(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get("traceparent")?.to_str().ok()?.trim();
+    let parts: Vec<&str> = value.split('-').collect();
+    let hex = |s: &str, n: usize| {
+        s.len() == n && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    };
+    let valid = parts.len() == 4
+        && hex(parts[0], 2)
+        && parts[0] != "ff"
+        && hex(parts[1], 32)
+        && parts[1].bytes().any(|b| b != b'0')
+        && hex(parts[2], 16)
+        && parts[2].bytes().any(|b| b != b'0')
+        && hex(parts[3], 2);
+    valid.then(|| value.to_owned())
+}
+
+/// The entity id in the path (`/v1/bookings/{id}`): a UUID, else a 400
+/// naming the parameter.
+pub(crate) struct PathId(pub(crate) Uuid);
+
+impl<S: Send + Sync> FromRequestParts<S> for PathId {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let invalid = || ApiError::from(Refusal::field("id", "must be a UUID"));
+        let Path(raw) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|_| invalid())?;
+        Uuid::parse_str(&raw).map(Self).map_err(|_| invalid())
+    }
+}
+
+/// The body, at most `ingest.body_limit_bytes` of JSON, parsed strictly
+/// into `B`; with the fingerprint (method, path, canonical body) that tells
+/// a replay from a misuse of the key.
+pub(crate) struct JsonBody<B> {
+    pub(crate) body: B,
+    pub(crate) fingerprint: Fingerprint,
+}
+
+impl<B: DeserializeOwned> FromRequest<App> for JsonBody<B> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, app: &App) -> Result<Self, ApiError> {
+        let (parts, body) = req.into_parts();
+        let bytes = read_body(&parts.headers, body, app.settings.body_limit_bytes).await?;
+        let (body, value) = requests::parse_json::<B>(&bytes)?;
+        Ok(Self {
+            body,
+            fingerprint: Fingerprint::new(parts.method.as_str(), parts.uri.path(), &value),
+        })
+    }
+}
 
 /// Reads the body, refusing more than `limit` bytes with a 413 and a
 /// non-JSON content type with a 415.
-pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Vec<u8>, ApiError> {
+async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Vec<u8>, ApiError> {
     if let Some(ct) = headers.get(header::CONTENT_TYPE) {
         let ct = ct.to_str().unwrap_or_default().to_ascii_lowercase();
         let essence = ct.split(';').next().unwrap_or_default().trim();
@@ -43,189 +147,48 @@ pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<
     }
 }
 
-/// Parses a JSON object into `T` (which denies unknown fields), naming the
-/// field at fault. Also returns the body as a `Value` for hashing.
-pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<(T, serde_json::Value), ApiError> {
-    let value: serde_json::Value =
-        serde_json::from_slice(bytes).map_err(|e| json_error(".", &e))?;
-    // serde's derived structs also accept arrays (fields by position).
-    if !value.is_object() {
-        return Err(ApiError::BadJson {
-            detail: "the body must be a JSON object".into(),
-            field: None,
-        });
+/// What every POST carries besides its body and path id.
+pub(crate) struct Submission {
+    pub(crate) key: IdempotencyKey,
+    pub(crate) fingerprint: Fingerprint,
+    pub(crate) context: Context,
+    /// The route template, e.g. `/v1/bookings/{id}/cancel` (metric label).
+    pub(crate) route: String,
+}
+
+/// A POST: the key first (no body is read for a request without one), the
+/// caller, then the body.
+pub(crate) struct Post<B> {
+    pub(crate) submission: Submission,
+    pub(crate) body: B,
+}
+
+impl<B: DeserializeOwned> FromRequest<App> for Post<B> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, app: &App) -> Result<Self, ApiError> {
+        let (mut parts, body) = req.into_parts();
+        let Key(key) = Key::from_request_parts(&mut parts, app).await?;
+        let caller = Caller::from_request_parts(&mut parts, app).await?;
+        let route = parts
+            .extensions
+            .get::<MatchedPath>()
+            .map_or_else(|| parts.uri.path().to_owned(), |p| p.as_str().to_owned());
+        let JsonBody { body, fingerprint } =
+            JsonBody::from_request(Request::from_parts(parts, body), app).await?;
+        let context = Context {
+            channel: "http",
+            idempotency_key: key.as_str().to_owned(),
+            traceparent: caller.traceparent,
+        };
+        Ok(Self {
+            submission: Submission {
+                key,
+                fingerprint,
+                context,
+                route,
+            },
+            body,
+        })
     }
-    // Typed parsing from the bytes, not the `Value`, so that duplicate keys
-    // are caught rather than silently overwritten.
-    let de = &mut serde_json::Deserializer::from_slice(bytes);
-    let typed: T = serde_path_to_error::deserialize(de).map_err(|err| {
-        let path = err.path().to_string();
-        let inner = err.into_inner();
-        json_error(&path, &inner)
-    })?;
-    Ok((typed, value))
-}
-
-fn json_error(path: &str, err: &serde_json::Error) -> ApiError {
-    let message = strip_position(&err.to_string());
-    match err.classify() {
-        serde_json::error::Category::Data => {
-            // "unknown field `x`, ..." and "duplicate field `x`" name the
-            // field themselves; other data errors are at `path`.
-            let named = backticked(&message).filter(|_| {
-                message.starts_with("unknown field") || message.starts_with("duplicate field")
-            });
-            // For an unknown key the path already ends with it; a duplicate
-            // key is reported at the enclosing object.
-            let field = match named {
-                Some(name) if path == "." => name.to_owned(),
-                _ => path.to_owned(),
-            };
-            if field == "." {
-                return ApiError::BadJson {
-                    detail: format!("the body must be a JSON object ({message})"),
-                    field: None,
-                };
-            }
-            let message = if message.starts_with("unknown field") {
-                "unknown field".to_owned()
-            } else if message.starts_with("duplicate field") {
-                "field given more than once".to_owned()
-            } else {
-                message
-            };
-            ApiError::Validation(vec![FieldError::new(field, message)])
-        }
-        _ => ApiError::BadJson {
-            detail: message,
-            field: None,
-        },
-    }
-}
-
-fn strip_position(message: &str) -> String {
-    match message.rfind(" at line ") {
-        Some(i) => message[..i].to_owned(),
-        None => message.to_owned(),
-    }
-}
-
-fn backticked(message: &str) -> Option<&str> {
-    let start = message.find('`')? + 1;
-    let len = message[start..].find('`')?;
-    Some(&message[start..start + len])
-}
-
-/// The `Idempotency-Key` header, required on every POST.
-pub fn idempotency_key(headers: &HeaderMap) -> Result<IdempotencyKey, ApiError> {
-    let Some(value) = headers.get("idempotency-key") else {
-        return Err(ApiError::validation(
-            "Idempotency-Key",
-            "header is required on every POST",
-        ));
-    };
-    let text = value.to_str().map_err(|_| {
-        ApiError::validation("Idempotency-Key", "must be 16-255 visible ASCII characters")
-    })?;
-    IdempotencyKey::parse(text).map_err(|e| ApiError::validation("Idempotency-Key", e.0))
-}
-
-/// A valid W3C `traceparent` header, if one was sent (an invalid one is
-/// ignored, as the W3C recommendation says).
-pub fn traceparent(headers: &HeaderMap) -> Option<String> {
-    let value = headers.get("traceparent")?.to_str().ok()?.trim();
-    let parts: Vec<&str> = value.split('-').collect();
-    let hex = |s: &str, n: usize| {
-        s.len() == n && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-    };
-    let valid = parts.len() == 4
-        && hex(parts[0], 2)
-        && parts[0] != "ff"
-        && hex(parts[1], 32)
-        && parts[1].bytes().any(|b| b != b'0')
-        && hex(parts[2], 16)
-        && parts[2].bytes().any(|b| b != b'0')
-        && hex(parts[3], 2);
-    valid.then(|| value.to_owned())
-}
-
-/// A path id: a UUID, else a 400 naming the parameter.
-pub fn path_id(raw: &str) -> Result<Uuid, ApiError> {
-    Uuid::parse_str(raw).map_err(|_| ApiError::validation("id", "must be a UUID"))
-}
-
-/// Collects every field error of a request so that one answer lists them all.
-#[derive(Debug, Default)]
-pub struct Fields {
-    errors: Vec<FieldError>,
-}
-
-impl Fields {
-    /// Records an error for `field`.
-    pub fn fail(&mut self, field: &str, message: impl Into<String>) {
-        self.errors.push(FieldError::new(field, message));
-    }
-
-    /// The value, or an error "is required" when it is missing or null.
-    pub fn required<T>(&mut self, field: &str, value: Option<T>) -> Option<T> {
-        if value.is_none() {
-            self.fail(field, "is required");
-        }
-        value
-    }
-
-    /// Parses a required value, recording why it failed.
-    pub fn parse<T>(
-        &mut self,
-        field: &str,
-        value: Option<String>,
-        parse: impl FnOnce(&str) -> Result<T, Invalid>,
-    ) -> Option<T> {
-        let raw = self.required(field, value)?;
-        self.check(field, parse(&raw))
-    }
-
-    /// Parses an optional value; `None` when it is absent or invalid (an
-    /// invalid one is recorded, so `finish` fails).
-    pub fn parse_optional<T>(
-        &mut self,
-        field: &str,
-        value: Option<String>,
-        parse: impl FnOnce(&str) -> Result<T, Invalid>,
-    ) -> Option<T> {
-        let raw = value?;
-        self.check(field, parse(&raw))
-    }
-
-    /// Keeps the value or records the error.
-    pub fn check<T>(&mut self, field: &str, result: Result<T, Invalid>) -> Option<T> {
-        match result {
-            Ok(v) => Some(v),
-            Err(Invalid(message)) => {
-                self.fail(field, message);
-                None
-            }
-        }
-    }
-
-    /// Ends validation: a 400 listing every error, if there is any.
-    pub fn finish(self) -> Result<(), ApiError> {
-        if self.errors.is_empty() {
-            Ok(())
-        } else {
-            Err(ApiError::Validation(self.errors))
-        }
-    }
-}
-
-/// Parses a UUID field.
-pub fn uuid_field(raw: &str) -> Result<Uuid, Invalid> {
-    Uuid::parse_str(raw).map_err(|_| Invalid("must be a UUID".into()))
-}
-
-/// Parses an RFC 3339 time (any offset) into UTC.
-pub fn time_field(raw: &str) -> Result<chrono::DateTime<chrono::Utc>, Invalid> {
-    chrono::DateTime::parse_from_rfc3339(raw)
-        .map(|t| t.with_timezone(&chrono::Utc))
-        .map_err(|_| Invalid("must be an RFC 3339 time such as 2026-12-24T09:30:00Z".into()))
 }

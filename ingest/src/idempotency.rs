@@ -14,16 +14,16 @@ use sqlx::{PgConnection, Row};
 
 /// What identifies "the same request": endpoint and body.
 #[derive(Debug, Clone)]
-pub struct Fingerprint {
-    pub method: String,
+pub(crate) struct Fingerprint {
+    method: String,
     /// The concrete path, e.g. `/v1/payments/<id>/result`.
-    pub path: String,
+    path: String,
     /// SHA-256 of the canonical JSON of the body (keys sorted, no spaces).
-    pub hash: [u8; 32],
+    hash: [u8; 32],
 }
 
 impl Fingerprint {
-    pub fn new(method: &str, path: &str, body: &serde_json::Value) -> Self {
+    pub(crate) fn new(method: &str, path: &str, body: &serde_json::Value) -> Self {
         // serde_json's map is ordered by key, so this text is canonical.
         let canonical = body.to_string();
         Self {
@@ -36,14 +36,14 @@ impl Fingerprint {
 
 /// A response stored under a key.
 #[derive(Debug, Clone)]
-pub struct StoredResponse {
-    pub status: u16,
-    pub body: serde_json::Value,
+pub(crate) struct StoredResponse {
+    pub(crate) status: u16,
+    pub(crate) body: serde_json::Value,
 }
 
 /// The outcome of trying to claim a key.
 #[derive(Debug)]
-pub enum Claim {
+pub(crate) enum Claim {
     /// The key is ours; run the effect in this transaction.
     Claimed,
     /// The same request was answered before.
@@ -56,7 +56,7 @@ pub enum Claim {
 
 /// Claims `key` inside the caller's transaction. An expired key that has not
 /// been purged yet is taken over as new.
-pub async fn claim(
+pub(crate) async fn claim(
     conn: &mut PgConnection,
     key: &IdempotencyKey,
     fp: &Fingerprint,
@@ -102,7 +102,7 @@ pub async fn claim(
 /// would cost a write and a commit flush per replay). Committed responses
 /// never change until they expire. `None`: no such key, or still in flight;
 /// take the claim path.
-pub async fn replay_committed(
+pub(crate) async fn replay_committed(
     pool: &sqlx::PgPool,
     key: &IdempotencyKey,
     fp: &Fingerprint,
@@ -147,7 +147,7 @@ fn judge(row: &sqlx::postgres::PgRow, fp: &Fingerprint) -> sqlx::Result<Claim> {
 }
 
 /// Stores the response under the claimed key, in the effect's transaction.
-pub async fn complete(
+pub(crate) async fn complete(
     conn: &mut PgConnection,
     key: &IdempotencyKey,
     response: &StoredResponse,

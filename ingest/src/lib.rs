@@ -2,12 +2,14 @@
 //! and stores each accepted change with its audit row, its outbox event and
 //! its idempotency record in one PostgreSQL transaction.
 
-pub mod commands;
-pub mod error;
-pub mod extract;
+mod commands;
+mod error;
+mod extract;
 pub mod idempotency;
-pub mod metrics;
-pub mod routes;
+mod metrics;
+mod requests;
+mod routes;
+mod submit;
 
 use std::{sync::Arc, time::Duration};
 
@@ -17,27 +19,22 @@ use axum::{
     middleware,
     routing::{get, post},
 };
-use entrip_common::{config::IngestSettings, domain::IdempotencyKey};
+use entrip_common::config::IngestSettings;
 use prometheus::Registry;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower_http::{catch_panic::CatchPanicLayer, timeout::TimeoutLayer, trace::TraceLayer};
 
-use crate::{
-    commands::{Command, Context},
-    error::ApiError,
-    idempotency::{Claim, Fingerprint, StoredResponse},
-    metrics::IngestMetrics,
-};
+use crate::{error::ApiError, metrics::IngestMetrics};
 
 /// Shared state of the handlers.
 #[derive(Clone)]
 pub struct App {
-    pub pool: PgPool,
-    pub settings: Arc<IngestSettings>,
-    pub metrics: IngestMetrics,
-    pub registry: Registry,
+    pool: PgPool,
+    settings: Arc<IngestSettings>,
+    metrics: IngestMetrics,
+    registry: Registry,
 }
 
 impl App {
@@ -55,84 +52,15 @@ impl App {
             registry,
         })
     }
-}
 
-/// The answer to a submitted command.
-#[derive(Debug)]
-pub struct Outcome {
-    pub status: StatusCode,
-    pub body: serde_json::Value,
-    /// True when the answer was stored by an earlier request with the key.
-    pub replayed: bool,
-}
-
-/// Runs `command` exactly once per idempotency key: claim the key, run the
-/// effect, store the response, commit — all in one transaction.
-pub async fn submit(
-    app: &App,
-    key: &IdempotencyKey,
-    fingerprint: &Fingerprint,
-    command: Command,
-    ctx: &Context,
-) -> Result<Outcome, ApiError> {
-    let ttl = Duration::from_secs(app.settings.idempotency_ttl_secs);
-    let mut command = Some(command);
-    if let Some(claim) = idempotency::replay_committed(&app.pool, key, fingerprint).await?
-        && let Some(answer) = settled(claim, key)
-    {
-        return answer;
-    }
-    for _ in 0..3 {
-        let mut tx = app.pool.begin().await?;
-        match idempotency::claim(&mut tx, key, fingerprint, ttl).await? {
-            Claim::Claimed => {
-                let Some(command) = command.take() else {
-                    break;
-                };
-                let reply = commands::execute(&mut tx, command, ctx).await?;
-                let stored = StoredResponse {
-                    status: reply.status.as_u16(),
-                    body: reply.body,
-                };
-                idempotency::complete(&mut tx, key, &stored).await?;
-                tx.commit().await?;
-                return Ok(Outcome {
-                    status: reply.status,
-                    body: stored.body,
-                    replayed: false,
-                });
-            }
-            Claim::Retry => continue,
-            claim => {
-                if let Some(answer) = settled(claim, key) {
-                    return answer;
-                }
-            }
-        }
-    }
-    Err(ApiError::Unavailable(
-        "the idempotency key kept changing under this request".into(),
-    ))
-}
-
-/// The answer for a key used before: its stored response, or misuse.
-fn settled(claim: Claim, key: &IdempotencyKey) -> Option<Result<Outcome, ApiError>> {
-    match claim {
-        Claim::Replay(stored) => {
-            tracing::info!(idempotency_key = %key, "replaying the stored response");
-            Some(Ok(Outcome {
-                status: StatusCode::from_u16(stored.status).unwrap_or(StatusCode::OK),
-                body: stored.body,
-                replayed: true,
-            }))
-        }
-        Claim::Mismatch(detail) => Some(Err(ApiError::IdempotencyMisuse(detail.to_owned()))),
-        Claim::Claimed | Claim::Retry => None,
+    /// How long a stored idempotency key answers replays.
+    fn idempotency_ttl(&self) -> Duration {
+        Duration::from_secs(self.settings.idempotency_ttl_secs)
     }
 }
 
 /// The full router: API, health, readiness and metrics.
-pub fn router(app: App) -> Router {
+fn router(app: App) -> Router {
     let timeout = Duration::from_secs(app.settings.request_timeout_secs);
     let api = Router::new()
         .route("/v1/users", post(routes::create_user))

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use entrip_common::{config::Settings, db, metrics::new_registry, shutdown, telemetry};
+use entrip_common::{config::Settings, db, metrics::new_registry, service, shutdown, telemetry};
 use entrip_ingest::{App, idempotency, purge_loop, serve};
 
 /// Entrip ingest: validates upstream requests and stores each accepted
@@ -47,9 +47,7 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Serve => {
             let token = shutdown::on_signal();
             let listen = settings.ingest.listen;
-            let listener = tokio::net::TcpListener::bind(listen)
-                .await
-                .with_context(|| format!("cannot listen on {listen} (key `ingest.listen`)"))?;
+            let listener = service::bind(listen, "ingest.listen").await?;
             let purge = tokio::spawn(purge_loop(
                 pool.clone(),
                 Duration::from_secs(settings.ingest.purge_interval_secs),

@@ -10,14 +10,14 @@ use axum::{
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 
 #[derive(Clone)]
-pub struct IngestMetrics {
-    pub requests: IntCounterVec,
-    pub duration: HistogramVec,
-    pub replays: IntCounterVec,
+pub(crate) struct IngestMetrics {
+    requests: IntCounterVec,
+    duration: HistogramVec,
+    pub(crate) replays: IntCounterVec,
 }
 
 impl IngestMetrics {
-    pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
+    pub(crate) fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
         let requests = IntCounterVec::new(
             Opts::new(
                 "entrip_ingest_requests_total",
@@ -54,14 +54,18 @@ impl IngestMetrics {
 }
 
 /// The route template of a request (`/v1/bookings/{id}`), or `unmatched`.
-pub fn route_of(req: &Request) -> String {
+fn route_of(req: &Request) -> String {
     req.extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned())
 }
 
 /// Counts every answer by route and status and times it.
-pub async fn track(State(metrics): State<IngestMetrics>, req: Request, next: Next) -> Response {
+pub(crate) async fn track(
+    State(metrics): State<IngestMetrics>,
+    req: Request,
+    next: Next,
+) -> Response {
     let route = route_of(&req);
     let start = Instant::now();
     let response = next.run(req).await;

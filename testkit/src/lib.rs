@@ -1,14 +1,16 @@
 //! Test helpers shared by the crates' integration tests: a TCP proxy that
-//! cuts real connections, a RabbitMQ vhost per test, and database URLs.
+//! cuts real connections, a RabbitMQ vhost per test, database URLs, service
+//! processes, and waits bounded by progress rather than by a deadline.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{
     net::SocketAddr,
-    process::Command,
+    process::{Child, Command, ExitStatus, Stdio},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
+    time::Duration,
 };
 
 use sqlx::postgres::PgConnectOptions;
@@ -184,22 +186,109 @@ pub fn promtool_check(text: &str) -> Result<(), String> {
     }
 }
 
-/// Waits until `cond` holds (checked every 100 ms), or panics naming `what`
-/// after `secs` seconds.
-pub async fn eventually<F, Fut>(secs: u64, what: &str, mut cond: F)
+/// How long a wait may see no progress before the test fails. A busy
+/// machine slows the work a test waits for; it does not stop it. So waits
+/// are bounded by a lack of progress, not by a deadline sized for an idle
+/// machine, and this bound is generous.
+pub const STALL: Duration = Duration::from_secs(45);
+
+const POLL: Duration = Duration::from_millis(100);
+
+/// Waits until `cond` holds, checked every 100 ms: for one event with no
+/// count to watch (a consumer connected, a process ready). Panics naming
+/// `what` when it has not happened after [`STALL`].
+pub async fn eventually<F, Fut>(what: &str, mut cond: F)
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
+    Fut: Future<Output = bool>,
 {
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(secs);
-    loop {
-        if cond().await {
-            return;
-        }
+    let deadline = tokio::time::Instant::now() + STALL;
+    while !cond().await {
         assert!(
             tokio::time::Instant::now() < deadline,
-            "timed out waiting for: {what}"
+            "timed out after {STALL:?} waiting for: {what}"
         );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Waits until `probe` says done, checked every 100 ms. The probe returns
+/// its progress (rows published, messages received, …) and whether the work
+/// is done; the wait panics naming `what` only when the progress stands still
+/// for [`STALL`], so a backlog that drains slowly on a busy machine passes
+/// and one that stopped moving fails.
+pub async fn progress<F, Fut, P>(what: &str, mut probe: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = (P, bool)>,
+    P: PartialEq + std::fmt::Debug,
+{
+    let (mut last, mut done) = probe().await;
+    let mut moved_at = tokio::time::Instant::now();
+    while !done {
+        assert!(
+            moved_at.elapsed() < STALL,
+            "no progress for {STALL:?} waiting for: {what} (stuck at {last:?})"
+        );
+        tokio::time::sleep(POLL).await;
+        let (now, finished) = probe().await;
+        if now != last {
+            moved_at = tokio::time::Instant::now();
+            last = now;
+        }
+        done = finished;
+    }
+}
+
+/// A port that was free a moment ago, for a service under test to bind.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free local port")
+}
+
+/// A service binary run by a test: killed when dropped, so that a failing
+/// test leaves no process behind.
+pub struct Process(pub Child);
+
+impl Process {
+    /// Starts `cmd` with its output discarded.
+    pub fn spawn(cmd: &mut Command) -> Self {
+        Self(
+            cmd.stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("the binary starts"),
+        )
+    }
+
+    /// Sends `signal` (`-TERM`, `-KILL`, …) with kill(1).
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([signal, &self.0.id().to_string()])
+            .status()
+            .expect("kill(1) runs");
+        assert!(status.success(), "kill {signal} {}", self.0.id());
+    }
+
+    /// Waits for the process to exit (at most [`STALL`]) and reaps it.
+    pub async fn wait_exit(&mut self) -> ExitStatus {
+        let mut status = None;
+        eventually("the process exits", || {
+            status = self.0.try_wait().expect("waitpid");
+            std::future::ready(status.is_some())
+        })
+        .await;
+        status.expect("exited")
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
     }
 }

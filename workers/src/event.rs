@@ -8,17 +8,17 @@ use crate::runtime::Message;
 
 /// The fields the workers rely on; the rest of the envelope is ignored.
 #[derive(Debug, Clone, Deserialize)]
-pub struct Event {
-    pub id: Uuid,
+pub(crate) struct Event {
+    pub(crate) id: Uuid,
     #[serde(rename = "type")]
-    pub kind: String,
+    pub(crate) kind: String,
     #[serde(default)]
-    pub data: Value,
+    pub(crate) data: Value,
 }
 
 impl Event {
     /// The envelope, or why the message is poison.
-    pub fn parse(msg: &Message) -> Result<Self, String> {
+    pub(crate) fn parse(msg: &Message) -> Result<Self, String> {
         let event: Event = serde_json::from_slice(&msg.body)
             .map_err(|e| format!("not a CloudEvents JSON object with id and type: {e}"))?;
         if let Some(kind) = &msg.kind
@@ -33,7 +33,7 @@ impl Event {
     }
 
     /// A UUID field of `data`, or why the message is poison.
-    pub fn data_uuid(&self, field: &str) -> Result<Uuid, String> {
+    pub(crate) fn data_uuid(&self, field: &str) -> Result<Uuid, String> {
         self.data
             .get(field)
             .and_then(Value::as_str)

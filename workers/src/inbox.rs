@@ -3,9 +3,10 @@
 
 use sqlx::PgConnection;
 
-/// Records the message for this consumer; `false` when it was already
-/// recorded (a redelivery: no second effect).
-pub async fn claim(
+/// Records the message for this consumer: `true` when this is its first
+/// record, `false` when it was already recorded (a redelivery: no second
+/// effect).
+pub(crate) async fn claim(
     conn: &mut PgConnection,
     consumer: &str,
     message_id: &str,

@@ -4,10 +4,93 @@
 
 use std::time::Duration;
 
+use entrip_common::config::IntegritySettings;
 use serde::Serialize;
 use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
 
 use crate::metrics::WorkerMetrics;
+
+/// How long the alert webhook may take to answer: a receiver that hangs
+/// must not stop the periodic checks, nor keep `workers integrity --once`
+/// from exiting.
+const ALERT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The integrity checker: runs the checks, sets the gauges, and posts the
+/// report to the alert webhook when a run finds violations.
+pub struct Checker {
+    pool: PgPool,
+    settings: IntegritySettings,
+    metrics: WorkerMetrics,
+    client: reqwest::Client,
+    alert_timeout: Duration,
+}
+
+impl Checker {
+    pub fn new(pool: PgPool, settings: IntegritySettings, metrics: WorkerMetrics) -> Self {
+        Self {
+            pool,
+            settings,
+            metrics,
+            client: reqwest::Client::new(),
+            alert_timeout: ALERT_TIMEOUT,
+        }
+    }
+
+    /// Gives up on the alert webhook after `timeout` (10 s by default).
+    pub fn with_alert_timeout(mut self, timeout: Duration) -> Self {
+        self.alert_timeout = timeout;
+        self
+    }
+
+    /// One run: the checks, the gauges, the alert. An alert that cannot be
+    /// posted is logged; the report is returned all the same.
+    pub async fn check_once(&self) -> sqlx::Result<Report> {
+        let report = run_checks(
+            &self.pool,
+            Duration::from_secs(self.settings.settle_grace_secs),
+            Duration::from_secs(self.settings.outbox_max_age_secs),
+        )
+        .await?;
+        set_gauges(&report, &self.metrics);
+        if report.violations() > 0
+            && let Some(url) = &self.settings.alert_webhook
+            && let Err(err) = self
+                .client
+                .post(url)
+                .timeout(self.alert_timeout)
+                .json(&report)
+                .send()
+                .await
+        {
+            tracing::warn!(%err, "cannot post the integrity alert");
+        }
+        Ok(report)
+    }
+
+    /// Runs [`Self::check_once`] every `integrity.interval_secs` until
+    /// `shutdown`, logging each result.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(Duration::from_secs(self.settings.interval_secs));
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            match self.check_once().await {
+                Ok(report) if report.violations() > 0 => {
+                    tracing::error!(
+                        violations = report.violations(),
+                        "integrity check failed:\n{}",
+                        report.render()
+                    );
+                }
+                Ok(_) => tracing::info!("integrity check passed"),
+                Err(err) => tracing::warn!(%err, "integrity check could not run"),
+            }
+        }
+    }
+}
 
 /// One rule and the SQL that finds the rows breaking it: one text column
 /// describing each offending row. Queries may read `params.grace_secs` and
@@ -84,7 +167,7 @@ const CHECKS: &[Check] = &[
 #[derive(Debug, Clone, Serialize)]
 pub struct Finding {
     pub check: &'static str,
-    pub rule: &'static str,
+    pub(crate) rule: &'static str,
     pub violations: i64,
     /// Up to 10 offending rows.
     pub examples: Vec<String>,
@@ -119,8 +202,8 @@ impl Report {
     }
 }
 
-/// Runs every check.
-pub async fn run(
+/// Runs every check (no gauges, no alert: see [`Checker::check_once`]).
+pub async fn run_checks(
     pool: &PgPool,
     settle_grace: Duration,
     outbox_max_age: Duration,
@@ -147,11 +230,11 @@ pub async fn run(
     Ok(Report { findings })
 }
 
-/// Publishes a report to the gauges.
-pub fn export(report: &Report, metrics: &WorkerMetrics) {
+/// Sets `entrip_integrity_violations{check}` from a report.
+fn set_gauges(report: &Report, metrics: &WorkerMetrics) {
     for f in &report.findings {
         metrics
-            .integrity_violations
+            .violations
             .with_label_values(&[f.check])
             .set(f.violations);
     }

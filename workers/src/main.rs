@@ -1,14 +1,14 @@
 //! The `workers` binary: runs the consumers and the integrity checker, or
 //! one integrity run on demand.
 
-use std::sync::Arc;
-
-use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use entrip_common::{config::Settings, db, metrics::new_registry, shutdown, telemetry};
+use entrip_common::{config::Settings, db, metrics::new_registry, service::Service, telemetry};
 use entrip_workers::{
-    check_once, gauges_loop, integrity_loop, metrics::WorkerMetrics, notifications::Notifications,
-    runtime::Consumer, settlement::Settlement,
+    integrity::{Checker, Report},
+    metrics::WorkerMetrics,
+    notifications::{Notifications, undelivered_gauge_loop},
+    runtime::Consumer,
+    settlement::Settlement,
 };
 
 /// Entrip workers: settlement and signed webhook notifications, each effect
@@ -59,50 +59,43 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
-async fn integrity_once(settings: &Settings) -> anyhow::Result<entrip_workers::integrity::Report> {
+async fn integrity_once(settings: &Settings) -> anyhow::Result<Report> {
     let pool = db::connect_and_migrate(&settings.database).await?;
     let metrics = WorkerMetrics::register(&new_registry())?;
-    Ok(check_once(
-        &pool,
-        &settings.integrity,
-        &metrics,
-        &reqwest::Client::new(),
-    )
-    .await?)
+    let checker = Checker::new(pool, settings.integrity.clone(), metrics);
+    Ok(checker.check_once().await?)
 }
 
 async fn run(settings: Settings) -> anyhow::Result<()> {
-    let token = shutdown::on_signal();
-    let pool = db::connect_and_migrate(&settings.database)
-        .await
-        .context("database start-up")?;
-    let registry = new_registry();
-    let metrics = WorkerMetrics::register(&registry)?;
+    let service = Service::start(&settings.database).await?;
+    let metrics = WorkerMetrics::register(&service.registry)?;
     let listen = settings.workers.listen;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen} (key `workers.listen`)"))?;
-    let http = entrip_common::metrics::spawn_server(listener, registry.clone(), token.clone());
-    let settlement = Consumer {
-        handler: Arc::new(Settlement { pool: pool.clone() }),
-        amqp: settings.amqp.clone(),
-        settings: settings.workers.clone(),
-        metrics: metrics.clone(),
-    };
-    let notifications = Consumer {
-        handler: Arc::new(Notifications::new(pool.clone(), &settings.notifications)?),
-        amqp: settings.amqp.clone(),
-        settings: settings.workers.clone(),
-        metrics: metrics.clone(),
-    };
+    let http = service.serve_metrics(listen, "workers.listen").await?;
+    let Service {
+        shutdown: token,
+        pool,
+        ..
+    } = service;
+    let settlement = Consumer::new(
+        Settlement::new(pool.clone()),
+        settings.amqp.clone(),
+        settings.workers.clone(),
+        metrics.clone(),
+    );
+    let notifications = Consumer::new(
+        Notifications::new(pool.clone(), &settings.notifications)?,
+        settings.amqp.clone(),
+        settings.workers.clone(),
+        metrics.clone(),
+    );
+    let checker = Checker::new(pool.clone(), settings.integrity.clone(), metrics.clone());
     let side = [
-        tokio::spawn(integrity_loop(
+        tokio::spawn(checker.run(token.clone())),
+        tokio::spawn(undelivered_gauge_loop(
             pool.clone(),
-            settings.integrity.clone(),
             metrics.clone(),
             token.clone(),
         )),
-        tokio::spawn(gauges_loop(pool.clone(), metrics.clone(), token.clone())),
     ];
     tracing::info!(%listen, webhooks = settings.notifications.webhooks.len(), "workers running");
     tokio::join!(

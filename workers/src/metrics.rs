@@ -7,10 +7,11 @@ use prometheus::{
 #[derive(Clone)]
 pub struct WorkerMetrics {
     /// By consumer and outcome: processed, duplicate, retried, dead_lettered.
-    pub messages: IntCounterVec,
-    pub duration: HistogramVec,
-    pub notifications_undelivered: IntGauge,
-    pub integrity_violations: IntGaugeVec,
+    pub(crate) messages: IntCounterVec,
+    pub(crate) processing_duration: HistogramVec,
+    pub(crate) notifications_undelivered: IntGauge,
+    /// By check: the rows the last integrity run found.
+    pub(crate) violations: IntGaugeVec,
 }
 
 impl WorkerMetrics {
@@ -23,7 +24,7 @@ impl WorkerMetrics {
                 ),
                 &["consumer", "outcome"],
             )?,
-            duration: HistogramVec::new(
+            processing_duration: HistogramVec::new(
                 HistogramOpts::new(
                     "entrip_worker_processing_duration_seconds",
                     "Time to handle one message, acknowledgement included.",
@@ -37,7 +38,7 @@ impl WorkerMetrics {
                 "entrip_notifications_undelivered",
                 "Webhook deliveries that failed for good (dead-lettered).",
             )?,
-            integrity_violations: IntGaugeVec::new(
+            violations: IntGaugeVec::new(
                 Opts::new(
                     "entrip_integrity_violations",
                     "Rows found by the last integrity check, by check.",
@@ -46,9 +47,19 @@ impl WorkerMetrics {
             )?,
         };
         registry.register(Box::new(m.messages.clone()))?;
-        registry.register(Box::new(m.duration.clone()))?;
+        registry.register(Box::new(m.processing_duration.clone()))?;
         registry.register(Box::new(m.notifications_undelivered.clone()))?;
-        registry.register(Box::new(m.integrity_violations.clone()))?;
+        registry.register(Box::new(m.violations.clone()))?;
         Ok(m)
+    }
+
+    /// `entrip_worker_messages_total{consumer, outcome}` now.
+    pub fn messages_total(&self, consumer: &str, outcome: &str) -> u64 {
+        self.messages.with_label_values(&[consumer, outcome]).get()
+    }
+
+    /// `entrip_integrity_violations{check}` now.
+    pub fn integrity_violations(&self, check: &str) -> i64 {
+        self.violations.with_label_values(&[check]).get()
     }
 }

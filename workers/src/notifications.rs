@@ -14,26 +14,32 @@ use entrip_common::{
     signing,
 };
 use futures::future::BoxFuture;
-use sqlx::{PgConnection, PgPool};
-use uuid::Uuid;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
 
 use crate::{
     event::Event,
+    metrics::WorkerMetrics,
     runtime::{Handler, Message, Outcome},
 };
 
+/// The consumer's name: metrics label.
 pub const CONSUMER: &str = "notifications";
+
+/// How often `entrip_notifications_undelivered` is refreshed.
+const GAUGE_INTERVAL: Duration = Duration::from_secs(5);
 
 /// A subscriber with its key decoded once.
 #[derive(Debug, Clone)]
-pub struct Subscriber {
-    pub url: String,
+struct Subscriber {
+    url: String,
     key: Vec<u8>,
     patterns: Vec<String>,
 }
 
 impl Subscriber {
-    pub fn new(hook: &WebhookSettings) -> Option<Self> {
+    /// `None` when the secret is not `whsec_` + base64.
+    fn new(hook: &WebhookSettings) -> Option<Self> {
         Some(Self {
             url: hook.url.clone(),
             key: signing::decode_secret(&hook.secret)?,
@@ -41,15 +47,33 @@ impl Subscriber {
         })
     }
 
-    pub fn wants(&self, topic: &str) -> bool {
+    fn wants(&self, topic: &str) -> bool {
         self.patterns.iter().any(|p| topic_matches(p, topic))
     }
 }
 
+/// The notifications handler.
 pub struct Notifications {
-    pub pool: PgPool,
-    pub client: reqwest::Client,
-    pub subscribers: Vec<Subscriber>,
+    pool: PgPool,
+    client: reqwest::Client,
+    subscribers: Vec<Subscriber>,
+}
+
+/// Why a POST was not a delivery.
+struct NotDelivered {
+    /// The receiver's status, when it answered.
+    status_code: Option<u16>,
+    reason: String,
+}
+
+/// What became of one (event, subscriber) pair.
+enum PairOutcome {
+    /// Delivered before: not sent again.
+    AlreadyDelivered,
+    /// Sent now and answered 2xx.
+    Delivered,
+    /// Sent now and not answered 2xx: the reason.
+    Failed(String),
 }
 
 impl Notifications {
@@ -71,13 +95,13 @@ impl Notifications {
         })
     }
 
-    /// POSTs the event to one subscriber; `Err` says why it was not a 2xx.
+    /// POSTs the event to one subscriber: its 2xx status, or why not.
     async fn post(
         &self,
         sub: &Subscriber,
         event_id: &str,
         body: &[u8],
-    ) -> Result<u16, (Option<u16>, String)> {
+    ) -> Result<u16, NotDelivered> {
         let timestamp = Utc::now().timestamp();
         let signature = signing::sign(&sub.key, event_id, timestamp, body);
         let resp = self
@@ -90,47 +114,45 @@ impl Notifications {
             .body(body.to_vec())
             .send()
             .await
-            .map_err(|e| (None, format!("request failed: {e}")))?;
+            .map_err(|e| NotDelivered {
+                status_code: None,
+                reason: format!("request failed: {e}"),
+            })?;
         let status = resp.status();
         if status.is_success() {
             Ok(status.as_u16())
         } else {
-            Err((Some(status.as_u16()), format!("answered {status}")))
+            Err(NotDelivered {
+                status_code: Some(status.as_u16()),
+                reason: format!("answered {status}"),
+            })
         }
     }
-}
 
-/// What became of one (event, subscriber) pair.
-enum Delivery {
-    /// Delivered before: not sent again.
-    Already,
-    Sent,
-    Failed(String),
-}
-
-impl Notifications {
     /// Delivers the event to one subscriber at most once: the pair's row is
     /// created and locked first, so that copies of the event handled at the
-    /// same time (here or in another worker) wait, then see it DELIVERED.
+    /// same time (here or in another worker) wait, then see it delivered.
     async fn deliver(
         &self,
         sub: &Subscriber,
         event: &Event,
         body: &[u8],
-    ) -> sqlx::Result<Delivery> {
+    ) -> sqlx::Result<PairOutcome> {
         let mut tx = self.pool.begin().await?;
-        if deliveries::lock(&mut tx, event.id, &sub.url, &event.kind).await? {
-            return Ok(Delivery::Already);
+        match deliveries::lock_pair(&mut tx, event, &sub.url).await? {
+            deliveries::Pair::AlreadyDelivered => return Ok(PairOutcome::AlreadyDelivered),
+            deliveries::Pair::Locked => {}
         }
-        let (code, error) = match self.post(sub, &event.id.to_string(), body).await {
+        let (status_code, failure) = match self.post(sub, &event.id.to_string(), body).await {
             Ok(code) => (Some(code), None),
-            Err((code, error)) => (code, Some(error)),
+            Err(not) => (not.status_code, Some(not.reason)),
         };
-        deliveries::record(&mut tx, event.id, &sub.url, code, error.as_deref()).await?;
+        deliveries::record_attempt(&mut tx, event, &sub.url, status_code, failure.as_deref())
+            .await?;
         tx.commit().await?;
-        Ok(match error {
-            None => Delivery::Sent,
-            Some(e) => Delivery::Failed(e),
+        Ok(match failure {
+            None => PairOutcome::Delivered,
+            Some(reason) => PairOutcome::Failed(reason),
         })
     }
 }
@@ -152,16 +174,17 @@ impl Handler for Notifications {
             };
             let mut failures = Vec::new();
             let mut matched = 0;
-            let mut sent = 0;
+            // Pairs sent now, whatever the receiver answered.
+            let mut attempted = 0;
             for sub in self.subscribers.iter().filter(|s| s.wants(&event.kind)) {
                 matched += 1;
                 match self.deliver(sub, &event, &msg.body).await {
-                    Ok(Delivery::Already) => {}
-                    Ok(Delivery::Sent) => sent += 1,
-                    Ok(Delivery::Failed(error)) => {
-                        sent += 1;
-                        tracing::warn!(subscriber = %sub.url, %error, "webhook not delivered");
-                        failures.push(format!("{}: {error}", sub.url));
+                    Ok(PairOutcome::AlreadyDelivered) => {}
+                    Ok(PairOutcome::Delivered) => attempted += 1,
+                    Ok(PairOutcome::Failed(reason)) => {
+                        attempted += 1;
+                        tracing::warn!(subscriber = %sub.url, %reason, "webhook not delivered");
+                        failures.push(format!("{}: {reason}", sub.url));
                     }
                     // The receiver may get this event again: it dedupes by webhook-id.
                     Err(err) => return Outcome::Retry(format!("database: {err}")),
@@ -169,7 +192,7 @@ impl Handler for Notifications {
             }
             if !failures.is_empty() {
                 Outcome::Retry(failures.join("; "))
-            } else if matched > 0 && sent == 0 {
+            } else if matched > 0 && attempted == 0 {
                 // Every matching subscriber had it already: a redelivery.
                 Outcome::Duplicate
             } else {
@@ -183,53 +206,89 @@ impl Handler for Notifications {
             let Ok(event) = Event::parse(msg) else {
                 return;
             };
-            if let Err(err) = deliveries::mark_dead(&self.pool, event.id, reason).await {
+            if let Err(err) = deliveries::mark_dead(&self.pool, &event, reason).await {
                 tracing::warn!(%err, "cannot mark the deliveries dead");
             }
         })
     }
 }
 
-/// Table `notification_deliveries`.
-pub mod deliveries {
-    use super::*;
+/// Refreshes `entrip_notifications_undelivered` every 5 s until `shutdown`.
+pub async fn undelivered_gauge_loop(
+    pool: PgPool,
+    metrics: WorkerMetrics,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(GAUGE_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match deliveries::undelivered(&pool).await {
+            Ok(n) => metrics.notifications_undelivered.set(n),
+            Err(err) => tracing::warn!(%err, "cannot refresh the undelivered gauge"),
+        }
+    }
+}
 
-    /// Creates the pair's row if needed and locks it until the caller's
-    /// transaction ends; `true` when it was already delivered.
-    pub async fn lock(
+/// Table `notification_deliveries`: one row per (event, subscriber).
+pub mod deliveries {
+    use sqlx::{PgConnection, PgPool};
+    use uuid::Uuid;
+
+    use crate::event::Event;
+
+    /// An (event, subscriber) pair as [`lock_pair`] found it.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub(crate) enum Pair {
+        /// Delivered before: nothing to send.
+        AlreadyDelivered,
+        /// Not delivered yet, and locked until the caller's transaction
+        /// ends: send it, then [`record_attempt`].
+        Locked,
+    }
+
+    /// Creates the pair's row if needed and locks it, unless it was already
+    /// delivered.
+    pub(crate) async fn lock_pair(
         conn: &mut PgConnection,
-        event_id: Uuid,
+        event: &Event,
         subscriber: &str,
-        topic: &str,
-    ) -> sqlx::Result<bool> {
+    ) -> sqlx::Result<Pair> {
         sqlx::query(
             "INSERT INTO notification_deliveries (id, event_id, subscriber, topic)
              VALUES ($1, $2, $3, $4) ON CONFLICT (event_id, subscriber) DO NOTHING",
         )
         .bind(Uuid::now_v7())
-        .bind(event_id)
+        .bind(event.id)
         .bind(subscriber)
-        .bind(topic)
+        .bind(&event.kind)
         .execute(&mut *conn)
         .await?;
-        let (status,): (String,) = sqlx::query_as(
-            "SELECT status FROM notification_deliveries WHERE event_id = $1 AND subscriber = $2 FOR UPDATE",
+        let delivered: bool = sqlx::query_scalar(
+            "SELECT status = 'DELIVERED' FROM notification_deliveries
+              WHERE event_id = $1 AND subscriber = $2 FOR UPDATE",
         )
-        .bind(event_id)
+        .bind(event.id)
         .bind(subscriber)
         .fetch_one(conn)
         .await?;
-        Ok(status == "DELIVERED")
+        Ok(if delivered {
+            Pair::AlreadyDelivered
+        } else {
+            Pair::Locked
+        })
     }
 
-    /// Counts an attempt on the locked pair: DELIVERED on a 2xx (`error`
-    /// none), else PENDING.
-    pub async fn record(
+    /// Counts an attempt on the locked pair: DELIVERED on a 2xx (`failure`
+    /// none), else PENDING with the failure.
+    pub(crate) async fn record_attempt(
         conn: &mut PgConnection,
-        event_id: Uuid,
+        event: &Event,
         subscriber: &str,
         status_code: Option<u16>,
-        error: Option<&str>,
+        failure: Option<&str>,
     ) -> sqlx::Result<()> {
         sqlx::query(
             "UPDATE notification_deliveries
@@ -240,26 +299,26 @@ pub mod deliveries {
                     delivered_at = CASE WHEN $4::text IS NULL THEN now() END
               WHERE event_id = $1 AND subscriber = $2",
         )
-        .bind(event_id)
+        .bind(event.id)
         .bind(subscriber)
         .bind(status_code.map(|c| i16::try_from(c).unwrap_or(0)))
-        .bind(error)
+        .bind(failure)
         .execute(conn)
         .await?;
         Ok(())
     }
 
-    /// The event's undelivered pairs failed for good.
-    pub async fn mark_dead(pool: &PgPool, event_id: Uuid, reason: &str) -> sqlx::Result<u64> {
-        let done = sqlx::query(
+    /// The event's undelivered pairs failed for good: DEAD, with `reason`.
+    pub(crate) async fn mark_dead(pool: &PgPool, event: &Event, reason: &str) -> sqlx::Result<()> {
+        sqlx::query(
             "UPDATE notification_deliveries SET status = 'DEAD', last_error = $2
               WHERE event_id = $1 AND status = 'PENDING'",
         )
-        .bind(event_id)
+        .bind(event.id)
         .bind(reason)
         .execute(pool)
         .await?;
-        Ok(done.rows_affected())
+        Ok(())
     }
 
     /// Pairs that failed for good: `entrip_notifications_undelivered`.

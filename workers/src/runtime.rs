@@ -50,15 +50,33 @@ pub enum Outcome {
 /// A delivered message as handlers see it.
 #[derive(Debug, Clone)]
 pub struct Message {
-    pub message_id: Option<String>,
-    pub kind: Option<String>,
-    pub routing_key: String,
-    pub body: Vec<u8>,
+    pub(crate) message_id: Option<String>,
+    /// The `type` property.
+    pub(crate) kind: Option<String>,
+    pub(crate) routing_key: String,
+    pub(crate) body: Vec<u8>,
     /// How many times it went through the retry path before.
-    pub attempt: u32,
+    pub(crate) attempt: u32,
 }
 
 impl Message {
+    /// A first delivery (no retry before) with these properties, for
+    /// handing a message to a handler without a broker.
+    pub fn new(
+        message_id: Option<String>,
+        kind: Option<String>,
+        routing_key: String,
+        body: Vec<u8>,
+    ) -> Self {
+        Self {
+            message_id,
+            kind,
+            routing_key,
+            body,
+            attempt: 0,
+        }
+    }
+
     fn from_delivery(d: &Delivery) -> Self {
         let attempt = d
             .properties
@@ -104,13 +122,29 @@ pub trait Handler: Send + Sync + 'static {
 
 /// Runs `handler` on its queue until `shutdown`.
 pub struct Consumer<H: Handler> {
-    pub handler: Arc<H>,
-    pub amqp: AmqpSettings,
-    pub settings: WorkersSettings,
-    pub metrics: WorkerMetrics,
+    handler: Arc<H>,
+    amqp: AmqpSettings,
+    settings: WorkersSettings,
+    metrics: WorkerMetrics,
 }
 
 impl<H: Handler> Consumer<H> {
+    pub fn new(
+        handler: H,
+        amqp: AmqpSettings,
+        settings: WorkersSettings,
+        metrics: WorkerMetrics,
+    ) -> Self {
+        Self {
+            handler: Arc::new(handler),
+            amqp,
+            settings,
+            metrics,
+        }
+    }
+
+    /// Consumes until `shutdown`, reconnecting with backoff when the
+    /// connection is lost; returns once the messages in flight finished.
     pub async fn run(self, shutdown: CancellationToken) {
         let name = format!(
             "entrip-workers-{}-{}",
@@ -180,7 +214,7 @@ impl<H: Handler> Consumer<H> {
             tokio::select! {
                 _ = shutdown.cancelled() => {
                     let _ = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
-                    finish(&mut in_flight).await;
+                    drain(&mut in_flight).await;
                     let _ = channel.close(200, "shutdown".into()).await;
                     let _ = publisher.close(200, "shutdown".into()).await;
                     return Ok(());
@@ -191,29 +225,29 @@ impl<H: Handler> Consumer<H> {
                         // effects commit; their acks fail and the redelivery is
                         // deduplicated): aborting one could cut a webhook between
                         // the receiver's 2xx and its record, and send it twice.
-                        finish(&mut in_flight).await;
+                        drain(&mut in_flight).await;
                         return Err(err);
                     }
-                    log_task(done);
+                    log_finished(done);
                 }
                 next = deliveries.next(), if in_flight.len() < self.settings.concurrency => {
                     match next {
                         Some(Ok(delivery)) => {
-                            let step = Step {
+                            let task = MessageTask {
                                 handler: self.handler.clone(),
                                 publisher: publisher.clone(),
                                 amqp: self.amqp.clone(),
                                 max_retries: self.settings.max_retries,
                                 metrics: self.metrics.clone(),
                             };
-                            in_flight.spawn(step.process(delivery));
+                            in_flight.spawn(task.process(delivery));
                         }
                         Some(Err(err)) => {
-                            finish(&mut in_flight).await;
+                            drain(&mut in_flight).await;
                             return Err(err);
                         }
                         None => {
-                            finish(&mut in_flight).await;
+                            drain(&mut in_flight).await;
                             return Err(lapin::ErrorKind::InvalidChannelState(lapin::ChannelState::Closed, "consumer ended").into());
                         }
                     }
@@ -227,34 +261,35 @@ impl<H: Handler> Consumer<H> {
 /// gone or shutdown began: above a webhook call (5 s by default), a pool
 /// acquire (3 s) and a forward (`FORWARD_TIMEOUT`). Past it they are aborted
 /// and the broker redelivers them.
-const FINISH_GRACE: Duration = Duration::from_secs(30);
+const DRAIN_GRACE: Duration = Duration::from_secs(30);
 
 /// A forward's publish and confirm: a blocked or half-dead connection must
 /// not hold a message (and the consumer's reconnect) forever.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Waits for the messages in flight (dropping the set would abort them), at
-/// most `FINISH_GRACE`.
-async fn finish(in_flight: &mut JoinSet<Result<(), lapin::Error>>) {
-    let drained = tokio::time::timeout(FINISH_GRACE, async {
+/// most `DRAIN_GRACE`.
+async fn drain(in_flight: &mut JoinSet<Result<(), lapin::Error>>) {
+    let drained = tokio::time::timeout(DRAIN_GRACE, async {
         while let Some(done) = in_flight.join_next().await {
-            log_task(done);
+            log_finished(done);
         }
     })
     .await;
     if drained.is_err() {
         tracing::warn!(
             left = in_flight.len(),
-            "messages still in flight after {FINISH_GRACE:?}; aborted, the broker redelivers them"
+            "messages still in flight after {DRAIN_GRACE:?}; aborted, the broker redelivers them"
         );
         in_flight.abort_all();
         while let Some(done) = in_flight.join_next().await {
-            log_task(done);
+            log_finished(done);
         }
     }
 }
 
-fn log_task(done: Result<Result<(), lapin::Error>, tokio::task::JoinError>) {
+/// Logs how a message's task ended when it did not end acknowledged.
+fn log_finished(done: Result<Result<(), lapin::Error>, tokio::task::JoinError>) {
     match done {
         Ok(Ok(())) => {}
         Ok(Err(err)) => {
@@ -264,8 +299,8 @@ fn log_task(done: Result<Result<(), lapin::Error>, tokio::task::JoinError>) {
     }
 }
 
-/// Everything one message needs.
-struct Step<H: Handler> {
+/// One delivered message with everything its handling needs.
+struct MessageTask<H: Handler> {
     handler: Arc<H>,
     publisher: Channel,
     amqp: AmqpSettings,
@@ -273,7 +308,7 @@ struct Step<H: Handler> {
     metrics: WorkerMetrics,
 }
 
-impl<H: Handler> Step<H> {
+impl<H: Handler> MessageTask<H> {
     async fn process(self, delivery: Delivery) -> Result<(), lapin::Error> {
         let msg = Message::from_delivery(&delivery);
         let consumer = self.handler.name();
@@ -330,7 +365,7 @@ impl<H: Handler> Step<H> {
             };
             self.metrics.messages.with_label_values(&[consumer, label]).inc();
             self.metrics
-                .duration
+                .processing_duration
                 .with_label_values(&[consumer])
                 .observe(start.elapsed().as_secs_f64());
             Ok(())
@@ -358,7 +393,7 @@ impl<H: Handler> Step<H> {
                         ..BasicPublishOptions::default()
                     },
                     &delivery.data,
-                    with_headers(&delivery.properties, attempt, reason),
+                    forwarded_properties(&delivery.properties, attempt, reason),
                 )
                 .await?
                 .await
@@ -387,7 +422,7 @@ impl<H: Handler> Step<H> {
 }
 
 /// The original properties with the attempt count and the failure reason.
-fn with_headers(props: &BasicProperties, attempt: u32, reason: &str) -> BasicProperties {
+fn forwarded_properties(props: &BasicProperties, attempt: u32, reason: &str) -> BasicProperties {
     let mut headers = props.headers().clone().unwrap_or_default();
     headers.insert(
         ShortString::from(ATTEMPT_HEADER),

@@ -24,11 +24,19 @@ use crate::{
     runtime::{Handler, Message, Outcome},
 };
 
-pub const CONSUMER: &str = "settlement";
+/// The consumer's name: metrics label and inbox consumer.
+pub(crate) const CONSUMER: &str = "settlement";
 const ACTOR: &str = "worker:settlement";
 
+/// The settlement handler.
 pub struct Settlement {
-    pub pool: PgPool,
+    pool: PgPool,
+}
+
+impl Settlement {
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
 }
 
 impl Handler for Settlement {

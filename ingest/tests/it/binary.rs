@@ -1,15 +1,10 @@
 //! The `ingest` binary as a process: configuration errors stop it with the
 //! key's name, it creates its database, `/metrics` passes `promtool check
 //! metrics`, and SIGTERM lets requests in flight finish before it exits 0.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::{
-    net::TcpListener,
-    process::{Child, Command, Stdio},
-    str::FromStr,
-    time::{Duration, Instant},
-};
+use std::{process::Command, str::FromStr, time::Duration};
 
+use entrip_testkit::{Process, eventually, free_port};
 use serde_json::json;
 use sqlx::{Connection, PgConnection, postgres::PgConnectOptions};
 
@@ -53,59 +48,26 @@ fn url_without_db(url: &str) -> String {
     head.to_owned()
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Kills the process if a test fails before stopping it.
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
-fn spawn(db: &TestDb, port: u16) -> Guard {
-    let child = Command::new(BIN)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("DATABASE_URL", &db.url)
-        .env("ENTRIP__INGEST__LISTEN", format!("127.0.0.1:{port}"))
-        .env("ENTRIP__LOG__FORMAT", "json")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    Guard(child)
+fn spawn(db: &TestDb, port: u16) -> Process {
+    Process::spawn(
+        Command::new(BIN)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("DATABASE_URL", &db.url)
+            .env("ENTRIP__INGEST__LISTEN", format!("127.0.0.1:{port}"))
+            .env("ENTRIP__LOG__FORMAT", "json"),
+    )
 }
 
 async fn wait_ready(client: &reqwest::Client, base: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(r) = client.get(format!("{base}/readyz")).send().await
-            && r.status() == 200
-        {
-            return;
-        }
-        assert!(Instant::now() < deadline, "ingest did not become ready");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-fn sigterm(child: &Child) {
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    eventually("ingest is ready", || async {
+        client
+            .get(format!("{base}/readyz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
 }
 
 #[test]
@@ -141,8 +103,7 @@ fn help_describes_the_subcommands() {
 async fn creates_its_database_serves_metrics_and_shuts_down_gracefully() {
     let db = TestDb::new();
     let port = free_port();
-    let mut guard = spawn(&db, port);
-    let child = &mut guard.0;
+    let mut ingest = spawn(&db, port);
     let base = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::new();
     wait_ready(&client, &base).await;
@@ -192,11 +153,24 @@ async fn creates_its_database_serves_metrics_and_shuts_down_gracefully() {
                 .status()
             }
         });
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    sigterm(child);
+    let observer = sqlx::PgPool::connect(&db.url).await.unwrap();
+    eventually("the booking request waits for the user's lock", || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&observer)
+        .await
+        .unwrap()
+            == 1
+    })
+    .await;
+    observer.close().await;
+    ingest.signal("-TERM");
+    // Give it time to (wrongly) exit: it must wait for the request.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(
-        child.try_wait().unwrap().is_none(),
+        ingest.0.try_wait().unwrap().is_none(),
         "ingest waits for the request in flight"
     );
 
@@ -204,17 +178,7 @@ async fn creates_its_database_serves_metrics_and_shuts_down_gracefully() {
     let status = in_flight.await.unwrap();
     assert_eq!(status, 201, "the request in flight completed");
 
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let exit = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "ingest did not exit after SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let exit = ingest.wait_exit().await;
     assert!(exit.success(), "exit status {exit:?}");
     let bookings: i64 = sqlx::query_scalar("SELECT count(*) FROM bookings")
         .fetch_one(&mut blocker)
@@ -229,8 +193,7 @@ async fn creates_its_database_serves_metrics_and_shuts_down_gracefully() {
 async fn metrics_pass_promtool_check() {
     let db = TestDb::new();
     let port = free_port();
-    let mut guard = spawn(&db, port);
-    let child = &mut guard.0;
+    let mut ingest = spawn(&db, port);
     let base = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::new();
     wait_ready(&client, &base).await;
@@ -272,7 +235,7 @@ async fn metrics_pass_promtool_check() {
 
     entrip_testkit::promtool_check(&text).unwrap();
 
-    sigterm(child);
-    let _ = child.wait();
+    ingest.signal("-TERM");
+    assert!(ingest.wait_exit().await.success());
     db.drop_db().await;
 }

@@ -4,14 +4,11 @@
 //! type, the `Idempotency-Key` header, routing and unknown ids. Every bad
 //! input gets an `application/problem+json` answer naming the field at
 //! fault, never a 500, and stores nothing.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
-
+use crate::support::{Resp, Server, booking_body, key, payment_body, unique_code};
 use reqwest::{StatusCode, header::HeaderValue};
 use serde_json::{Value, json};
 use sqlx::PgPool;
-use support::{Resp, Server, booking_body, key, payment_body, unique_code};
 
 /// The tables a refused request must leave untouched.
 const TABLES: [&str; 9] = [

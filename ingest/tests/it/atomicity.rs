@@ -1,19 +1,16 @@
 //! Atomicity and availability: a failure inside the transaction leaves no
 //! trace of the request, and a database that goes away yields 503s with
 //! `Retry-After` until it comes back, after which the service recovers.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod support;
 
 use std::time::Duration;
 
-use entrip_testkit::Proxy;
+use crate::support::{Server, booking_body, key, unique_code};
+use entrip_testkit::{Proxy, eventually};
 use reqwest::StatusCode;
 use sqlx::{
     PgPool,
     postgres::{PgConnectOptions, PgPoolOptions},
 };
-use support::{Server, booking_body, key, unique_code};
 
 /// A real fault at the outbox insert (a trigger that raises) after the
 /// booking row was inserted: nothing of the request is stored, the key is
@@ -146,27 +143,20 @@ async fn database_unreachable_gives_503_and_the_service_recovers(
     );
 
     proxy.restore();
-    let mut recovered = None;
-    for _ in 0..50 {
-        let r = s.post("/v1/bookings", Some(&k), &body).await;
-        if r.status != StatusCode::SERVICE_UNAVAILABLE {
-            recovered = Some(r);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let r = recovered.expect("the service recovers when the database is back");
+    eventually(
+        "the service is ready again once the database is back",
+        || async { s.get("/readyz").await.status == StatusCode::OK },
+    )
+    .await;
+    let r = s.post("/v1/bookings", Some(&k), &body).await;
     assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
     assert!(r.headers.get("idempotent-replayed").is_none());
     assert_eq!(s.count("bookings").await, 1);
     assert_eq!(s.get("/readyz").await.status, StatusCode::OK);
     let unavailable = s
-        .app
-        .metrics
-        .requests
-        .with_label_values(&["/v1/bookings", "503"])
-        .get();
-    assert!(unavailable >= 3, "503s are counted");
+        .metric(r#"entrip_ingest_requests_total{route="/v1/bookings",status="503"}"#)
+        .await;
+    assert!(unavailable >= 3.0, "503s are counted");
     s.stop().await;
 }
 

@@ -1,18 +1,18 @@
-//! A first settlement through the real broker.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! A first settlement through the real broker: an approved payment's event
+//! settles its booking and enqueues the two events of the settlement.
 
-mod support;
-
-use entrip_testkit::Vhost;
+use entrip_common::domain::PaymentStatus;
+use entrip_testkit::{Vhost, eventually};
 use sqlx::PgPool;
-use support::*;
 use uuid::Uuid;
+
+use crate::support::*;
 
 #[sqlx::test(migrator = "entrip_common::db::MIGRATOR")]
 async fn an_approved_payment_settles_its_booking(pool: PgPool) {
     let vhost = Vhost::new();
     let mut f = booking(&pool, false).await;
-    add_payment(&pool, &mut f, "APPROVED").await;
+    add_payment(&pool, &mut f, PaymentStatus::Approved).await;
     let (_conn, ch) = channel(&vhost.url()).await;
     let worker = start_settlement(&pool, &vhost.url());
     publish_event(
@@ -22,7 +22,7 @@ async fn an_approved_payment_settles_its_booking(pool: PgPool) {
         payment_data(&f, "APPROVED"),
     )
     .await;
-    eventually(20, "settled", || async {
+    eventually("settled", || async {
         scalar(&pool, "SELECT count(*) FROM settlements").await == 1
     })
     .await;

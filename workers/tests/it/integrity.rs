@@ -1,12 +1,14 @@
 //! The integrity checker against a real database: no violation on
-//! consistent data (settled by SQL and by the real settlement handler, plus
-//! legitimately unsettled bookings), each kind of violation found when one is
-//! planted with SQL (and only by its check), `workers integrity --once` as a
-//! process (exit 0 / exit 1 with a readable report), and the alert webhook
-//! receiving the JSON report.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod support;
+//! consistent data (settled through the store and by the real settlement
+//! handler, plus legitimately unsettled bookings), each kind of violation
+//! found when one is planted (and only by its check), `workers integrity
+//! --once` as a process (exit 0 / exit 1 with a readable report), and the
+//! alert webhook receiving the JSON report.
+//!
+//! Valid data is written through the store's functions. Raw SQL plants only
+//! what the store cannot write: back-dated decisions and outbox rows,
+//! settlements with wrong totals or of another booking's payment, a booking
+//! back to PENDING, deleted audit rows, non-positive amounts.
 
 use std::{
     process::{Command, Output},
@@ -20,11 +22,16 @@ use axum::{
     http::{HeaderMap, StatusCode, header::CONTENT_TYPE},
     routing::post,
 };
-use entrip_common::{config::IntegritySettings, metrics::new_registry};
-use entrip_testkit::database_url;
+use entrip_common::{
+    config::IntegritySettings,
+    domain::{AggregateType, ApprovalStatus, EventType, PaymentStatus},
+    events::{self, NewEvent, SOURCE_INGEST},
+    metrics::new_registry,
+    store::{bookings, payments, settlements},
+};
+use entrip_testkit::{STALL, database_url};
 use entrip_workers::{
-    check_once,
-    integrity::{self, Finding, Report},
+    integrity::{self, Checker, Finding, Report},
     metrics::WorkerMetrics,
     runtime::{Handler, Message, Outcome},
     settlement::Settlement,
@@ -32,11 +39,12 @@ use entrip_workers::{
 use rust_decimal::Decimal;
 use serde_json::{Value, json};
 use sqlx::{
-    PgPool,
+    PgConnection, PgPool,
     postgres::{PgConnectOptions, PgPoolOptions},
 };
-use support::*;
 use uuid::Uuid;
+
+use crate::support::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_workers");
 const GRACE: Duration = Duration::from_secs(300);
@@ -54,7 +62,9 @@ const CHECKS: [&str; 7] = [
 // ---------------------------------------------------------------- helpers
 
 async fn check(pool: &PgPool) -> Report {
-    integrity::run(pool, GRACE, OUTBOX_AGE).await.unwrap()
+    integrity::run_checks(pool, GRACE, OUTBOX_AGE)
+        .await
+        .unwrap()
 }
 
 fn finding<'a>(report: &'a Report, name: &str) -> &'a Finding {
@@ -92,6 +102,7 @@ fn assert_example(report: &Report, name: &str, needle: &str) {
     );
 }
 
+/// Plants a change with raw SQL (what the store cannot write).
 async fn exec(pool: &PgPool, sql: &str, id: Uuid) {
     sqlx::query(sqlx::AssertSqlSafe(sql.to_owned()))
         .bind(id)
@@ -100,22 +111,61 @@ async fn exec(pool: &PgPool, sql: &str, id: Uuid) {
         .unwrap();
 }
 
-async fn audit(pool: &PgPool, action: &str, entity_type: &str, id: Uuid) {
-    sqlx::query(
-        "INSERT INTO audit_log (actor, action, entity_type, entity_id) VALUES ('test', $1, $2, $3)",
+/// Back-dates a payment's or an approval's decision by an `age` such as
+/// `'1 hour'` (raw SQL: the store decides now).
+async fn decided_ago(pool: &PgPool, table: &str, id: Uuid, age: &str) {
+    exec(
+        pool,
+        &format!("UPDATE {table} SET decided_at = now() - interval '{age}' WHERE id = $1"),
+        id,
     )
-    .bind(action)
-    .bind(entity_type)
-    .bind(id)
-    .execute(pool)
-    .await
-    .unwrap();
+    .await;
 }
 
-/// Settles the fixture's booking with SQL as the worker would, with the
-/// given totals (net = gross - tax, as the schema demands): settlement,
-/// booking CONFIRMED, audit rows. Returns the settlement id.
-async fn settle_by_sql(
+/// Confirms a booking through the store without settling it: the store
+/// allows the step (the worker takes it in its settlement's transaction),
+/// the checker must object.
+async fn confirm_unsettled(pool: &PgPool, booking: Uuid) {
+    let mut tx = pool.begin().await.unwrap();
+    bookings::confirm(&mut tx, booking).await.unwrap();
+    tx.commit().await.unwrap();
+}
+
+/// The rest of a settlement as the worker writes it: the booking
+/// CONFIRMED and both audit rows.
+async fn confirm_settled(conn: &mut PgConnection, booking: Uuid, settlement: Uuid) {
+    bookings::confirm(conn, booking).await.unwrap();
+    audited(
+        conn,
+        "settlement.record",
+        AggregateType::Settlement,
+        settlement,
+    )
+    .await;
+    audited(conn, "booking.confirm", AggregateType::Booking, booking).await;
+}
+
+/// A booking settled consistently through the store: KRW 350000, tax
+/// 31818. The settlement id.
+async fn settled_booking(pool: &PgPool) -> (Fixture, Uuid) {
+    let mut f = booking(pool, false).await;
+    let payment = add_payment(pool, &mut f, PaymentStatus::Approved).await;
+    let mut tx = pool.begin().await.unwrap();
+    let payment = payments::get(&mut tx, payment).await.unwrap().unwrap();
+    let settlement = settlements::insert(&mut tx, Uuid::now_v7(), &payment, f.approval)
+        .await
+        .unwrap();
+    confirm_settled(&mut tx, f.booking, settlement.id).await;
+    tx.commit().await.unwrap();
+    (f, settlement.id)
+}
+
+/// Plants a settlement of the fixture's booking paid by `payment` with the
+/// given totals (net = gross - tax, as the schema demands), then confirms
+/// the booking as the worker would. Raw SQL: the store takes a
+/// settlement's booking and totals from its payment, so it cannot write
+/// the wrong ones planted here. The settlement id.
+async fn plant_settlement(
     pool: &PgPool,
     f: &Fixture,
     payment: Uuid,
@@ -124,6 +174,7 @@ async fn settle_by_sql(
     currency: &str,
 ) -> Uuid {
     let id = Uuid::now_v7();
+    let mut tx = pool.begin().await.unwrap();
     sqlx::query(
         "INSERT INTO settlements (id, booking_id, payment_id, approval_id, gross, tax, net, currency)
          VALUES ($1, $2, $3, $4, $5, $6, $5 - $6, $7)",
@@ -135,46 +186,51 @@ async fn settle_by_sql(
     .bind(Decimal::from(gross))
     .bind(Decimal::from(tax))
     .bind(currency)
-    .execute(pool)
+    .execute(&mut *tx)
     .await
     .unwrap();
-    exec(
-        pool,
-        "UPDATE bookings SET status = 'CONFIRMED', confirmed_at = now() WHERE id = $1",
-        f.booking,
-    )
-    .await;
-    audit(pool, "settlement.record", "settlement", id).await;
-    audit(pool, "booking.confirm", "booking", f.booking).await;
+    confirm_settled(&mut tx, f.booking, id).await;
+    tx.commit().await.unwrap();
     id
 }
 
-/// A booking settled consistently with SQL: KRW 350000, tax 31818.
-async fn settled_booking(pool: &PgPool) -> (Fixture, Uuid) {
-    let mut f = booking(pool, false).await;
-    let payment = add_payment(pool, &mut f, "APPROVED").await;
-    let s = settle_by_sql(pool, &f, payment, 350_000, 31_818, "KRW").await;
-    (f, s)
+/// What became of an outbox row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Row {
+    Pending,
+    Published,
+    Dead,
 }
 
-async fn outbox_row(pool: &PgPool, aggregate: Uuid, age: &str, state: &str) -> Uuid {
-    let id = Uuid::now_v7();
-    let sql = format!(
-        "INSERT INTO outbox (id, aggregate_type, aggregate_id, topic, payload, created_at, published_at, dead_at, last_error)
-         VALUES ($1, 'booking', $2, 'booking.created', $3, now() - interval '{age}',
-                 {}, {}, {})",
-        if state == "published" { "now()" } else { "NULL" },
-        if state == "dead" { "now()" } else { "NULL" },
-        if state == "dead" { "'broker refused'" } else { "NULL" },
+/// A `booking.created` row of the aggregate, enqueued through the store,
+/// then made `age` old (e.g. `'2 hours'`) and marked with raw SQL: the
+/// store only enqueues (the dispatcher marks rows, and nobody back-dates
+/// them). The row's id.
+async fn outbox_row(pool: &PgPool, aggregate: Uuid, age: &str, state: Row) -> Uuid {
+    let event = NewEvent::new(
+        EventType::BookingCreated,
+        AggregateType::Booking,
+        aggregate,
+        SOURCE_INGEST,
+        json!({"id": aggregate}),
     );
-    sqlx::query(sqlx::AssertSqlSafe(sql))
-        .bind(id)
-        .bind(aggregate)
-        .bind(json!({"specversion": "1.0", "id": id, "type": "booking.created"}))
-        .execute(pool)
-        .await
-        .unwrap();
-    id
+    let mut conn = pool.acquire().await.unwrap();
+    events::enqueue(&mut conn, &event).await.unwrap();
+    sqlx::query(
+        "UPDATE outbox SET created_at = now() - $2::interval,
+                published_at = CASE WHEN $3 THEN now() END,
+                dead_at = CASE WHEN $4 THEN now() END,
+                last_error = CASE WHEN $4 THEN 'broker refused' END
+          WHERE id = $1",
+    )
+    .bind(event.id)
+    .bind(age)
+    .bind(state == Row::Published)
+    .bind(state == Row::Dead)
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    event.id
 }
 
 /// Consistent data: what the checker must accept.
@@ -184,27 +240,26 @@ struct World {
 }
 
 async fn consistent(pool: &PgPool) -> World {
-    // Settled with SQL as the worker writes it.
+    // Settled through the store as the worker writes it.
     let (sql_settled, _) = settled_booking(pool).await;
 
     // Settled by the real settlement handler (approval required).
     let mut w = booking(pool, true).await;
-    add_payment(pool, &mut w, "APPROVED").await;
-    add_approval(pool, &mut w, "APPROVED").await;
+    add_payment(pool, &mut w, PaymentStatus::Approved).await;
+    add_approval(pool, &mut w, ApprovalStatus::Approved).await;
     let event = Uuid::now_v7();
-    let body = json!({
-        "specversion": "1.0", "id": event, "source": "/entrip/ingest", "type": "approval.decided",
-        "subject": w.approval, "time": "2026-11-26T00:00:00Z", "datacontenttype": "application/json",
-        "data": approval_data(&w, "APPROVED"),
-    });
-    let msg = Message {
-        message_id: Some(event.to_string()),
-        kind: Some("approval.decided".into()),
-        routing_key: "approval.decided".into(),
-        body: body.to_string().into_bytes(),
-        attempt: 0,
-    };
-    let outcome = Settlement { pool: pool.clone() }.handle(&msg).await;
+    let body = cloud_event(
+        json!(event),
+        "approval.decided",
+        &approval_data(&w, "APPROVED"),
+    );
+    let msg = Message::new(
+        Some(event.to_string()),
+        Some("approval.decided".into()),
+        "approval.decided".into(),
+        body.to_string().into_bytes(),
+    );
+    let outcome = Settlement::new(pool.clone()).handle(&msg).await;
     assert_eq!(outcome, Outcome::Processed);
     assert_eq!(
         scalar(pool, "SELECT count(*) FROM settlements").await,
@@ -214,26 +269,21 @@ async fn consistent(pool: &PgPool) -> World {
 
     // Legitimately not settled (yet):
     let mut pending_payment = booking(pool, false).await;
-    add_payment(pool, &mut pending_payment, "PENDING").await;
+    add_payment(pool, &mut pending_payment, PaymentStatus::Pending).await;
     let mut fresh = booking(pool, false).await;
-    add_payment(pool, &mut fresh, "APPROVED").await; // within the grace
+    add_payment(pool, &mut fresh, PaymentStatus::Approved).await; // within the grace
     let mut awaiting = booking(pool, true).await;
-    let old = add_payment(pool, &mut awaiting, "APPROVED").await;
-    exec(
-        pool,
-        "UPDATE payments SET decided_at = now() - interval '2 hours' WHERE id = $1",
-        old,
-    )
-    .await;
-    add_approval(pool, &mut awaiting, "PENDING").await; // approval outstanding
+    let old = add_payment(pool, &mut awaiting, PaymentStatus::Approved).await;
+    decided_ago(pool, "payments", old, "2 hours").await;
+    add_approval(pool, &mut awaiting, ApprovalStatus::Pending).await; // approval outstanding
     let mut failed = booking(pool, true).await;
-    add_payment(pool, &mut failed, "FAILED").await;
-    add_approval(pool, &mut failed, "REJECTED").await;
+    add_payment(pool, &mut failed, PaymentStatus::Failed).await;
+    add_approval(pool, &mut failed, ApprovalStatus::Rejected).await;
 
     // Outbox: an old published row and a fresh undelivered one (plus the
     // handler's two fresh rows).
-    outbox_row(pool, sql_settled.booking, "2 hours", "published").await;
-    outbox_row(pool, fresh.booking, "1 second", "pending").await;
+    outbox_row(pool, sql_settled.booking, "2 hours", Row::Published).await;
+    outbox_row(pool, fresh.booking, "1 second", Row::Pending).await;
 
     World {
         sql_settled,
@@ -376,13 +426,8 @@ async fn a_confirmed_booking_without_settlement_is_found(pool: PgPool) {
     consistent(&pool).await;
     // Confirmed with an approved payment but no settlement.
     let mut a = booking(&pool, false).await;
-    add_payment(&pool, &mut a, "APPROVED").await;
-    exec(
-        &pool,
-        "UPDATE bookings SET status = 'CONFIRMED', confirmed_at = now() WHERE id = $1",
-        a.booking,
-    )
-    .await;
+    add_payment(&pool, &mut a, PaymentStatus::Approved).await;
+    confirm_unsettled(&pool, a.booking).await;
     let report = check(&pool).await;
     assert_only(&report, "confirmed_without_settlement", 1);
     assert_example(
@@ -393,12 +438,7 @@ async fn a_confirmed_booking_without_settlement_is_found(pool: PgPool) {
 
     // Confirmed without any payment.
     let b = booking(&pool, false).await;
-    exec(
-        &pool,
-        "UPDATE bookings SET status = 'CONFIRMED', confirmed_at = now() WHERE id = $1",
-        b.booking,
-    )
-    .await;
+    confirm_unsettled(&pool, b.booking).await;
     let report = check(&pool).await;
     assert_only(&report, "confirmed_without_settlement", 2);
     assert_example(
@@ -412,7 +452,8 @@ async fn a_confirmed_booking_without_settlement_is_found(pool: PgPool) {
 async fn a_settled_booking_that_is_not_confirmed_is_found(pool: PgPool) {
     consistent(&pool).await;
     let (f, settlement) = settled_booking(&pool).await;
-    // Back to PENDING although it has a settlement.
+    // Back to PENDING although it has a settlement (raw SQL: the store
+    // never takes a booking back).
     exec(
         &pool,
         "UPDATE bookings SET status = 'PENDING', confirmed_at = NULL WHERE id = $1",
@@ -433,13 +474,8 @@ async fn an_approved_payment_unsettled_past_the_grace_is_found(pool: PgPool) {
     consistent(&pool).await;
     // Approved an hour ago, nothing else needed, still PENDING.
     let mut a = booking(&pool, false).await;
-    let pa = add_payment(&pool, &mut a, "APPROVED").await;
-    exec(
-        &pool,
-        "UPDATE payments SET decided_at = now() - interval '1 hour' WHERE id = $1",
-        pa,
-    )
-    .await;
+    let pa = add_payment(&pool, &mut a, PaymentStatus::Approved).await;
+    decided_ago(&pool, "payments", pa, "1 hour").await;
     let report = check(&pool).await;
     assert_only(&report, "approved_payment_not_settled", 1);
     assert_example(
@@ -450,31 +486,16 @@ async fn an_approved_payment_unsettled_past_the_grace_is_found(pool: PgPool) {
 
     // Approval required and approved an hour ago as well: also overdue.
     let mut b = booking(&pool, true).await;
-    let pb = add_payment(&pool, &mut b, "APPROVED").await;
-    let ab = add_approval(&pool, &mut b, "APPROVED").await;
-    exec(
-        &pool,
-        "UPDATE payments SET decided_at = now() - interval '1 hour' WHERE id = $1",
-        pb,
-    )
-    .await;
-    exec(
-        &pool,
-        "UPDATE approvals SET decided_at = now() - interval '1 hour' WHERE id = $1",
-        ab,
-    )
-    .await;
+    let pb = add_payment(&pool, &mut b, PaymentStatus::Approved).await;
+    let ab = add_approval(&pool, &mut b, ApprovalStatus::Approved).await;
+    decided_ago(&pool, "payments", pb, "1 hour").await;
+    decided_ago(&pool, "approvals", ab, "1 hour").await;
     // Approval required, payment old but the approval just decided: the
     // grace runs from the last decision, so not reported.
     let mut c = booking(&pool, true).await;
-    let pc = add_payment(&pool, &mut c, "APPROVED").await;
-    add_approval(&pool, &mut c, "APPROVED").await;
-    exec(
-        &pool,
-        "UPDATE payments SET decided_at = now() - interval '1 hour' WHERE id = $1",
-        pc,
-    )
-    .await;
+    let pc = add_payment(&pool, &mut c, PaymentStatus::Approved).await;
+    add_approval(&pool, &mut c, ApprovalStatus::Approved).await;
+    decided_ago(&pool, "payments", pc, "1 hour").await;
     let report = check(&pool).await;
     assert_only(&report, "approved_payment_not_settled", 2);
     assert_example(
@@ -484,7 +505,7 @@ async fn an_approved_payment_unsettled_past_the_grace_is_found(pool: PgPool) {
     );
 
     // Within a longer grace nothing is overdue.
-    let report = integrity::run(&pool, Duration::from_secs(7200), OUTBOX_AGE)
+    let report = integrity::run_checks(&pool, Duration::from_secs(7200), OUTBOX_AGE)
         .await
         .unwrap();
     assert_only(&report, "", 0);
@@ -501,8 +522,8 @@ async fn settlement_totals_differing_from_the_payment_are_found(pool: PgPool) {
         (350_000, 31_818, "USD"),
     ] {
         let mut f = booking(&pool, false).await;
-        let p = add_payment(&pool, &mut f, "APPROVED").await;
-        let s = settle_by_sql(&pool, &f, p, gross, tax, currency).await;
+        let p = add_payment(&pool, &mut f, PaymentStatus::Approved).await;
+        let s = plant_settlement(&pool, &f, p, gross, tax, currency).await;
         expected.push(s);
         let report = check(&pool).await;
         assert_only(&report, "settlement_totals", expected.len() as i64);
@@ -518,10 +539,10 @@ async fn settlements_of_another_bookings_payment_and_entities_without_audit_are_
     // Y is settled with X's payment; Y has an approved payment of its own
     // and X's payment is fresh, so no other check objects.
     let mut x = booking(&pool, false).await;
-    let px = add_payment(&pool, &mut x, "APPROVED").await;
+    let px = add_payment(&pool, &mut x, PaymentStatus::Approved).await;
     let mut y = booking(&pool, false).await;
-    add_payment(&pool, &mut y, "APPROVED").await;
-    let s = settle_by_sql(&pool, &y, px, 350_000, 31_818, "KRW").await;
+    add_payment(&pool, &mut y, PaymentStatus::Approved).await;
+    let s = plant_settlement(&pool, &y, px, 350_000, 31_818, "KRW").await;
     let report = check(&pool).await;
     assert_only(&report, "orphans", 1);
     assert_example(
@@ -548,7 +569,7 @@ async fn settlements_of_another_bookings_payment_and_entities_without_audit_are_
 
     // A payment without any audit_log row.
     let mut c = booking(&pool, false).await;
-    let pc = add_payment(&pool, &mut c, "PENDING").await;
+    let pc = add_payment(&pool, &mut c, PaymentStatus::Pending).await;
     exec(
         &pool,
         "DELETE FROM audit_log WHERE entity_type = 'payment' AND entity_id = $1",
@@ -568,7 +589,7 @@ async fn settlements_of_another_bookings_payment_and_entities_without_audit_are_
 async fn undelivered_and_dead_outbox_rows_are_found(pool: PgPool) {
     let world = consistent(&pool).await;
     let b = world.sql_settled.booking;
-    let old = outbox_row(&pool, b, "1 hour", "pending").await;
+    let old = outbox_row(&pool, b, "1 hour", Row::Pending).await;
     let report = check(&pool).await;
     assert_only(&report, "outbox_undelivered", 1);
     assert_example(
@@ -577,7 +598,7 @@ async fn undelivered_and_dead_outbox_rows_are_found(pool: PgPool) {
         &format!("outbox {old} booking.created (undelivered)"),
     );
 
-    let dead = outbox_row(&pool, b, "1 second", "dead").await;
+    let dead = outbox_row(&pool, b, "1 second", Row::Dead).await;
     let report = check(&pool).await;
     assert_only(&report, "outbox_undelivered", 2);
     assert_example(
@@ -587,7 +608,7 @@ async fn undelivered_and_dead_outbox_rows_are_found(pool: PgPool) {
     );
 
     // Under a threshold above the old row's age only the dead row counts.
-    let report = integrity::run(&pool, GRACE, Duration::from_secs(7200))
+    let report = integrity::run_checks(&pool, GRACE, Duration::from_secs(7200))
         .await
         .unwrap();
     assert_only(&report, "outbox_undelivered", 1);
@@ -595,7 +616,7 @@ async fn undelivered_and_dead_outbox_rows_are_found(pool: PgPool) {
 
     // The count is complete; the examples stop at 10.
     for _ in 0..11 {
-        outbox_row(&pool, b, "20 minutes", "pending").await;
+        outbox_row(&pool, b, "20 minutes", Row::Pending).await;
     }
     let report = check(&pool).await;
     assert_only(&report, "outbox_undelivered", 13);
@@ -722,13 +743,8 @@ async fn the_binary_exits_0_on_consistent_data_and_1_with_a_report_on_a_violatio
 
     // Plant a confirmed booking without settlement.
     let mut v = booking(&pool, false).await;
-    add_payment(&pool, &mut v, "APPROVED").await;
-    exec(
-        &pool,
-        "UPDATE bookings SET status = 'CONFIRMED', confirmed_at = now() WHERE id = $1",
-        v.booking,
-    )
-    .await;
+    add_payment(&pool, &mut v, PaymentStatus::Approved).await;
+    confirm_unsettled(&pool, v.booking).await;
     let out = run_binary(&db_url, &alert_url).await;
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -776,17 +792,10 @@ async fn check_once_posts_the_report_to_the_alert_webhook_and_sets_the_gauges(po
         ..IntegritySettings::default()
     };
     let metrics = WorkerMetrics::register(&new_registry()).unwrap();
-    let client = reqwest::Client::new();
-    let gauge = |name: &str| {
-        metrics
-            .integrity_violations
-            .with_label_values(&[name])
-            .get()
-    };
+    let checker = Checker::new(pool.clone(), settings, metrics.clone());
+    let gauge = |name: &str| metrics.integrity_violations(name);
 
-    let report = check_once(&pool, &settings, &metrics, &client)
-        .await
-        .unwrap();
+    let report = checker.check_once().await.unwrap();
     assert_eq!(report.violations(), 0);
     assert!(alerts.take().is_empty(), "no alert without a violation");
     for name in CHECKS {
@@ -795,17 +804,10 @@ async fn check_once_posts_the_report_to_the_alert_webhook_and_sets_the_gauges(po
 
     // Two kinds of violation.
     let mut v = booking(&pool, false).await;
-    add_payment(&pool, &mut v, "APPROVED").await;
-    exec(
-        &pool,
-        "UPDATE bookings SET status = 'CONFIRMED', confirmed_at = now() WHERE id = $1",
-        v.booking,
-    )
-    .await;
-    let dead = outbox_row(&pool, v.booking, "1 second", "dead").await;
-    let report = check_once(&pool, &settings, &metrics, &client)
-        .await
-        .unwrap();
+    add_payment(&pool, &mut v, PaymentStatus::Approved).await;
+    confirm_unsettled(&pool, v.booking).await;
+    let dead = outbox_row(&pool, v.booking, "1 second", Row::Dead).await;
+    let report = checker.check_once().await.unwrap();
     assert_eq!(report.violations(), 2);
     let posts = alerts.take();
     assert_eq!(posts.len(), 1, "one alert per run");
@@ -840,7 +842,8 @@ async fn check_once_posts_the_report_to_the_alert_webhook_and_sets_the_gauges(po
         alert_webhook: Some(format!("http://{closed}/alerts")),
         ..IntegritySettings::default()
     };
-    let report = check_once(&pool, &unreachable, &metrics, &client)
+    let report = Checker::new(pool.clone(), unreachable, metrics.clone())
+        .check_once()
         .await
         .unwrap();
     assert_eq!(report.violations(), 2);
@@ -866,21 +869,16 @@ async fn check_once_returns_even_when_the_alert_receiver_never_answers(pool: PgP
     };
     let metrics = WorkerMetrics::register(&new_registry()).unwrap();
     let mut v = booking(&pool, false).await;
-    add_payment(&pool, &mut v, "APPROVED").await;
-    exec(
-        &pool,
-        "UPDATE bookings SET status = 'CONFIRMED', confirmed_at = now() WHERE id = $1",
-        v.booking,
-    )
-    .await;
+    add_payment(&pool, &mut v, PaymentStatus::Approved).await;
+    confirm_unsettled(&pool, v.booking).await;
 
     // A hung receiver must not hang the checker (the periodic loop would
-    // stop checking, `workers integrity --once` would never exit).
-    let run = tokio::time::timeout(
-        Duration::from_secs(30),
-        check_once(&pool, &settings, &metrics, &reqwest::Client::new()),
-    )
-    .await;
+    // stop checking, `workers integrity --once` would never exit). The
+    // checker gives up after its alert timeout, shortened here from 10 s;
+    // STALL only bounds a checker that never gives up.
+    let checker = Checker::new(pool.clone(), settings, metrics.clone())
+        .with_alert_timeout(Duration::from_millis(500));
+    let run = tokio::time::timeout(STALL, checker.check_once()).await;
     assert!(
         !accepted.lock().unwrap().is_empty(),
         "the alert was attempted"
@@ -890,10 +888,7 @@ async fn check_once_returns_even_when_the_alert_receiver_never_answers(pool: PgP
         .unwrap();
     assert_eq!(report.violations(), 1);
     assert_eq!(
-        metrics
-            .integrity_violations
-            .with_label_values(&["confirmed_without_settlement"])
-            .get(),
+        metrics.integrity_violations("confirmed_without_settlement"),
         1
     );
     server.abort();

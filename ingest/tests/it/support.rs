@@ -1,7 +1,6 @@
 //! Test support: a real ingest server on a random port over a test's own
 //! database, an HTTP client, fixtures, and a TCP proxy that can cut
 //! connections for fault tests.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::{
     net::SocketAddr,
@@ -21,7 +20,6 @@ pub struct Server {
     pub base: String,
     pub client: Client,
     pub pool: PgPool,
-    pub app: App,
     shutdown: CancellationToken,
     handle: Option<tokio::task::JoinHandle<()>>,
 }
@@ -99,7 +97,6 @@ impl Server {
         .unwrap();
         let shutdown = CancellationToken::new();
         let handle = tokio::spawn({
-            let app = app.clone();
             let shutdown = shutdown.clone();
             async move {
                 entrip_ingest::serve(listener, app, shutdown).await.unwrap();
@@ -109,7 +106,6 @@ impl Server {
             base: format!("http://{addr}"),
             client: Client::new(),
             pool,
-            app,
             shutdown,
             handle: Some(handle),
         }
@@ -180,6 +176,17 @@ impl Server {
             .await;
         assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
         r.body
+    }
+
+    /// The value of one series of `/metrics`, e.g.
+    /// `entrip_ingest_requests_total{route="/v1/users",status="201"}`; 0
+    /// when it is not exported (yet).
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = self.get("/metrics").await.body;
+        let text = text.as_str().expect("the exposition text");
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .map_or(0.0, |v| v.trim().parse().expect("a number"))
     }
 
     /// Counts the rows of a table (test databases only).

@@ -1,41 +1,16 @@
 //! The `dispatcher` binary as a process: SIGKILL in the middle of a backlog
 //! and a restart lose nothing; SIGTERM finishes the batch in flight and
 //! exits 0; the operator commands work against a real outbox and DLQ.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
-
-use std::{
-    net::TcpListener,
-    process::{Child, Command, Output, Stdio},
-    time::{Duration, Instant},
-};
+use std::process::{Command, Output};
 
 use entrip_common::domain::EventType;
-use entrip_testkit::{Vhost, database_url};
+use entrip_testkit::{Process, Vhost, database_url, eventually, free_port, progress};
 use sqlx::{PgPool, postgres::PgConnectOptions};
-use support::*;
+
+use crate::support::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_dispatcher");
-
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn command(db_url: &str, amqp_url: &str) -> Command {
     command_on(db_url, amqp_url, free_port())
@@ -55,39 +30,12 @@ fn command_on(db_url: &str, amqp_url: &str, port: u16) -> Command {
     cmd
 }
 
-fn spawn(db_url: &str, amqp_url: &str) -> Guard {
-    Guard(
-        command(db_url, amqp_url)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    )
+fn spawn(db_url: &str, amqp_url: &str) -> Process {
+    Process::spawn(&mut command(db_url, amqp_url))
 }
 
 fn run(db_url: &str, amqp_url: &str, args: &[&str]) -> Output {
     command(db_url, amqp_url).args(args).output().unwrap()
-}
-
-fn signal(child: &Child, sig: &str) {
-    assert!(
-        Command::new("kill")
-            .args([sig, &child.id().to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
-}
-
-async fn wait_exit(child: &mut Child, secs: u64) -> std::process::ExitStatus {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            return s;
-        }
-        assert!(Instant::now() < deadline, "the dispatcher did not exit");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 #[sqlx::test(migrator = "entrip_common::db::MIGRATOR")]
@@ -102,30 +50,21 @@ async fn sigkill_mid_backlog_then_restart_delivers_everything(
     let total = bulk_insert(&pool, 100, 100).await;
 
     let mut first = spawn(&db_url, &vhost.url());
-    eventually(120, "the first dispatcher is publishing", || async {
-        count(&pool, "published_at IS NOT NULL").await >= 1000
-    })
-    .await;
-    signal(&first.0, "-KILL");
-    let status = wait_exit(&mut first.0, 10).await;
+    rows_reach(&pool, "published_at IS NOT NULL", 1000).await;
+    first.signal("-KILL");
+    let status = first.wait_exit().await;
     assert!(!status.success(), "killed, not exited: {status:?}");
     let done_at_kill = count(&pool, "published_at IS NOT NULL").await;
     assert!(done_at_kill < total, "killed mid-backlog");
 
     let mut second = spawn(&db_url, &vhost.url());
-    eventually(240, "everything published after the restart", || async {
-        count(&pool, "published_at IS NULL").await == 0
-    })
-    .await;
-    eventually(60, "everything received", || async {
-        rec.distinct().await == total as usize
-    })
-    .await;
+    drained(&pool, "published_at IS NULL").await;
+    rec.received(total as usize).await;
     assert_ordered(&rec.sequences().await, 100);
 
     // SIGTERM: exits 0 after the batch in flight.
-    signal(&second.0, "-TERM");
-    let status = wait_exit(&mut second.0, 30).await;
+    second.signal("-TERM");
+    let status = second.wait_exit().await;
     assert!(status.success(), "{status:?}");
     pool.close().await;
 }
@@ -139,60 +78,75 @@ async fn sigterm_mid_backlog_leaves_no_claimed_row_behind(
     let db_url = database_url(&connect);
     let vhost = Vhost::new();
     let rec = Recorder::start(&vhost.url(), "test.all", &["#"]).await;
-    let total = bulk_insert(&pool, 100, 100).await;
-    let port = free_port();
-    let mut child = Guard(
-        command_on(&db_url, &vhost.url(), port)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    eventually(120, "publishing", || async {
-        count(&pool, "published_at IS NOT NULL").await >= 500
+    // One row waiting for a retry an hour away stays undelivered throughout,
+    // so that the gauge has a known value to show; then the backlog.
+    let waiting = insert_events(&pool, 1, 1, EventType::BookingCreated).await;
+    sqlx::query(
+        "UPDATE outbox SET attempts = 1, next_attempt_at = now() + interval '1 hour' WHERE id = $1",
+    )
+    .bind(waiting[0].0)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let backlog = bulk_insert(&pool, 100, 100).await;
+
+    let mut child = spawn(&db_url, &vhost.url());
+    rows_reach(&pool, "published_at IS NOT NULL", 500).await;
+    child.signal("-TERM");
+    let status = child.wait_exit().await;
+    assert!(status.success(), "{status:?}");
+    let published = count(&pool, "published_at IS NOT NULL").await;
+    assert!(published < backlog, "stopped mid-backlog");
+    // Everything marked published reached the broker, and no row of the
+    // batches in flight counts a failed attempt.
+    progress("every published row received", || async {
+        let got = rec.distinct().await as i64;
+        (got, got >= published)
     })
     .await;
-    // The metrics of DESIGN.md, refreshed while the backlog drains.
+    assert_eq!(
+        count(&pool, "attempts > 0").await,
+        1,
+        "only the waiting row"
+    );
+
+    // Started again, it drains the rest and exports the outbox metrics of
+    // DESIGN.md; the waiting row is the one undelivered.
+    let port = free_port();
+    let mut child = Process::spawn(
+        command_on(&db_url, &vhost.url(), port).env("ENTRIP__DISPATCHER__STATS_INTERVAL_SECS", "1"),
+    );
+    drained(&pool, "published_at IS NULL AND attempts = 0").await;
     let metrics_url = format!("http://127.0.0.1:{port}/metrics");
-    eventually(30, "outbox gauges exported", || async {
-        let text = reqwest::get(&metrics_url)
+    let metrics = || async {
+        reqwest::get(&metrics_url)
             .await
             .unwrap()
             .text()
             .await
-            .unwrap();
-        text.lines()
-            .any(|l| l.starts_with("entrip_outbox_undelivered ") && !l.ends_with(" 0"))
+            .unwrap()
+    };
+    eventually("the undelivered gauge shows the waiting row", || async {
+        metrics()
+            .await
+            .lines()
+            .any(|l| l == "entrip_outbox_undelivered 1")
     })
     .await;
-    let text = reqwest::get(&metrics_url)
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics().await;
     for name in [
-        "entrip_outbox_undelivered",
         "entrip_outbox_oldest_undelivered_age_seconds",
         "entrip_outbox_published_total{topic=\"booking.created\"}",
         "entrip_outbox_publish_failures_total",
-        "entrip_outbox_dead",
+        "entrip_outbox_dead 0",
         "entrip_outbox_publish_latency_seconds_bucket",
     ] {
         assert!(text.contains(name), "missing {name} in\n{text}");
     }
     entrip_testkit::promtool_check(&text).unwrap();
-    signal(&child.0, "-TERM");
-    let status = wait_exit(&mut child.0, 30).await;
-    assert!(status.success(), "{status:?}");
-    let published = count(&pool, "published_at IS NOT NULL").await;
-    assert!(published < total, "stopped mid-backlog");
-    // Everything marked published reached the broker.
-    eventually(30, "every published row received", || async {
-        rec.distinct().await as i64 >= published
-    })
-    .await;
-    assert_eq!(count(&pool, "attempts > 0").await, 0);
+    rec.received(backlog as usize).await;
+    child.signal("-TERM");
+    assert!(child.wait_exit().await.success());
     pool.close().await;
 }
 

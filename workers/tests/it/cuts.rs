@@ -1,19 +1,18 @@
 //! The settlement consumer while PostgreSQL is cut off through a proxy:
 //! messages that fail meanwhile go through the retry path, and once the
 //! database is back every booking is settled exactly once.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod support;
 
 use std::time::Duration;
 
-use entrip_testkit::{Proxy, Vhost};
+use entrip_common::config::WorkersSettings;
+use entrip_testkit::{Proxy, Vhost, eventually};
 use entrip_workers::settlement::Settlement;
 use sqlx::{
     PgPool,
     postgres::{PgConnectOptions, PgPoolOptions},
 };
-use support::*;
+
+use crate::support::*;
 
 #[sqlx::test(migrator = "entrip_common::db::MIGRATOR")]
 async fn a_database_cut_delays_settlements_but_loses_and_doubles_none(
@@ -29,48 +28,31 @@ async fn a_database_cut_delays_settlements_but_loses_and_doubles_none(
         .await
         .unwrap();
     let vhost = Vhost::new();
-    let mut fixtures = Vec::new();
-    for _ in 0..40 {
-        let mut f = booking(&direct, false).await;
-        add_payment(&direct, &mut f, "APPROVED").await;
-        fixtures.push(f);
-    }
+    let fixtures = approved_bookings(&direct, 40).await;
     let (_conn, ch) = channel(&vhost.url()).await;
     // Plenty of retries: the cut lasts longer than the short test delays.
-    let settings = entrip_common::config::WorkersSettings {
+    let settings = WorkersSettings {
         max_retries: 50,
         ..workers_settings()
     };
-    let worker = start(
-        Settlement {
-            pool: via_proxy.clone(),
-        },
-        &vhost.url(),
-        settings,
-    );
+    let worker = start(Settlement::new(via_proxy.clone()), &vhost.url(), settings);
+    let settled = || scalar(&direct, "SELECT count(*) FROM settlements");
 
     publish_approved(&ch, &fixtures[..20]).await;
-    eventually(30, "the first half settled", || async {
-        scalar(&direct, "SELECT count(*) FROM settlements").await == 20
-    })
-    .await;
+    until_count("the first half settled", 20, settled).await;
+    assert_eq!(settled().await, 20);
 
     proxy.cut();
     publish_approved(&ch, &fixtures[20..]).await;
-    eventually(30, "failures go through the retry path", || async {
+    eventually("failures go through the retry path", || async {
         worker.count("settlement", "retried") > 0
     })
     .await;
-    assert_eq!(
-        scalar(&direct, "SELECT count(*) FROM settlements").await,
-        20
-    );
+    assert_eq!(settled().await, 20);
 
     proxy.restore();
-    eventually(60, "every booking settled after the cut", || async {
-        scalar(&direct, "SELECT count(*) FROM settlements").await == 40
-    })
-    .await;
+    until_count("every booking settled after the cut", 40, settled).await;
+    assert_eq!(settled().await, 40);
     assert_eq!(
         scalar(
             &direct,

@@ -1,14 +1,11 @@
 //! Idempotency: replays, misuse, simultaneous requests with one key,
 //! simultaneous requests for one booking code, and key expiry.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
-
+use crate::support::{Server, booking_body, key, unique_code};
 use futures::future::join_all;
 use reqwest::StatusCode;
 use serde_json::json;
 use sqlx::PgPool;
-use support::{Server, booking_body, key, unique_code};
 
 #[sqlx::test(migrator = "entrip_common::db::MIGRATOR")]
 async fn a_replay_returns_the_stored_answer_and_stores_nothing_new(pool: PgPool) {
@@ -40,12 +37,9 @@ async fn a_replay_returns_the_stored_answer_and_stores_nothing_new(pool: PgPool)
             .unwrap();
     assert_eq!(outbox, 1);
     let replays = s
-        .app
-        .metrics
-        .replays
-        .with_label_values(&["/v1/bookings"])
-        .get();
-    assert_eq!(replays, 1);
+        .metric(r#"entrip_idempotency_replays_total{route="/v1/bookings"}"#)
+        .await;
+    assert_eq!(replays, 1.0);
 }
 
 #[sqlx::test(migrator = "entrip_common::db::MIGRATOR")]

@@ -5,9 +5,6 @@
 //! poison messages go to `entrip.settlement.dlq` with the reason while the
 //! consumer keeps going; transient failures take the retry path and a
 //! failure that never heals ends in the DLQ after `max_retries`.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod support;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -18,19 +15,22 @@ use chrono::{DateTime, Utc};
 use entrip_common::{
     amqp::{self, ERROR_HEADER, SETTLEMENT_QUEUE},
     config::WorkersSettings,
+    domain::{ApprovalStatus, Decision, PaymentOutcome, PaymentStatus, Text},
+    store::bookings,
 };
-use entrip_testkit::Vhost;
+use entrip_testkit::{Vhost, eventually, progress};
 use entrip_workers::{runtime::ATTEMPT_HEADER, settlement::Settlement};
 use lapin::{
-    BasicProperties, Channel,
+    Channel,
     options::{BasicAckOptions, BasicGetOptions},
     types::AMQPValue,
 };
 use rust_decimal::Decimal;
 use serde_json::{Value, json};
 use sqlx::PgPool;
-use support::*;
 use uuid::Uuid;
+
+use crate::support::*;
 
 const CONSUMER: &str = "settlement";
 const OUTCOMES: [&str; 4] = ["processed", "duplicate", "retried", "dead_lettered"];
@@ -54,16 +54,6 @@ struct Got {
     error: Option<String>,
     attempt: Option<i64>,
     body: Vec<u8>,
-}
-
-fn header(props: &BasicProperties, name: &str) -> Option<AMQPValue> {
-    props
-        .headers()
-        .as_ref()?
-        .inner()
-        .iter()
-        .find(|(k, _)| k.as_str() == name)
-        .map(|(_, v)| v.clone())
 }
 
 /// Reads (and acknowledges) every message waiting in `queue`.
@@ -211,8 +201,8 @@ async fn assert_untouched(pool: &PgPool, booking: Uuid, status: &str) {
 }
 
 async fn wait_processed(w: &Running, n: u64) {
-    eventually(20, &format!("{n} message(s) processed"), || async {
-        w.count(CONSUMER, "processed") >= n
+    until_count(&format!("{n} message(s) processed"), n, || async {
+        w.count(CONSUMER, "processed")
     })
     .await;
     assert_eq!(w.count(CONSUMER, "processed"), n);
@@ -231,7 +221,7 @@ async fn every_event_delivered_two_or_three_times_settles_exactly_once(pool: PgP
     let mut bookings = Vec::new();
     for i in 0..12 {
         let mut f = booking(&pool, false).await;
-        add_payment(&pool, &mut f, "APPROVED").await;
+        add_payment(&pool, &mut f, PaymentStatus::Approved).await;
         events.push((
             Uuid::now_v7(),
             "payment.approved",
@@ -242,8 +232,8 @@ async fn every_event_delivered_two_or_three_times_settles_exactly_once(pool: PgP
     }
     for i in 0..4 {
         let mut f = booking(&pool, true).await;
-        add_payment(&pool, &mut f, "APPROVED").await;
-        add_approval(&pool, &mut f, "APPROVED").await;
+        add_payment(&pool, &mut f, PaymentStatus::Approved).await;
+        add_approval(&pool, &mut f, ApprovalStatus::Approved).await;
         events.push((
             Uuid::now_v7(),
             "payment.approved",
@@ -274,7 +264,7 @@ async fn every_event_delivered_two_or_three_times_settles_exactly_once(pool: PgP
         }
     }
     let worker = start_settlement(&pool, &vhost.url());
-    eventually(20, "the worker is handling messages", || async {
+    eventually("the worker is handling messages", || async {
         handled(&worker) >= 1
     })
     .await;
@@ -285,11 +275,9 @@ async fn every_event_delivered_two_or_three_times_settles_exactly_once(pool: PgP
             sent[i] += 1;
         }
     }
-    eventually(30, "every copy handled", || async {
-        handled(&worker) >= total
-    })
-    .await;
-    // Let any stray redelivery surface before counting.
+    until_count("every copy handled", total, || async { handled(&worker) }).await;
+    // Only lets a stray redelivery surface before counting (one must not
+    // come): no progress to wait for.
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     assert_eq!(worker.count(CONSUMER, "processed"), distinct);
@@ -355,8 +343,8 @@ async fn payment_approved_before_approval_decided_settles_on_the_approval(pool: 
     let vhost = Vhost::new();
     let (_conn, ch) = channel(&vhost.url()).await;
     let mut f = booking(&pool, true).await;
-    add_payment(&pool, &mut f, "APPROVED").await;
-    let approval = add_approval(&pool, &mut f, "PENDING").await;
+    add_payment(&pool, &mut f, PaymentStatus::Approved).await;
+    let approval = add_approval(&pool, &mut f, ApprovalStatus::Pending).await;
     let worker = start_settlement(&pool, &vhost.url());
 
     publish_event(
@@ -370,11 +358,7 @@ async fn payment_approved_before_approval_decided_settles_on_the_approval(pool: 
     // Only the payment is approved: not settled yet.
     assert_untouched(&pool, f.booking, "PENDING").await;
 
-    sqlx::query("UPDATE approvals SET status = 'APPROVED', decided_at = now() WHERE id = $1")
-        .bind(approval)
-        .execute(&pool)
-        .await
-        .unwrap();
+    decide_approval(&pool, &f, Decision::Approved).await;
     publish_event(
         &ch,
         Uuid::now_v7(),
@@ -397,8 +381,8 @@ async fn approval_decided_before_payment_approved_settles_on_the_payment(pool: P
     let vhost = Vhost::new();
     let (_conn, ch) = channel(&vhost.url()).await;
     let mut f = booking(&pool, true).await;
-    let approval = add_approval(&pool, &mut f, "APPROVED").await;
-    let payment = add_payment(&pool, &mut f, "PENDING").await;
+    let approval = add_approval(&pool, &mut f, ApprovalStatus::Approved).await;
+    let payment = add_payment(&pool, &mut f, PaymentStatus::Pending).await;
     let worker = start_settlement(&pool, &vhost.url());
 
     publish_event(
@@ -412,13 +396,7 @@ async fn approval_decided_before_payment_approved_settles_on_the_payment(pool: P
     // Only the approval is approved: not settled yet.
     assert_untouched(&pool, f.booking, "PENDING").await;
 
-    sqlx::query(
-        "UPDATE payments SET status = 'APPROVED', approval_id = 'PG-2', decided_at = now() WHERE id = $1",
-    )
-    .bind(payment)
-    .execute(&pool)
-    .await
-    .unwrap();
+    decide_payment(&pool, payment, PaymentOutcome::Approved).await;
     publish_event(
         &ch,
         Uuid::now_v7(),
@@ -441,8 +419,8 @@ async fn a_rejected_approval_settles_nothing(pool: PgPool) {
     let vhost = Vhost::new();
     let (_conn, ch) = channel(&vhost.url()).await;
     let mut f = booking(&pool, true).await;
-    add_payment(&pool, &mut f, "APPROVED").await;
-    add_approval(&pool, &mut f, "REJECTED").await;
+    add_payment(&pool, &mut f, PaymentStatus::Approved).await;
+    add_approval(&pool, &mut f, ApprovalStatus::Rejected).await;
     let worker = start_settlement(&pool, &vhost.url());
 
     publish_event(
@@ -464,7 +442,7 @@ async fn a_rejected_approval_settles_nothing(pool: PgPool) {
     assert_eq!(inbox_ids(&pool).await.len(), 2, "both events were consumed");
 
     // A new request that is approved settles the booking with that approval.
-    let again = add_approval(&pool, &mut f, "APPROVED").await;
+    let again = add_approval(&pool, &mut f, ApprovalStatus::Approved).await;
     publish_event(
         &ch,
         Uuid::now_v7(),
@@ -486,7 +464,7 @@ async fn a_failed_payment_settles_nothing(pool: PgPool) {
     let vhost = Vhost::new();
     let (_conn, ch) = channel(&vhost.url()).await;
     let mut f = booking(&pool, false).await;
-    add_payment(&pool, &mut f, "FAILED").await;
+    add_payment(&pool, &mut f, PaymentStatus::Failed).await;
     let worker = start_settlement(&pool, &vhost.url());
 
     publish_event(
@@ -501,7 +479,7 @@ async fn a_failed_payment_settles_nothing(pool: PgPool) {
     assert_eq!(inbox_ids(&pool).await.len(), 1, "the event was consumed");
 
     // A new payment that is approved settles the booking with that payment.
-    let again = add_payment(&pool, &mut f, "APPROVED").await;
+    let again = add_payment(&pool, &mut f, PaymentStatus::Approved).await;
     publish_event(
         &ch,
         Uuid::now_v7(),
@@ -520,15 +498,16 @@ async fn a_canceled_booking_is_not_settled(pool: PgPool) {
     let vhost = Vhost::new();
     let (_conn, ch) = channel(&vhost.url()).await;
     let mut f = booking(&pool, false).await;
-    add_payment(&pool, &mut f, "APPROVED").await;
-    sqlx::query(
-        "UPDATE bookings SET status = 'CANCELED', canceled_at = now(), cancel_reason = 'Customer request'
-          WHERE id = $1",
+    add_payment(&pool, &mut f, PaymentStatus::Approved).await;
+    let mut tx = pool.begin().await.unwrap();
+    bookings::cancel(
+        &mut tx,
+        f.booking,
+        &Text::parse("Customer request", 200).unwrap(),
     )
-    .bind(f.booking)
-    .execute(&pool)
     .await
     .unwrap();
+    tx.commit().await.unwrap();
     let worker = start_settlement(&pool, &vhost.url());
 
     publish_event(
@@ -570,8 +549,8 @@ async fn settlement_is_audited_and_announced_as_cloudevents(pool: PgPool) {
     let vhost = Vhost::new();
     let (_conn, ch) = channel(&vhost.url()).await;
     let mut f = booking(&pool, true).await;
-    add_payment(&pool, &mut f, "APPROVED").await;
-    add_approval(&pool, &mut f, "APPROVED").await;
+    add_payment(&pool, &mut f, PaymentStatus::Approved).await;
+    add_approval(&pool, &mut f, ApprovalStatus::Approved).await;
     let worker = start_settlement(&pool, &vhost.url());
     publish_event(
         &ch,
@@ -660,20 +639,13 @@ async fn poison_messages_are_dead_lettered_with_the_reason_and_the_consumer_keep
     // `good` is settled by the last, valid message; `bait` would be settled
     // if any poison message naming it were processed.
     let mut good = booking(&pool, false).await;
-    add_payment(&pool, &mut good, "APPROVED").await;
+    add_payment(&pool, &mut good, PaymentStatus::Approved).await;
     let mut bait = booking(&pool, false).await;
-    add_payment(&pool, &mut bait, "APPROVED").await;
+    add_payment(&pool, &mut bait, PaymentStatus::Approved).await;
     let worker = start_settlement(&pool, &vhost.url());
 
-    let envelope = |id: Value, kind: &str, data: Value| {
-        json!({
-            "specversion": "1.0", "id": id, "source": "/entrip/ingest", "type": kind,
-            "subject": data["id"], "time": "2026-11-26T00:00:00Z",
-            "datacontenttype": "application/json", "data": data,
-        })
-        .to_string()
-        .into_bytes()
-    };
+    let envelope =
+        |id: Value, kind: &str, data: Value| cloud_event(id, kind, &data).to_string().into_bytes();
     let bait_data = payment_data(&bait, "APPROVED");
     let no_id = {
         let mut v: Value = serde_json::from_slice(&envelope(
@@ -782,9 +754,10 @@ async fn poison_messages_are_dead_lettered_with_the_reason_and_the_consumer_keep
     .await;
 
     let poison = cases.len() as u64;
-    eventually(20, "every message handled", || async {
-        worker.count(CONSUMER, "dead_lettered") >= poison
-            && worker.count(CONSUMER, "processed") >= 1
+    progress("every message handled", || async {
+        let dead = worker.count(CONSUMER, "dead_lettered");
+        let processed = worker.count(CONSUMER, "processed");
+        ((dead, processed), dead >= poison && processed >= 1)
     })
     .await;
     assert_eq!(worker.count(CONSUMER, "dead_lettered"), poison);
@@ -826,16 +799,17 @@ async fn a_transient_failure_is_retried_and_settles_once(pool: PgPool) {
     let vhost = Vhost::new();
     let (_conn, ch) = channel(&vhost.url()).await;
     let mut f = booking(&pool, false).await;
-    add_payment(&pool, &mut f, "APPROVED").await;
+    add_payment(&pool, &mut f, PaymentStatus::Approved).await;
     sqlx::query("ALTER TABLE settlements RENAME TO settlements_x")
         .execute(&pool)
         .await
         .unwrap();
-    // Retries go 200 ms, then 400 ms apart (support); a few more of them
-    // than support's 3 leave a busy machine time to heal before the DLQ.
-    let max_retries = 6;
+    // Retries go 200 ms, then 400 ms apart (support); many more of them
+    // than support's 3 leave a busy machine time (about 8 s) to heal before
+    // the DLQ. The test heals after the first, so they cost nothing.
+    let max_retries = 20;
     let worker = start(
-        Settlement { pool: pool.clone() },
+        Settlement::new(pool.clone()),
         &vhost.url(),
         WorkersSettings {
             max_retries,
@@ -846,14 +820,10 @@ async fn a_transient_failure_is_retried_and_settles_once(pool: PgPool) {
     publish_event(&ch, event, "payment.approved", payment_data(&f, "APPROVED")).await;
 
     // Heal right after the first retry.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while worker.count(CONSUMER, "retried") < 1 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for a retry"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    eventually("a first retry", || async {
+        worker.count(CONSUMER, "retried") >= 1
+    })
+    .await;
     assert_eq!(worker.count(CONSUMER, "processed"), 0);
     assert_eq!(booking_state(&pool, f.booking).await.0, "PENDING");
     assert_eq!(
@@ -867,7 +837,8 @@ async fn a_transient_failure_is_retried_and_settles_once(pool: PgPool) {
         .unwrap();
 
     wait_processed(&worker, 1).await;
-    // Let any stray copy surface.
+    // Only lets a stray copy surface (one must not come): no progress to
+    // wait for. Above the longest retry delay.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(worker.count(CONSUMER, "processed"), 1);
     assert_eq!(worker.count(CONSUMER, "duplicate"), 0);
@@ -891,7 +862,7 @@ async fn a_transient_failure_is_retried_and_settles_once(pool: PgPool) {
     assert_eq!(inbox_ids(&pool).await, BTreeSet::from([event.to_string()]));
     assert_eq!(depth(&ch, SETTLEMENT_QUEUE).await, 0);
     assert_eq!(depth(&ch, &dlq()).await, 0);
-    for delay in amqp_settings(&vhost.url()).retry_delays_ms {
+    for delay in RETRY_DELAYS_MS {
         assert_eq!(
             depth(&ch, &amqp::retry_queue_name(SETTLEMENT_QUEUE, delay)).await,
             0
@@ -905,7 +876,7 @@ async fn a_failure_that_never_heals_is_dead_lettered_after_max_retries(pool: PgP
     let vhost = Vhost::new();
     let (_conn, ch) = channel(&vhost.url()).await;
     let mut f = booking(&pool, false).await;
-    add_payment(&pool, &mut f, "APPROVED").await;
+    add_payment(&pool, &mut f, PaymentStatus::Approved).await;
     sqlx::query("ALTER TABLE settlements RENAME TO settlements_x")
         .execute(&pool)
         .await
@@ -914,7 +885,7 @@ async fn a_failure_that_never_heals_is_dead_lettered_after_max_retries(pool: PgP
     let event = Uuid::now_v7();
     publish_event(&ch, event, "payment.approved", payment_data(&f, "APPROVED")).await;
 
-    eventually(20, "the message dead-lettered", || async {
+    eventually("the message dead-lettered", || async {
         worker.count(CONSUMER, "dead_lettered") >= 1
     })
     .await;

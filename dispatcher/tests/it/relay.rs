@@ -2,12 +2,10 @@
 //! delivery, properties and CloudEvents bodies, order per aggregate with
 //! three dispatchers, broker connection cuts, refused rows dying and being
 //! redriven, unrouted events, DLQ replay, retention and statistics.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod support;
 
 use std::{collections::HashSet, time::Duration};
 
+use crate::support::*;
 use entrip_common::{
     amqp,
     domain::{AggregateType, EventType},
@@ -17,7 +15,7 @@ use entrip_dispatcher::{
     dlq,
     outbox::{self, Redrive},
 };
-use entrip_testkit::{Proxy, Vhost};
+use entrip_testkit::{Proxy, Vhost, eventually};
 use lapin::{
     BasicProperties,
     options::{BasicPublishOptions, QueueDeclareOptions, QueueDeleteOptions},
@@ -25,7 +23,6 @@ use lapin::{
 };
 use serde_json::json;
 use sqlx::PgPool;
-use support::*;
 use uuid::Uuid;
 
 #[sqlx::test(migrator = "entrip_common::db::MIGRATOR")]
@@ -49,14 +46,8 @@ async fn every_row_reaches_the_exchange_with_its_properties(pool: PgPool) {
     rows.push((traced.id, traced.aggregate_id, 0));
 
     let relay = start_relay(&pool, &vhost.url(), fast_settings());
-    eventually(30, "all rows published", || async {
-        count(&pool, "published_at IS NULL").await == 0
-    })
-    .await;
-    eventually(30, "all messages received", || async {
-        rec.distinct().await == rows.len()
-    })
-    .await;
+    drained(&pool, "published_at IS NULL").await;
+    rec.received(rows.len()).await;
 
     let received = rec.snapshot().await;
     let expected: HashSet<String> = rows.iter().map(|(id, _, _)| id.to_string()).collect();
@@ -120,14 +111,8 @@ async fn three_dispatchers_keep_order_per_aggregate(pool: PgPool) {
         start_relay(&pool, &vhost.url(), settings()),
         start_relay(&pool, &vhost.url(), settings()),
     ];
-    eventually(120, "all 5000 rows published", || async {
-        count(&pool, "published_at IS NULL").await == 0
-    })
-    .await;
-    eventually(60, "all 5000 received", || async {
-        rec.distinct().await == 5000
-    })
-    .await;
+    drained(&pool, "published_at IS NULL").await;
+    rec.received(5000).await;
     let sequences = rec.sequences().await;
     assert_eq!(sequences.len(), 50);
     assert_ordered(&sequences, 100);
@@ -157,10 +142,7 @@ async fn a_broker_connection_cut_loses_nothing_and_marks_nothing_unconfirmed(poo
         ..fast_settings()
     };
     let relay = start_relay(&pool, &vhost.url_via(proxy.addr), settings);
-    eventually(60, "some rows published", || async {
-        count(&pool, "published_at IS NOT NULL").await >= 500
-    })
-    .await;
+    rows_reach(&pool, "published_at IS NOT NULL", 500).await;
 
     proxy.cut();
     // A batch confirmed just before the cut may still be marked; after
@@ -180,14 +162,8 @@ async fn a_broker_connection_cut_loses_nothing_and_marks_nothing_unconfirmed(poo
             .unwrap();
 
     proxy.restore();
-    eventually(120, "all rows published after the cut", || async {
-        count(&pool, "published_at IS NULL").await == 0
-    })
-    .await;
-    eventually(60, "all 5000 received", || async {
-        rec.distinct().await == 5000
-    })
-    .await;
+    drained(&pool, "published_at IS NULL").await;
+    rec.received(5000).await;
     let received: HashSet<String> = rec
         .snapshot()
         .await
@@ -258,7 +234,7 @@ async fn a_row_always_refused_dies_without_blocking_others_and_can_be_redriven(p
     insert_events(&pool, 3, 3, EventType::BookingCreated).await;
 
     let relay = start_relay(&pool, &vhost.url(), fast_settings());
-    eventually(60, "the refused row is dead", || async {
+    eventually("the refused row is dead", || async {
         count(&pool, "dead_at IS NOT NULL").await == 1
     })
     .await;
@@ -272,10 +248,7 @@ async fn a_row_always_refused_dies_without_blocking_others_and_can_be_redriven(p
     assert!(dead);
     assert_eq!(attempts, 3);
     assert!(error.unwrap().contains("nack"));
-    eventually(30, "all other rows published", || async {
-        count(&pool, "published_at IS NULL AND dead_at IS NULL").await == 0
-    })
-    .await;
+    drained(&pool, "published_at IS NULL AND dead_at IS NULL").await;
     assert_eq!(count(&pool, "published_at IS NOT NULL").await, 11);
     assert!(relay.metrics.failures.get() >= 3);
 
@@ -292,10 +265,7 @@ async fn a_row_always_refused_dies_without_blocking_others_and_can_be_redriven(p
         .await
         .unwrap();
     assert_eq!(n, 1);
-    eventually(30, "the redriven row is published", || async {
-        count(&pool, "published_at IS NULL").await == 0
-    })
-    .await;
+    drained(&pool, "published_at IS NULL").await;
     let received = rec.snapshot().await;
     assert!(
         received
@@ -340,10 +310,7 @@ async fn an_event_no_queue_is_bound_for_lands_in_unrouted(pool: PgPool) {
     .await
     .unwrap();
     let rows = insert_events(&pool, 1, 2, EventType::UserCreated).await;
-    eventually(30, "both events in entrip.unrouted", || async {
-        rec.distinct().await == 2
-    })
-    .await;
+    rec.received(2).await;
     let got: HashSet<String> = rec
         .snapshot()
         .await
@@ -423,7 +390,7 @@ async fn dlq_replay_moves_messages_back_and_they_are_consumed(_pool: PgPool) {
         .unwrap()
         .message_count()
     };
-    eventually(10, "listing leaves the messages in the DLQ", || {
+    eventually("listing leaves the messages in the DLQ", || {
         let ch = ch.clone();
         let q = dlq_name.clone();
         async move { depth(ch, q).await == 3 }
@@ -434,10 +401,7 @@ async fn dlq_replay_moves_messages_back_and_they_are_consumed(_pool: PgPool) {
         .await
         .unwrap();
     assert_eq!(replayed, 3);
-    eventually(10, "replayed messages consumed", || async {
-        rec.distinct().await == 3
-    })
-    .await;
+    rec.received(3).await;
     let got = rec.snapshot().await;
     for r in &got {
         assert!(ids.contains(&r.message_id()));
@@ -551,10 +515,7 @@ async fn a_database_connection_cut_loses_nothing(
         ..fast_settings()
     };
     let relay = start_relay(&via_proxy, &vhost.url(), settings);
-    eventually(60, "some rows published", || async {
-        count(&direct, "published_at IS NOT NULL").await >= 500
-    })
-    .await;
+    rows_reach(&direct, "published_at IS NOT NULL", 500).await;
     proxy.cut();
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(
@@ -562,14 +523,8 @@ async fn a_database_connection_cut_loses_nothing(
         "the relay survives the lost database"
     );
     proxy.restore();
-    eventually(120, "all rows published after the cut", || async {
-        count(&direct, "published_at IS NULL").await == 0
-    })
-    .await;
-    eventually(60, "all 5000 received", || async {
-        rec.distinct().await == 5000
-    })
-    .await;
+    drained(&direct, "published_at IS NULL").await;
+    rec.received(5000).await;
     assert_ordered(&rec.sequences().await, 100);
     relay.stop().await;
 }
@@ -594,7 +549,7 @@ async fn rows_behind_a_retry_do_not_hold_back_other_aggregates(pool: PgPool) {
         ..fast_settings()
     };
     let relay = start_relay(&pool, &vhost.url(), settings);
-    eventually(30, "the other aggregates are published", || async {
+    eventually("the other aggregates are published", || async {
         count(&pool, "published_at IS NOT NULL").await == 50
     })
     .await;

@@ -8,7 +8,6 @@
 //! inbox and delivery deduplication, outbox topics and final states,
 //! approval steps, foreign keys with `ON DELETE RESTRICT`, one live payment
 //! per booking, column types, and `updated_at` kept by the database.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use sqlx::{AssertSqlSafe, PgPool, Row};
 use uuid::Uuid;

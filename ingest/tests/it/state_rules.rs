@@ -4,17 +4,14 @@
 //! writes in its transaction (with the request's `traceparent`); every
 //! refused state transition (404, 409, 422) leaving nothing behind; and
 //! simultaneous results for one payment deciding it exactly once.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod support;
 
 use std::collections::BTreeSet;
 
+use crate::support::{Resp, Server, booking_body, key, payment_body, unique_code};
 use futures::future::join_all;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use sqlx::PgPool;
-use support::{Resp, Server, booking_body, key, payment_body, unique_code};
 use uuid::Uuid;
 
 /// A valid W3C trace context (the example of the recommendation).

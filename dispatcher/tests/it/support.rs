@@ -1,6 +1,6 @@
-//! Dispatcher test support: outbox rows, relays running in-process, and a
-//! consumer that records what reached the broker.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+//! Dispatcher test support: outbox rows, relays running in-process, a
+//! consumer that records what reached the broker, and waits on the outbox's
+//! progress.
 
 use std::{collections::HashMap, time::Duration};
 
@@ -11,6 +11,7 @@ use entrip_common::{
     events::{self, NewEvent, SOURCE_INGEST},
 };
 use entrip_dispatcher::{metrics::RelayMetrics, relay::Relay};
+use entrip_testkit::progress;
 use futures::StreamExt;
 use lapin::{
     BasicProperties, Channel, Connection,
@@ -134,8 +135,25 @@ pub async fn count(pool: &PgPool, sql_where: &str) -> i64 {
         .unwrap()
 }
 
-#[allow(unused_imports)]
-pub use entrip_testkit::eventually;
+/// Waits until `sql_where` matches at least `n` outbox rows, for as long as
+/// the count keeps moving.
+pub async fn rows_reach(pool: &PgPool, sql_where: &str, n: i64) {
+    progress(&format!("{n} outbox rows with {sql_where}"), || async {
+        let now = count(pool, sql_where).await;
+        (now, now >= n)
+    })
+    .await;
+}
+
+/// Waits until no outbox row matches `sql_where` (e.g. `published_at IS
+/// NULL`: everything published), for as long as the count keeps falling.
+pub async fn drained(pool: &PgPool, sql_where: &str) {
+    progress(&format!("no outbox row left with {sql_where}"), || async {
+        let left = count(pool, sql_where).await;
+        (left, left == 0)
+    })
+    .await;
+}
 
 /// A received message.
 #[derive(Debug, Clone)]
@@ -157,7 +175,8 @@ impl Received {
 
 /// A queue of the test bound to `entrip.events` that records every message.
 pub struct Recorder {
-    pub conn: Connection,
+    /// Held so that the connection lives as long as the recorder.
+    _conn: Connection,
     pub channel: Channel,
     pub received: std::sync::Arc<tokio::sync::Mutex<Vec<Received>>>,
 }
@@ -223,7 +242,7 @@ impl Recorder {
             }
         });
         Self {
-            conn,
+            _conn: conn,
             channel,
             received,
         }
@@ -231,6 +250,17 @@ impl Recorder {
 
     pub async fn snapshot(&self) -> Vec<Received> {
         self.received.lock().await.clone()
+    }
+
+    /// Waits until exactly `n` distinct messages have arrived, for as long
+    /// as messages keep arriving; more than `n` fails at once.
+    pub async fn received(&self, n: usize) {
+        progress(&format!("{n} distinct messages received"), || async {
+            let now = self.distinct().await;
+            assert!(now <= n, "{now} distinct messages received, expected {n}");
+            (now, now == n)
+        })
+        .await;
     }
 
     /// Distinct message ids received so far.

@@ -1,0 +1,96 @@
+//! The short chaos run of CI, under a minute also on a busy machine: the
+//! real binaries (found in target/debug: `cargo build --bins` first when
+//! running this test alone) in their own database and vhost, 12 s of
+//! journeys at 8 per second while every fault of the mix comes up at least
+//! once (AMQP connection closes, SIGKILLs of a dispatcher and of the workers,
+//! `pg_terminate_backend`, the database refusing connections, webhook 500
+//! and hang windows) — but no broker-wide stop, since other tests share the
+//! broker. Every check must pass.
+//!
+//! Why it is short and still proves the guarantees: the checks are the same
+//! as the long run's and look at every journey and every event, so what
+//! matters is that each kind of fault strikes while work is in flight. The
+//! injector draws faults from shuffled rounds holding every kind, one every
+//! 0.3–1 s, and the load goes on until one round is complete
+//! (`min_fault_rounds`), so every kind comes up during the load however slow
+//! the machine; the test asserts that each did. Nothing waits for a
+//! deadline sized for an idle machine: the drain fails only when nothing
+//! moves for 20 s, and a request counts as lost only when it went unanswered
+//! for 15 s while the fleet answered others.
+
+use std::time::Duration;
+
+use entrip_chaos::{
+    Options,
+    faults::{Fault, MIX},
+    run,
+};
+use entrip_testkit::{Vhost, database_url};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+
+#[sqlx::test(migrations = false)]
+async fn chaos_short_run_keeps_every_guarantee(_opts: PgPoolOptions, connect: PgConnectOptions) {
+    // The driver's progress lines, shown with the failure output.
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter("entrip_chaos=info")
+        .try_init();
+    let vhost = Vhost::new();
+    let mut opts = Options::new(database_url(&connect), vhost.name.clone(), vhost.url());
+    opts.duration = Duration::from_secs(12);
+    opts.rate = 8.0;
+    opts.fault_interval = (Duration::from_millis(300), Duration::from_millis(1000));
+    opts.min_fault_rounds = 1;
+    opts.drain_stall = Duration::from_secs(20);
+    opts.give_up_after = Duration::from_secs(15);
+    opts.max_connections = 12;
+    opts.worker_concurrency = 4;
+    opts.seed = std::env::var("CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok());
+    // #[sqlx::test] runs on a current-thread runtime; the driver gets its
+    // own multi-threaded one so that the webhook receiver never waits on it.
+    let report = tokio::task::spawn_blocking(move || {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(run(opts))
+    })
+    .await
+    .unwrap();
+    let report = match report {
+        Ok(r) => r,
+        Err(e) => panic!("the chaos run could not be carried out: {e}"),
+    };
+    if !report.passed {
+        eprintln!("{}", report.markdown());
+        eprintln!("{}", report.log_tails.as_deref().unwrap_or_default());
+        panic!(
+            "chaos checks failed (seed {}): {:?}",
+            report.seed,
+            report
+                .failed_checks()
+                .iter()
+                .map(|c| &c.name)
+                .collect::<Vec<_>>()
+        );
+    }
+    println!("{}", report.markdown());
+    // Every kind of the mix really happened, with work in flight.
+    for (fault, _) in MIX {
+        let n = report.faults.get(&fault).copied().unwrap_or(0);
+        assert!(n >= 1, "no {fault:?} in {:?}", report.faults);
+    }
+    assert!(report.fault_rounds >= 1, "{} rounds", report.fault_rounds);
+    assert!(
+        report.backends_terminated > 0,
+        "pg_terminate_backend ended no backend"
+    );
+    assert!(
+        !report.faults.contains_key(&Fault::BrokerRestart),
+        "the broker-wide stop must not run beside other tests"
+    );
+    drop(vhost);
+}

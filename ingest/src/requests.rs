@@ -1,0 +1,549 @@
+//! Request bodies as upstream systems send them, and their validation into
+//! [`Command`]s: one `TryFrom` per body, shared by every transport. Nothing
+//! here knows HTTP; [`Refusal`] says why a body was refused and the
+//! transport maps it (see `error.rs`).
+//!
+//! Every body field is optional so that a missing one is named rather than
+//! failing the whole parse. Each field is checked into a [`Checked`] value,
+//! and [`AllValid`] turns a tuple of them into the values or into every
+//! error at once, so that one answer lists all that is wrong.
+
+use chrono::{DateTime, Utc};
+use entrip_common::{
+    domain::{
+        BookingCode, Currency, Decision, Email, Invalid, Money, PaymentMethod, PaymentOutcome,
+        Phone, Text,
+    },
+    store::{approvals::NewApproval, bookings::NewBooking, payments::NewPayment, users::NewUser},
+};
+use serde::{
+    Deserialize, Serialize,
+    de::{DeserializeOwned, IgnoredAny, MapAccess, Visitor},
+};
+use uuid::Uuid;
+
+use crate::commands::{ApprovalDecision, Cancellation, PaymentResult};
+
+const NAME_MAX: usize = 100;
+const PLACE_MAX: usize = 100;
+const TITLE_MAX: usize = 200;
+const REASON_MAX: usize = 1000;
+const GATEWAY_ID_MAX: usize = 100;
+const STEPS: std::ops::RangeInclusive<i64> = 1..=5;
+
+/// A field that was refused, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub(crate) struct FieldError {
+    pub(crate) field: String,
+    pub(crate) message: String,
+}
+
+impl FieldError {
+    pub(crate) fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Why a request was refused before any database work.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// Not a JSON object (syntax, encoding, an array, …).
+    Malformed(String),
+    /// Missing or invalid fields, all of them.
+    Fields(Vec<FieldError>),
+    /// A rule across fields (e.g. `arriveAt` after `departAt`).
+    Rule { field: &'static str, detail: String },
+}
+
+impl Refusal {
+    pub(crate) fn field(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::Fields(vec![FieldError::new(field, message)])
+    }
+
+    fn rule(field: &'static str, detail: &str) -> Self {
+        Self::Rule {
+            field,
+            detail: detail.to_owned(),
+        }
+    }
+}
+
+// ------------------------------------------------------------------ parsing
+
+/// Parses a JSON object into `T`, naming every field at fault: duplicated
+/// keys, unknown keys (the fields `T` declares are read from serde, not from
+/// its error messages), then values of the wrong type. Also returns the body
+/// as a `Value`, the canonical form the idempotency fingerprint hashes.
+pub(crate) fn parse_json<T: DeserializeOwned>(
+    bytes: &[u8],
+) -> Result<(T, serde_json::Value), Refusal> {
+    let value: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| Refusal::Malformed(without_position(&e)))?;
+    if !value.is_object() {
+        return Err(Refusal::Malformed("the body must be a JSON object".into()));
+    }
+    // The `Value` keeps the last of duplicated keys: read the keys again.
+    let TopLevelKeys(keys) =
+        serde_json::from_slice(bytes).map_err(|e| Refusal::Malformed(without_position(&e)))?;
+    let known = serde_aux::serde_introspection::serde_introspect::<T>();
+    let mut errors = Vec::new();
+    for (i, key) in keys.iter().enumerate() {
+        let earlier = keys[..i].iter().filter(|k| *k == key).count();
+        if earlier == 1 {
+            errors.push(FieldError::new(key.as_str(), "field given more than once"));
+        } else if earlier == 0 && !known.contains(&key.as_str()) {
+            errors.push(FieldError::new(key.as_str(), "unknown field"));
+        }
+    }
+    if !errors.is_empty() {
+        return Err(Refusal::Fields(errors));
+    }
+    let typed = serde_path_to_error::deserialize(&value).map_err(|err| {
+        let field = err.path().to_string();
+        Refusal::field(field, without_position(err.inner()))
+    })?;
+    Ok((typed, value))
+}
+
+/// serde_json's message without " at line 1 column 7": the body is one
+/// line and the field is named separately.
+fn without_position(err: &serde_json::Error) -> String {
+    let message = err.to_string();
+    match (err.line(), message.rfind(" at line ")) {
+        (1.., Some(i)) => message[..i].to_owned(),
+        _ => message,
+    }
+}
+
+/// The top-level keys of a JSON object, in order and with repeats.
+struct TopLevelKeys(Vec<String>);
+
+impl<'de> Deserialize<'de> for TopLevelKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Keys;
+        impl<'de> Visitor<'de> for Keys {
+            type Value = TopLevelKeys;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut keys = Vec::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    map.next_value::<IgnoredAny>()?;
+                    keys.push(key);
+                }
+                Ok(TopLevelKeys(keys))
+            }
+        }
+        d.deserialize_map(Keys)
+    }
+}
+
+// ------------------------------------------------------------ field checks
+
+/// A field's value, or the errors that kept it from having one (never
+/// empty). A field that depends on another (an amount on its currency)
+/// carries that field's errors when it cannot be checked; [`AllValid`]
+/// reports each error once.
+type Checked<T> = Result<T, Vec<FieldError>>;
+
+fn check<T>(field: &str, result: Result<T, Invalid>) -> Checked<T> {
+    result.map_err(|Invalid(message)| vec![FieldError::new(field, message)])
+}
+
+/// The value, or "is required" when it is missing or null.
+fn required<T>(field: &str, value: Option<T>) -> Checked<T> {
+    value.ok_or_else(|| vec![FieldError::new(field, "is required")])
+}
+
+/// A required text value parsed by `parse`.
+fn parse<T>(
+    field: &str,
+    value: Option<String>,
+    parse: impl FnOnce(&str) -> Result<T, Invalid>,
+) -> Checked<T> {
+    required(field, value).and_then(|raw| check(field, parse(&raw)))
+}
+
+/// An optional text value parsed by `parse` when present.
+fn parse_optional<T>(
+    field: &str,
+    value: Option<String>,
+    parse: impl FnOnce(&str) -> Result<T, Invalid>,
+) -> Checked<Option<T>> {
+    value.map(|raw| check(field, parse(&raw))).transpose()
+}
+
+fn text(max: usize) -> impl Fn(&str) -> Result<Text, Invalid> {
+    move |s| Text::parse(s, max)
+}
+
+fn uuid(raw: &str) -> Result<Uuid, Invalid> {
+    Uuid::parse_str(raw).map_err(|_| Invalid("must be a UUID".into()))
+}
+
+/// An RFC 3339 time (any offset), in UTC.
+fn time(raw: &str) -> Result<DateTime<Utc>, Invalid> {
+    DateTime::parse_from_rfc3339(raw)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|_| Invalid("must be an RFC 3339 time such as 2026-12-24T09:30:00Z".into()))
+}
+
+/// A tuple of checked fields: all their values, or all their errors.
+trait AllValid {
+    type Values;
+    fn all_valid(self) -> Result<Self::Values, Refusal>;
+}
+
+macro_rules! all_valid {
+    ($($t:ident $v:ident),+) => {
+        impl<$($t),+> AllValid for ($(Checked<$t>,)+) {
+            type Values = ($($t,)+);
+
+            fn all_valid(self) -> Result<Self::Values, Refusal> {
+                let ($($v,)+) = self;
+                match ($($v,)+) {
+                    ($(Ok($v),)+) => Ok(($($v,)+)),
+                    ($($v,)+) => {
+                        let mut errors: Vec<FieldError> = Vec::new();
+                        $(
+                            for e in $v.err().into_iter().flatten() {
+                                if !errors.contains(&e) {
+                                    errors.push(e);
+                                }
+                            }
+                        )+
+                        Err(Refusal::Fields(errors))
+                    }
+                }
+            }
+        }
+    };
+}
+
+all_valid!(A a);
+all_valid!(A a, B b);
+all_valid!(A a, B b, C c);
+all_valid!(A a, B b, C c, D d);
+all_valid!(A a, B b, C c, D d, E e);
+all_valid!(A a, B b, C c, D d, E e, F f, G g, H h, I i, J j);
+
+// ------------------------------------------------------------------ bodies
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct CreateUserBody {
+    name: Option<String>,
+    email: Option<String>,
+    phone: Option<String>,
+}
+
+impl TryFrom<CreateUserBody> for NewUser {
+    type Error = Refusal;
+
+    fn try_from(b: CreateUserBody) -> Result<Self, Refusal> {
+        let (name, email, phone) = (
+            parse("name", b.name, text(NAME_MAX)),
+            parse("email", b.email, Email::parse),
+            parse("phone", b.phone, Phone::parse),
+        )
+            .all_valid()?;
+        Ok(NewUser { name, email, phone })
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct CreateBookingBody {
+    code: Option<String>,
+    customer_name: Option<String>,
+    customer_phone: Option<String>,
+    itinerary_from: Option<String>,
+    itinerary_to: Option<String>,
+    depart_at: Option<String>,
+    arrive_at: Option<String>,
+    currency: Option<String>,
+    amount: Option<String>,
+    user_id: Option<String>,
+    requires_approval: Option<bool>,
+}
+
+impl TryFrom<CreateBookingBody> for NewBooking {
+    type Error = Refusal;
+
+    fn try_from(b: CreateBookingBody) -> Result<Self, Refusal> {
+        let currency = match b.currency {
+            None => Ok(Currency::KRW),
+            Some(c) => check("currency", Currency::parse(&c)),
+        };
+        let price = required("amount", b.amount)
+            .and_then(|a| check("amount", Money::parse(&a, currency.clone()?)));
+        let (
+            code,
+            customer_name,
+            customer_phone,
+            itinerary_from,
+            itinerary_to,
+            depart_at,
+            arrive_at,
+            _,
+            price,
+            user_id,
+        ) = (
+            parse("code", b.code, BookingCode::parse),
+            parse("customerName", b.customer_name, text(NAME_MAX)),
+            parse("customerPhone", b.customer_phone, Phone::parse),
+            parse("itineraryFrom", b.itinerary_from, text(PLACE_MAX)),
+            parse("itineraryTo", b.itinerary_to, text(PLACE_MAX)),
+            parse("departAt", b.depart_at, time),
+            parse("arriveAt", b.arrive_at, time),
+            currency,
+            price,
+            parse("userId", b.user_id, uuid),
+        )
+            .all_valid()?;
+        if arrive_at <= depart_at {
+            return Err(Refusal::rule("arriveAt", "arriveAt must be after departAt"));
+        }
+        Ok(NewBooking {
+            code,
+            user_id,
+            customer_name,
+            customer_phone,
+            itinerary_from,
+            itinerary_to,
+            depart_at,
+            arrive_at,
+            price,
+            requires_approval: b.requires_approval.unwrap_or(false),
+        })
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct CancelBookingBody {
+    reason: Option<String>,
+}
+
+impl TryFrom<CancelBookingBody> for Cancellation {
+    type Error = Refusal;
+
+    fn try_from(b: CancelBookingBody) -> Result<Self, Refusal> {
+        let (reason,) = (parse("reason", b.reason, text(REASON_MAX)),).all_valid()?;
+        Ok(Cancellation { reason })
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct CreatePaymentBody {
+    booking_id: Option<String>,
+    method: Option<String>,
+    amount: Option<String>,
+    currency: Option<String>,
+    tax: Option<String>,
+}
+
+impl TryFrom<CreatePaymentBody> for NewPayment {
+    type Error = Refusal;
+
+    fn try_from(b: CreatePaymentBody) -> Result<Self, Refusal> {
+        let currency = parse("currency", b.currency, Currency::parse);
+        let amount = required("amount", b.amount)
+            .and_then(|a| check("amount", Money::parse(&a, currency.clone()?)));
+        let tax = required("tax", b.tax)
+            .and_then(|t| check("tax", Money::parse_non_negative(&t, currency.clone()?)));
+        let (booking_id, method, _, amount, tax) = (
+            parse("bookingId", b.booking_id, uuid),
+            parse("method", b.method, PaymentMethod::parse),
+            currency,
+            amount,
+            tax,
+        )
+            .all_valid()?;
+        if tax.amount() > amount.amount() {
+            return Err(Refusal::rule("tax", "tax must not exceed the amount"));
+        }
+        Ok(NewPayment {
+            booking_id,
+            method,
+            amount,
+            tax,
+        })
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct PaymentResultBody {
+    status: Option<String>,
+    approval_id: Option<String>,
+    reason: Option<String>,
+}
+
+impl TryFrom<PaymentResultBody> for PaymentResult {
+    type Error = Refusal;
+
+    fn try_from(b: PaymentResultBody) -> Result<Self, Refusal> {
+        let (outcome, approval_id, reason) = (
+            parse("status", b.status, PaymentOutcome::parse),
+            parse_optional("approvalId", b.approval_id, text(GATEWAY_ID_MAX)),
+            parse_optional("reason", b.reason, text(REASON_MAX)),
+        )
+            .all_valid()?;
+        match (outcome, &approval_id) {
+            (PaymentOutcome::Approved, None) => Err(Refusal::rule(
+                "approvalId",
+                "approvalId is required when status is APPROVED",
+            )),
+            (PaymentOutcome::Failed, Some(_)) => Err(Refusal::rule(
+                "approvalId",
+                "approvalId is only allowed when status is APPROVED",
+            )),
+            _ => Ok(PaymentResult {
+                outcome,
+                approval_id,
+                reason,
+            }),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct CreateApprovalBody {
+    booking_id: Option<String>,
+    requester_id: Option<String>,
+    title: Option<String>,
+    reason: Option<String>,
+    steps: Option<i64>,
+}
+
+impl TryFrom<CreateApprovalBody> for NewApproval {
+    type Error = Refusal;
+
+    fn try_from(b: CreateApprovalBody) -> Result<Self, Refusal> {
+        let steps = match b.steps {
+            None => Ok(1),
+            Some(n) if STEPS.contains(&n) => check("steps", i16::try_from(n).map_err(|_| range())),
+            Some(_) => check("steps", Err(range())),
+        };
+        let (booking_id, requester_id, title, reason, steps) = (
+            parse("bookingId", b.booking_id, uuid),
+            parse("requesterId", b.requester_id, uuid),
+            parse("title", b.title, text(TITLE_MAX)),
+            parse("reason", b.reason, text(REASON_MAX)),
+            steps,
+        )
+            .all_valid()?;
+        Ok(NewApproval {
+            booking_id,
+            requester_id,
+            title,
+            reason,
+            steps,
+        })
+    }
+}
+
+fn range() -> Invalid {
+    Invalid(format!(
+        "must be between {} and {}",
+        STEPS.start(),
+        STEPS.end()
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct DecisionBody {
+    approver_id: Option<String>,
+    decision: Option<String>,
+    reason: Option<String>,
+}
+
+impl TryFrom<DecisionBody> for ApprovalDecision {
+    type Error = Refusal;
+
+    fn try_from(b: DecisionBody) -> Result<Self, Refusal> {
+        let (approver_id, decision, reason) = (
+            parse("approverId", b.approver_id, uuid),
+            parse("decision", b.decision, Decision::parse),
+            parse_optional("reason", b.reason, text(REASON_MAX)),
+        )
+            .all_valid()?;
+        Ok(ApprovalDecision {
+            approver_id,
+            decision,
+            reason,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fields(refusal: Refusal) -> Vec<(String, String)> {
+        match refusal {
+            Refusal::Fields(errors) => errors.into_iter().map(|e| (e.field, e.message)).collect(),
+            other => panic!("expected field errors, got {other:?}"),
+        }
+    }
+
+    /// Pins what the JSON layer reports, so that a serde or serde_json
+    /// upgrade that changes it fails here rather than in production.
+    #[test]
+    fn duplicate_and_unknown_keys_are_named_by_their_key() {
+        let err = parse_json::<CreateUserBody>(br#"{"name":"a","name":"b","nick":1,"nick":2}"#)
+            .unwrap_err();
+        assert_eq!(
+            fields(err),
+            vec![
+                ("name".into(), "field given more than once".into()),
+                ("nick".into(), "unknown field".into()),
+                ("nick".into(), "field given more than once".into()),
+            ]
+        );
+        let err = parse_json::<CreateUserBody>(br#"{"name": 5}"#).unwrap_err();
+        let f = fields(err);
+        assert_eq!(f.len(), 1);
+        assert_eq!(f[0].0, "name", "{f:?}");
+        assert!(!f[0].1.contains("line"), "position stripped: {f:?}");
+    }
+
+    #[test]
+    fn bodies_that_are_not_objects_are_malformed() {
+        for body in [&b"[1,2]"[..], b"\"x\"", b"{\"a\":", b"\xff", b""] {
+            assert!(
+                matches!(
+                    parse_json::<CreateUserBody>(body),
+                    Err(Refusal::Malformed(_))
+                ),
+                "{body:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_error_is_reported_once_in_field_order() {
+        let body = CreatePaymentBody {
+            booking_id: Some("nope".into()),
+            method: None,
+            amount: Some("10".into()),
+            currency: Some("usd".into()),
+            tax: None,
+        };
+        let got: Vec<String> = fields(NewPayment::try_from(body).unwrap_err())
+            .into_iter()
+            .map(|(f, _)| f)
+            .collect();
+        // The amount cannot be checked without a currency: not reported
+        // twice, and not on its own.
+        assert_eq!(got, ["bookingId", "method", "currency", "tax"]);
+    }
+}

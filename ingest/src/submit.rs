@@ -1,0 +1,89 @@
+//! Running a command exactly once per idempotency key: claim the key, run
+//! the effect, store the response, commit — one transaction. A key used
+//! before answers with its stored response (or a misuse error) instead.
+
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use entrip_common::domain::IdempotencyKey;
+use sqlx::PgPool;
+
+use crate::{
+    commands::{self, Command, Context},
+    error::ApiError,
+    idempotency::{self, Claim, Fingerprint, StoredResponse},
+};
+
+/// The answer to a submitted command.
+#[derive(Debug)]
+pub(crate) struct Outcome {
+    pub(crate) status: StatusCode,
+    pub(crate) body: serde_json::Value,
+    /// True when the answer was stored by an earlier request with the key.
+    pub(crate) replayed: bool,
+}
+
+/// Runs `command` unless `key` was used before; see the module comment.
+pub(crate) async fn submit(
+    pool: &PgPool,
+    ttl: Duration,
+    key: &IdempotencyKey,
+    fingerprint: &Fingerprint,
+    command: Command,
+    ctx: &Context,
+) -> Result<Outcome, ApiError> {
+    if let Some(claim) = idempotency::replay_committed(pool, key, fingerprint).await?
+        && let Some(answer) = earlier_answer(claim, key)
+    {
+        return answer;
+    }
+    let mut command = Some(command);
+    for _ in 0..3 {
+        let mut tx = pool.begin().await?;
+        match idempotency::claim(&mut tx, key, fingerprint, ttl).await? {
+            Claim::Claimed => {
+                let Some(command) = command.take() else {
+                    break;
+                };
+                let reply = commands::execute(&mut tx, command, ctx).await?;
+                let stored = StoredResponse {
+                    status: reply.status.as_u16(),
+                    body: reply.body,
+                };
+                idempotency::complete(&mut tx, key, &stored).await?;
+                tx.commit().await?;
+                return Ok(Outcome {
+                    status: reply.status,
+                    body: stored.body,
+                    replayed: false,
+                });
+            }
+            Claim::Retry => continue,
+            claim => {
+                if let Some(answer) = earlier_answer(claim, key) {
+                    return answer;
+                }
+            }
+        }
+    }
+    Err(ApiError::Unavailable(
+        "the idempotency key kept changing under this request".into(),
+    ))
+}
+
+/// What an earlier use of the key answers: its stored response replayed,
+/// or a misuse error. `None` when the claim leaves the key to this request.
+fn earlier_answer(claim: Claim, key: &IdempotencyKey) -> Option<Result<Outcome, ApiError>> {
+    match claim {
+        Claim::Replay(stored) => {
+            tracing::info!(idempotency_key = %key, "replaying the stored response");
+            Some(Ok(Outcome {
+                status: StatusCode::from_u16(stored.status).unwrap_or(StatusCode::OK),
+                body: stored.body,
+                replayed: true,
+            }))
+        }
+        Claim::Mismatch(detail) => Some(Err(ApiError::IdempotencyMisuse(detail.to_owned()))),
+        Claim::Claimed | Claim::Retry => None,
+    }
+}

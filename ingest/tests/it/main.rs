@@ -1,0 +1,13 @@
+//! Ingest's integration tests, one binary: the HTTP API over a real server
+//! and each test's own database (`#[sqlx::test]`) — validation, state
+//! rules, idempotency, atomicity — the schema's own constraints, and the
+//! `ingest` binary as a process.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod atomicity;
+mod binary;
+mod idempotency;
+mod schema;
+mod state_rules;
+mod support;
+mod validation;

@@ -1,0 +1,12 @@
+//! The workers' integration tests, one binary: each module against the real
+//! PostgreSQL (a database per test) and RabbitMQ (a vhost per test).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+mod cuts;
+mod e2e;
+mod integrity;
+mod notifications;
+mod settlement;
+mod smoke;
