@@ -12,6 +12,14 @@
 -- is a strict comparison); the probes do not, so they can only use the
 -- aggregate's index. The column is NOT NULL, so the indexes hold the same
 -- rows as before.
+--
+-- The rebuild scans the whole outbox (published rows too) while it holds
+-- the table's lock: writes that enqueue events wait until it commits. It is
+-- not bounded by the services' statement timeout, so that a large outbox is
+-- rebuilt once rather than cut and retried; on a large installation, purge
+-- published rows first (`retention_hours`) to keep the pause short.
+SET LOCAL statement_timeout = 0;
+
 DROP INDEX outbox_undelivered_seq_idx;
 CREATE INDEX outbox_undelivered_seq_idx ON outbox (seq)
     WHERE published_at IS NULL AND dead_at IS NULL AND next_attempt_at IS NOT NULL;

@@ -1196,7 +1196,14 @@ pub fn explain_duplicate(
             | Fault::BrokerRestart => false,
         })
         .collect();
-    kinds.sort_by_key(|h| h.fault);
+    // When several overlap, the most direct cause is named: the process
+    // killed, then its backends terminated, then the database closed.
+    let rank = |f: Fault| match f {
+        Fault::KillWorkers => 0,
+        Fault::TerminateBackends => 1,
+        _ => 2,
+    };
+    kinds.sort_by_key(|h| rank(h.fault));
     if let Some(h) = kinds.first() {
         return Some(Cause::Fault(h.fault));
     }

@@ -6,14 +6,14 @@
 //! Ports are picked by binding port 0 and releasing it, so another process
 //! (a parallel test) may take one before the child binds it. Dispatchers and
 //! workers therefore get a fresh port at every start, and a service that
-//! exits because its port is taken ("Address already in use" in its log
-//! since that start) is started again on a fresh port instead of being
-//! counted as an exit of its own. Ingest keeps its port across restarts
+//! exits because its port is taken (exit status `EXIT_CANNOT_LISTEN`) is
+//! started again on a fresh port instead of being counted as an exit of its
+//! own. Ingest keeps its port across restarts
 //! (the load client was given its URL; the injector never kills it).
 
 use std::{
     fs::OpenOptions,
-    io::{Read as _, Seek as _, SeekFrom, Write as _},
+    io::Write as _,
     net::TcpListener,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -91,9 +91,6 @@ pub struct Service {
     pub log_path: PathBuf,
     child: Option<Child>,
     pub starts: u32,
-    /// Length of the log file when the running process was started: what it
-    /// wrote since is read to tell a bind failure.
-    log_offset: u64,
     /// Restarts on a fresh port after a bind failure.
     pub bind_retries: u32,
 }
@@ -102,10 +99,10 @@ pub struct Service {
 /// before such an exit counts as its own.
 const MAX_BIND_RETRIES: u32 = 5;
 
-/// Whether a service's log (since its start) shows that it could not bind
-/// its listen port because another process had it.
-pub fn is_bind_failure(log: &str) -> bool {
-    log.contains("Address already in use") || log.contains("os error 98")
+/// Whether a service exited because it could not bind its listen port
+/// (another process had it).
+fn is_bind_failure(status: std::process::ExitStatus) -> bool {
+    status.code() == Some(entrip_common::service::EXIT_CANNOT_LISTEN)
 }
 
 impl Service {
@@ -160,7 +157,6 @@ impl Fleet {
                 log_path: cfg.log_dir.join(format!("{name}.log")),
                 child: None,
                 starts: 0,
-                log_offset: 0,
                 bind_retries: 0,
             });
         }
@@ -205,7 +201,6 @@ impl Fleet {
             .create(true)
             .append(true)
             .open(&svc.log_path)?;
-        let log_offset = log.metadata()?.len();
         writeln!(
             log,
             "==== chaos: start #{} of {} at {} ====",
@@ -229,7 +224,6 @@ impl Fleet {
         let svc = &mut self.services[slot];
         svc.child = Some(child);
         svc.starts += 1;
-        svc.log_offset = log_offset;
         Ok(())
     }
 
@@ -252,18 +246,6 @@ impl Fleet {
         true
     }
 
-    /// The slot's log since its last start.
-    fn log_since_start(&self, slot: usize) -> String {
-        let svc = &self.services[slot];
-        let mut text = String::new();
-        if let Ok(mut f) = std::fs::File::open(&svc.log_path)
-            && f.seek(SeekFrom::Start(svc.log_offset)).is_ok()
-        {
-            let _ = f.read_to_string(&mut text);
-        }
-        text
-    }
-
     /// Notes (and forgets) processes that exited on their own and returns
     /// their slots. A process that exited because its listen port was taken
     /// meanwhile is started again at once on a fresh port, and not counted
@@ -277,9 +259,7 @@ impl Fleet {
             };
             self.services[slot].child = None;
             let name = self.services[slot].name.clone();
-            if self.services[slot].bind_retries < MAX_BIND_RETRIES
-                && is_bind_failure(&self.log_since_start(slot))
-            {
+            if self.services[slot].bind_retries < MAX_BIND_RETRIES && is_bind_failure(status) {
                 let old = self.services[slot].port;
                 self.services[slot].bind_retries += 1;
                 // `start` picks a fresh port for every slot but ingest.
@@ -394,7 +374,7 @@ mod tests {
         // "workers" fails like the services do when their port is taken, on
         // its first run only; the others exit with another error.
         let workers = format!(
-            "#!/bin/sh\nif [ ! -e '{m}' ]; then\n  touch '{m}'\n  echo \"Error: cannot listen on $ENTRIP__WORKERS__LISTEN (key workers.listen)\"\n  echo 'Caused by: Address already in use (os error 98)'\n  exit 1\nfi\nexec sleep 30\n",
+            "#!/bin/sh\nif [ ! -e '{m}' ]; then\n  touch '{m}'\n  echo \"workers: cannot listen on $ENTRIP__WORKERS__LISTEN (key workers.listen)\"\n  exit 3\nfi\nexec sleep 30\n",
             m = marker.display()
         );
         let other = "#!/bin/sh\necho 'Error: database: connection refused'\nexit 1\n";
@@ -425,8 +405,6 @@ mod tests {
         let w = &fleet.services[WORKERS];
         assert!(w.is_running(), "workers not started again");
         assert_eq!((w.bind_retries, w.starts), (1, 2));
-        let log = std::fs::read_to_string(&w.log_path).unwrap();
-        assert!(is_bind_failure(&log), "{log}");
         // Its second run (sleeping) is not taken for a bind failure again.
         std::thread::sleep(Duration::from_millis(500));
         assert!(fleet.reap_exited().is_empty());

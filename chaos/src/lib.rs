@@ -205,6 +205,15 @@ async fn wait_healthy(fleet: &Mutex<Fleet>, deadline: Duration) -> Result<(), Er
     }
 }
 
+/// Starts every service that is not running and waits until all answer.
+async fn start_all_healthy(fleet: &Mutex<Fleet>, deadline: Duration) -> Result<(), Error> {
+    fleet
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .start_all()?;
+    wait_healthy(fleet, deadline).await
+}
+
 /// Runs the whole suite; `Ok` carries the report whether or not its checks
 /// passed, `Err` means the run itself could not be carried out.
 pub async fn run(opts: Options) -> Result<Report, Error> {
@@ -315,13 +324,9 @@ pub async fn run(opts: Options) -> Result<Report, Error> {
             String::from_utf8_lossy(&migrate.stderr)
         )));
     }
-    fleet
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .start_all()?;
-    if let Err(e) = wait_healthy(&fleet, Duration::from_secs(60)).await {
-        return Err(with_logs(e.to_string()));
-    }
+    start_all_healthy(&fleet, Duration::from_secs(60))
+        .await
+        .map_err(|e| with_logs(e.to_string()))?;
     let ingest_url = fleet.lock().unwrap_or_else(|e| e.into_inner()).ingest_url();
     tracing::info!(%ingest_url, "fleet up: 1 ingest, 2 dispatchers, 1 workers");
 
@@ -391,13 +396,9 @@ pub async fn run(opts: Options) -> Result<Report, Error> {
         .await
         .map_err(|e| with_logs(format!("fault injector failed: {e}")))?;
     receiver.heal();
-    fleet
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .start_all()?;
-    if let Err(e) = wait_healthy(&fleet, Duration::from_secs(90)).await {
-        return Err(with_logs(e.to_string()));
-    }
+    start_all_healthy(&fleet, Duration::from_secs(90))
+        .await
+        .map_err(|e| with_logs(e.to_string()))?;
     let _ = calm_tx.send(true);
     tracing::info!(
         faults = ?fault_log.counts,
@@ -412,13 +413,9 @@ pub async fn run(opts: Options) -> Result<Report, Error> {
     let load_seconds = load.elapsed.as_secs_f64();
     tracing::info!(journeys = load.journeys.len(), "load over; draining");
     // A service that exited by itself meanwhile is counted and started again.
-    fleet
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .start_all()?;
-    if let Err(e) = wait_healthy(&fleet, Duration::from_secs(90)).await {
-        return Err(with_logs(e.to_string()));
-    }
+    start_all_healthy(&fleet, Duration::from_secs(90))
+        .await
+        .map_err(|e| with_logs(e.to_string()))?;
 
     let drain_start = Instant::now();
     let expected_settlements = load.journeys.iter().filter(|j| j.expect_settled()).count() as i64;

@@ -11,6 +11,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{config::DatabaseSettings, db, metrics, shutdown};
 
+/// The exit status of a service that cannot bind its listen address (the
+/// port is taken): a supervisor can tell it from any other failure and
+/// start the service on another port. (2 is a bad configuration.)
+pub const EXIT_CANNOT_LISTEN: i32 = 3;
+
 /// Why a service could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -22,6 +27,18 @@ pub enum StartError {
         key: &'static str,
         reason: std::io::Error,
     },
+}
+
+impl StartError {
+    /// Stops the process with one line naming the problem on stderr and
+    /// [`EXIT_CANNOT_LISTEN`] for a taken listen address, 1 otherwise.
+    pub fn exit(self, binary: &str) -> ! {
+        eprintln!("{binary}: {self}");
+        std::process::exit(match self {
+            Self::Listen { .. } => EXIT_CANNOT_LISTEN,
+            Self::Database(_) => 1,
+        })
+    }
 }
 
 /// Binds `addr`, the value of the setting `key` (e.g. `ingest.listen`).
@@ -37,32 +54,29 @@ pub struct Service {
     pub shutdown: CancellationToken,
     pub pool: PgPool,
     pub registry: Registry,
+    /// `/metrics` and `/healthz` on the service's listen address, until
+    /// shutdown.
+    pub http: JoinHandle<std::io::Result<()>>,
 }
 
 impl Service {
-    /// Listens for shutdown signals, connects and migrates the database.
-    pub async fn start(database: &DatabaseSettings) -> Result<Self, StartError> {
+    /// Listens for shutdown signals, connects and migrates the database,
+    /// and serves the metrics on `listen` (the value of setting `key`).
+    pub async fn start(
+        database: &DatabaseSettings,
+        listen: SocketAddr,
+        key: &'static str,
+    ) -> Result<Self, StartError> {
         let shutdown = shutdown::on_signal();
         let pool = db::connect_and_migrate(database).await?;
+        let listener = bind(listen, key).await?;
+        let registry = metrics::new_registry();
+        let http = metrics::spawn_server(listener, registry.clone(), shutdown.clone());
         Ok(Self {
             shutdown,
             pool,
-            registry: metrics::new_registry(),
+            registry,
+            http,
         })
-    }
-
-    /// Serves `/metrics` and `/healthz` on `addr` (setting `key`) until
-    /// shutdown.
-    pub async fn serve_metrics(
-        &self,
-        addr: SocketAddr,
-        key: &'static str,
-    ) -> Result<JoinHandle<std::io::Result<()>>, StartError> {
-        let listener = bind(addr, key).await?;
-        Ok(metrics::spawn_server(
-            listener,
-            self.registry.clone(),
-            self.shutdown.clone(),
-        ))
     }
 }

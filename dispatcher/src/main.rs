@@ -145,15 +145,16 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn run(settings: Settings) -> anyhow::Result<()> {
-    let service = Service::start(&settings.database).await?;
-    let metrics = RelayMetrics::register(&service.registry)?;
     let listen = settings.dispatcher.listen;
-    let http = service.serve_metrics(listen, "dispatcher.listen").await?;
     let Service {
         shutdown: token,
         pool,
-        ..
-    } = service;
+        registry,
+        http,
+    } = Service::start(&settings.database, listen, "dispatcher.listen")
+        .await
+        .unwrap_or_else(|e| e.exit("dispatcher"));
+    let metrics = RelayMetrics::register(&registry)?;
     let housekeeping = tokio::spawn(relay::housekeeping(
         pool.clone(),
         settings.dispatcher.clone(),

@@ -47,7 +47,9 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Serve => {
             let token = shutdown::on_signal();
             let listen = settings.ingest.listen;
-            let listener = service::bind(listen, "ingest.listen").await?;
+            let listener = service::bind(listen, "ingest.listen")
+                .await
+                .unwrap_or_else(|e| e.exit("ingest"));
             let purge = tokio::spawn(purge_loop(
                 pool.clone(),
                 Duration::from_secs(settings.ingest.purge_interval_secs),

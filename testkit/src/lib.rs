@@ -189,8 +189,9 @@ pub fn promtool_check(text: &str) -> Result<(), String> {
 /// How long a wait may see no progress before the test fails. A busy
 /// machine slows the work a test waits for; it does not stop it. So waits
 /// are bounded by a lack of progress, not by a deadline sized for an idle
-/// machine, and this bound is generous.
-pub const STALL: Duration = Duration::from_secs(45);
+/// machine. Below nextest's 60 s limit (`.config/nextest.toml`), so that a
+/// stuck test fails with its own message saying what it waited for.
+pub const STALL: Duration = Duration::from_secs(30);
 
 const POLL: Duration = Duration::from_millis(100);
 

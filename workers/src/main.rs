@@ -67,15 +67,16 @@ async fn integrity_once(settings: &Settings) -> anyhow::Result<Report> {
 }
 
 async fn run(settings: Settings) -> anyhow::Result<()> {
-    let service = Service::start(&settings.database).await?;
-    let metrics = WorkerMetrics::register(&service.registry)?;
     let listen = settings.workers.listen;
-    let http = service.serve_metrics(listen, "workers.listen").await?;
     let Service {
         shutdown: token,
         pool,
-        ..
-    } = service;
+        registry,
+        http,
+    } = Service::start(&settings.database, listen, "workers.listen")
+        .await
+        .unwrap_or_else(|e| e.exit("workers"));
+    let metrics = WorkerMetrics::register(&registry)?;
     let settlement = Consumer::new(
         Settlement::new(pool.clone()),
         settings.amqp.clone(),

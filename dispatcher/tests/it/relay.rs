@@ -18,7 +18,7 @@ use entrip_dispatcher::{
 use entrip_testkit::{Proxy, Vhost, eventually};
 use lapin::{
     BasicProperties,
-    options::{BasicPublishOptions, QueueDeclareOptions, QueueDeleteOptions},
+    options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions},
     types::{AMQPValue, FieldTable, LongString, ShortString},
 };
 use serde_json::json;
@@ -145,10 +145,12 @@ async fn a_broker_connection_cut_loses_nothing_and_marks_nothing_unconfirmed(poo
     rows_reach(&pool, "published_at IS NOT NULL", 500).await;
 
     proxy.cut();
-    // A batch confirmed just before the cut may still be marked; after
-    // that, nothing is marked while the broker is unreachable.
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    let marked_during_cut = count(&pool, "published_at IS NOT NULL").await;
+    // A batch confirmed just before the cut may still be marked; once the
+    // count has stood still, nothing more is marked while the broker is
+    // unreachable.
+    let marked_during_cut =
+        count_once_quiet(&pool, "published_at IS NOT NULL", Duration::from_secs(1)).await;
+    // Time for a wrong mark to show.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(
         count(&pool, "published_at IS NOT NULL").await,
@@ -295,10 +297,11 @@ async fn an_event_no_queue_is_bound_for_lands_in_unrouted(pool: PgPool) {
         .unwrap();
     let rec = Recorder::consume(conn, channel, amqp::UNROUTED).await;
 
-    // The relay declares the topology at connect: start it first, then
-    // unbind again, then insert.
+    // The relay declares the topology at connect: start it, wait until it
+    // has published (so it has declared), then unbind again, then insert.
     let relay = start_relay(&pool, &vhost.url(), fast_settings());
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    insert_events(&pool, 1, 1, EventType::PaymentApproved).await;
+    drained(&pool, "published_at IS NULL").await;
     let conn2 = amqp::connect(&vhost.url(), "test2").await.unwrap();
     let ch2 = conn2.create_channel().await.unwrap();
     ch2.queue_unbind(
@@ -330,6 +333,9 @@ async fn dlq_replay_moves_messages_back_and_they_are_consumed(_pool: PgPool) {
     let rec = Recorder::start(&vhost.url(), "test.approved", &["payment.approved"]).await;
     let conn = amqp::connect(&vhost.url(), "test-ops").await.unwrap();
     let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
     let dlq_name = amqp::dlq_name(amqp::SETTLEMENT_QUEUE);
     let mut ids = Vec::new();
     for i in 0..3 {
@@ -358,10 +364,11 @@ async fn dlq_replay_moves_messages_back_and_they_are_consumed(_pool: PgPool) {
             props,
         )
         .await
+        .unwrap()
+        .await
         .unwrap();
         ids.push(id);
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
 
     let listed = dlq::list(&conn.create_channel().await.unwrap(), &dlq_name, 10)
         .await

@@ -11,7 +11,7 @@ use entrip_common::{
     events::{self, NewEvent, SOURCE_INGEST},
 };
 use entrip_dispatcher::{metrics::RelayMetrics, relay::Relay};
-use entrip_testkit::progress;
+use entrip_testkit::{STALL, progress};
 use futures::StreamExt;
 use lapin::{
     BasicProperties, Channel, Connection,
@@ -143,6 +143,29 @@ pub async fn rows_reach(pool: &PgPool, sql_where: &str, n: i64) {
         (now, now >= n)
     })
     .await;
+}
+
+/// The number of outbox rows matching `sql_where` once it has stood still
+/// for `quiet` (e.g. the last batch confirmed before a cut being marked);
+/// fails when it keeps changing for `STALL`.
+pub async fn count_once_quiet(pool: &PgPool, sql_where: &str, quiet: Duration) -> i64 {
+    let deadline = tokio::time::Instant::now() + STALL;
+    let mut last = count(pool, sql_where).await;
+    let mut since = tokio::time::Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = count(pool, sql_where).await;
+        if now != last {
+            last = now;
+            since = tokio::time::Instant::now();
+        } else if since.elapsed() >= quiet {
+            return last;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the count of rows with {sql_where} kept changing for {STALL:?}"
+        );
+    }
 }
 
 /// Waits until no outbox row matches `sql_where` (e.g. `published_at IS

@@ -189,6 +189,38 @@ async fn creates_its_database_serves_metrics_and_shuts_down_gracefully() {
     db.drop_db().await;
 }
 
+/// A listen port taken by another process stops start-up with one line
+/// naming the key and exit status 3, which a supervisor tells from other
+/// failures (the chaos suite starts the service again on another port).
+#[tokio::test]
+async fn a_taken_listen_port_exits_3_naming_the_key() {
+    let db = TestDb::new();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let mut ingest = Process(
+        Command::new(BIN)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("DATABASE_URL", &db.url)
+            .env("ENTRIP__INGEST__LISTEN", format!("127.0.0.1:{port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let status = ingest.wait_exit().await;
+    assert_eq!(status.code(), Some(3), "{status:?}");
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut ingest.0.stderr.take().unwrap(), &mut stderr).unwrap();
+    let last = stderr.trim().lines().last().unwrap_or_default().to_owned();
+    assert!(
+        last.starts_with("ingest: cannot listen on") && last.contains("ingest.listen"),
+        "{stderr}"
+    );
+    drop(taken);
+    db.drop_db().await;
+}
+
 #[tokio::test]
 async fn metrics_pass_promtool_check() {
     let db = TestDb::new();

@@ -1257,6 +1257,32 @@ async fn the_idempotency_key_is_required_and_checked(pool: PgPool) {
         StatusCode::BAD_REQUEST,
         &["Idempotency-Key"],
     );
+    // The key is checked first: a request without one is refused before
+    // its body is read, whatever the body (too large, not JSON).
+    let mut big = user_body();
+    big["name"] = json!("a".repeat(70 * 1024));
+    let r = s.post("/v1/users", None, &big).await;
+    refused(
+        "no key, 70 KiB body",
+        &r,
+        StatusCode::BAD_REQUEST,
+        &["Idempotency-Key"],
+    );
+    let resp = s
+        .client
+        .post(format!("{}/v1/users", s.base))
+        .header("content-type", "text/plain")
+        .body("hello")
+        .send()
+        .await
+        .unwrap();
+    let r = into_resp(resp).await;
+    refused(
+        "no key, text/plain body",
+        &r,
+        StatusCode::BAD_REQUEST,
+        &["Idempotency-Key"],
+    );
 
     let bad: Vec<(&str, String)> = vec![
         ("empty key", String::new()),
