@@ -82,6 +82,31 @@ def main():
                f"{fmt(g('ingest.replay.rps'))} vs {fmt(g('ingest.c32.rps'))} rps, "
                f"{fmt(g('ingest.replay.errors'))} errors")
 
+    if g("ingest.auth.rps") is not None:
+        r = ratio(g("ingest.auth.rps"), g("ingest.noauth.rps"))
+        out += [f"Bearer check: {fmt(g('ingest.auth.rps'))} rps authenticated vs {fmt(g('ingest.noauth.rps'))} rps "
+                f"with ingest.auth_enabled=false (closed loop, concurrency 32, alternating, 3 rounds each): {fmt(r)}x.", ""]
+        target("authenticated create rate >= 0.95x the unauthenticated", r, 0.95, r is not None and r >= 0.95,
+               f"{fmt(g('ingest.auth.rps'))} vs {fmt(g('ingest.noauth.rps'))} rps")
+    if g("ingest.overload.rps") is not None:
+        good = ratio(g("ingest.overload.rps"), g("ingest.c32.rps"))
+        p99r = ratio(g("ingest.overload.p99_ms"), g("ingest.open.p99_ms"))
+        out += [f"Overload, open loop offering {fmt(g('ingest.overload.rate'))}/s (4x the concurrency-32 rate): "
+                f"goodput {fmt(g('ingest.overload.rps'))}/s ({fmt(good)}x), accepted p50 {fmt(g('ingest.overload.p50_ms'))} ms, "
+                f"p99 {fmt(g('ingest.overload.p99_ms'))} ms ({fmt(p99r)}x the half-load p99), "
+                f"{fmt(g('ingest.overload.shed'))} shed answers with p99 {fmt(g('ingest.overload.shed_p99_ms'))} ms, "
+                f"errors {fmt(g('ingest.overload.errors'))}.", ""]
+        target("overload: goodput >= 0.9x the sustainable rate", good, 0.9, good is not None and good >= 0.9,
+               f"{fmt(g('ingest.overload.rps'))} vs {fmt(g('ingest.c32.rps'))}/s")
+        target("overload: accepted p99 <= 2x the half-load p99", p99r, 2, p99r is not None and p99r <= 2,
+               f"{fmt(g('ingest.overload.p99_ms'))} vs {fmt(g('ingest.open.p99_ms'))} ms")
+        sp = g("ingest.overload.shed_p99_ms")
+        target("overload: shed answers p99 <= 5 ms", sp, 5, sp is not None and sp <= 5 and g("ingest.overload.shed"),
+               f"{fmt(g('ingest.overload.shed'))} shed")
+        rss_i = g("rss_kb.ingest")
+        target("overload: ingest peak RSS <= 100 MB", rss_i / 1024 if rss_i else None, 100,
+               rss_i is not None and rss_i / 1024 <= 100, "VmHWM over the whole ingest run")
+
     # Relay
     if g("relay.raw_rps") is not None:
         # The ceiling: the better of one and two publishing channels (a
@@ -141,7 +166,7 @@ def main():
         target("each service <= 100 MB RSS", peak, 100, peak <= 100 and not unknown_rss,
                f"largest: {peak:.1f} MB" + (f"; not read (process gone): {', '.join(unknown_rss)}" if unknown_rss else ""))
 
-    out += ["## Targets (issue 5)", "", "| target | value | limit | met |", "|---|---|---|---|"]
+    out += ["## Targets (issues 5 and 10)", "", "| target | value | limit | met |", "|---|---|---|---|"]
     for t in targets:
         met = {True: "yes", False: "**no**", None: "not measured"}[t["met"]]
         out.append(f"| {t['target']} | {fmt(t['value'])} ({t['detail']}) | {fmt(t['limit'])} | {met} |")

@@ -324,6 +324,21 @@ pub async fn run(opts: Options) -> Result<Report, Error> {
             String::from_utf8_lossy(&migrate.stderr)
         )));
     }
+    // The load's API client (`ingest clients create` prints the key alone).
+    let issued = fleet
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .command("ingest")
+        .args(["clients", "create", "chaos-load", "--scopes", "*"])
+        .output()?;
+    if !issued.status.success() {
+        return Err(Error::Setup(format!(
+            "ingest clients create failed ({}): {}",
+            issued.status,
+            String::from_utf8_lossy(&issued.stderr)
+        )));
+    }
+    let api_key = String::from_utf8_lossy(&issued.stdout).trim().to_owned();
     start_all_healthy(&fleet, Duration::from_secs(60))
         .await
         .map_err(|e| with_logs(e.to_string()))?;
@@ -364,6 +379,7 @@ pub async fn run(opts: Options) -> Result<Report, Error> {
     let mut load = tokio::spawn(load::run(
         load::LoadSettings {
             base: ingest_url,
+            api_key,
             rate: opts.rate,
             client_timeout: CLIENT_TIMEOUT,
             give_up_after: opts.give_up_after,

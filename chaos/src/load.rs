@@ -40,6 +40,8 @@ use crate::{Error, rng::Rng};
 #[derive(Debug, Clone)]
 pub struct LoadSettings {
     pub base: String,
+    /// The bearer key every request carries.
+    pub api_key: String,
     /// Journeys started per second.
     pub rate: f64,
     /// Per-attempt client timeout: longer than the server's own deadline
@@ -722,8 +724,13 @@ pub async fn run(
     mut stop: watch::Receiver<bool>,
     mut calm: watch::Receiver<bool>,
 ) -> Result<LoadResult, Error> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    let bearer = reqwest::header::HeaderValue::from_str(&format!("Bearer {}", settings.api_key))
+        .map_err(|e| Error::Setup(format!("the API key is not a header value: {e}")))?;
+    headers.insert(reqwest::header::AUTHORIZATION, bearer);
     let http = reqwest::Client::builder()
         .timeout(settings.client_timeout)
+        .default_headers(headers)
         .build()?;
     let stats = Arc::new(Stats::default());
     let calm_since = Arc::new(std::sync::OnceLock::new());

@@ -82,6 +82,25 @@ pub struct IngestSettings {
     pub request_timeout_secs: u64,
     /// `Retry-After` sent with a 503.
     pub retry_after_secs: u64,
+    /// API requests processed at once; the ones beyond get a 503 at once,
+    /// before any database work.
+    pub max_in_flight: usize,
+    /// How long a client does not send a whole request head before its
+    /// connection is closed (slow clients cannot hold connections).
+    pub header_read_timeout_secs: u64,
+    /// The largest request head (request line and headers) read; beyond it
+    /// the answer is 431.
+    pub max_header_bytes: usize,
+    /// The longest request URI; beyond it the answer is 414.
+    pub max_uri_bytes: usize,
+    /// How long a looked-up API key is trusted without asking the database
+    /// again: a revocation takes effect within this time (0: every request
+    /// looks its key up).
+    pub auth_cache_secs: u64,
+    /// Bearer authentication of `/v1/*`. Off only to measure what it costs
+    /// (`scripts/bench`); then every request acts as client `anonymous`
+    /// with every scope, and start-up logs a warning.
+    pub auth_enabled: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -191,6 +210,12 @@ impl Default for IngestSettings {
             purge_interval_secs: 300,
             request_timeout_secs: 30,
             retry_after_secs: 5,
+            max_in_flight: 64,
+            header_read_timeout_secs: 10,
+            max_header_bytes: 16 * 1024,
+            max_uri_bytes: 8 * 1024,
+            auth_cache_secs: 5,
+            auth_enabled: true,
         }
     }
 }
@@ -328,6 +353,22 @@ impl Settings {
         }
         if self.ingest.purge_interval_secs == 0 {
             return invalid("ingest.purge_interval_secs", "must be at least 1");
+        }
+        if self.ingest.max_in_flight == 0 {
+            return invalid("ingest.max_in_flight", "must be at least 1");
+        }
+        if self.ingest.request_timeout_secs == 0 {
+            return invalid("ingest.request_timeout_secs", "must be at least 1");
+        }
+        if self.ingest.header_read_timeout_secs == 0 {
+            return invalid("ingest.header_read_timeout_secs", "must be at least 1");
+        }
+        // hyper reads request heads into a buffer of at least 8 KiB.
+        if self.ingest.max_header_bytes < 8192 {
+            return invalid("ingest.max_header_bytes", "must be at least 8192");
+        }
+        if self.ingest.max_uri_bytes < 256 {
+            return invalid("ingest.max_uri_bytes", "must be at least 256");
         }
         if self.amqp.delivery_limit == 0 {
             return invalid("amqp.delivery_limit", "must be at least 1");

@@ -43,6 +43,7 @@ async fn main() -> anyhow::Result<()> {
     let secs: u64 = secs.parse().context("seconds")?;
     let load = Load {
         client: reqwest::Client::builder()
+            .default_headers(bearer_from_env()?)
             .pool_max_idle_per_host(1024)
             .timeout(Duration::from_secs(30))
             .build()?,
@@ -52,6 +53,7 @@ async fn main() -> anyhow::Result<()> {
         seq: Arc::new(AtomicU64::new(0)),
         errors: Arc::new(AtomicU64::new(0)),
         latencies: Arc::new(Mutex::new(Vec::new())),
+        shed: Arc::new(Mutex::new(Vec::new())),
     };
     let duration = Duration::from_secs(secs);
     if mode == "replay" {
@@ -68,17 +70,22 @@ async fn main() -> anyhow::Result<()> {
     let elapsed = started.elapsed().as_secs_f64();
     let mut lat = load.latencies.lock().await.clone();
     lat.sort_unstable();
-    let pct = |p: f64| -> f64 {
+    let mut shed = load.shed.lock().await.clone();
+    shed.sort_unstable();
+    let pct_of = |lat: &[u64], p: f64| -> f64 {
         if lat.is_empty() {
             return 0.0;
         }
         let i = ((p * lat.len() as f64).ceil() as usize).clamp(1, lat.len()) - 1;
         lat[i] as f64 / 1000.0
     };
+    let pct = |p: f64| pct_of(&lat, p);
     println!(
-        "RESULT mode={mode} requests={} errors={} rps={:.1} p50_ms={:.2} p95_ms={:.2} p99_ms={:.2} max_ms={:.2}",
+        "RESULT mode={mode} requests={} errors={} shed={} shed_p99_ms={:.2} rps={:.1} p50_ms={:.2} p95_ms={:.2} p99_ms={:.2} max_ms={:.2}",
         lat.len(),
         load.errors.load(Ordering::Relaxed),
+        shed.len(),
+        pct_of(&shed, 0.99),
         lat.len() as f64 / elapsed,
         pct(0.50),
         pct(0.95),
@@ -104,6 +111,15 @@ struct Load {
     errors: Arc<AtomicU64>,
     /// Microseconds per answered request.
     latencies: Arc<Mutex<Vec<u64>>>,
+    /// Microseconds per 503 answer.
+    shed: Arc<Mutex<Vec<u64>>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Answer {
+    Ok,
+    Shed,
+    Error,
 }
 
 impl Load {
@@ -118,8 +134,9 @@ impl Load {
         (key, body)
     }
 
-    /// Sends request `i`; true when the answer is the expected one.
-    async fn send(&self, i: u64, replay: bool) -> bool {
+    /// Sends request `i`: the expected answer, a 503 (shed, or the
+    /// deadline), or anything else.
+    async fn send(&self, i: u64, replay: bool) -> Answer {
         let (key, body) = self.request(i);
         let answer = self
             .client
@@ -136,20 +153,29 @@ impl Load {
                     .headers()
                     .get("idempotent-replayed")
                     .is_some_and(|v| v == "true");
+                let shed = resp.status() == StatusCode::SERVICE_UNAVAILABLE;
                 // Read the body so the connection is reused.
                 let _ = resp.bytes().await;
-                created && replayed == replay
+                if created && replayed == replay {
+                    Answer::Ok
+                } else if shed {
+                    Answer::Shed
+                } else {
+                    Answer::Error
+                }
             }
-            Err(_) => false,
+            Err(_) => Answer::Error,
         }
     }
 
-    async fn record(&self, since: Instant, ok: bool) {
-        if ok {
-            let us = since.elapsed().as_micros() as u64;
-            self.latencies.lock().await.push(us);
-        } else {
-            self.errors.fetch_add(1, Ordering::Relaxed);
+    async fn record(&self, since: Instant, answer: Answer) {
+        let us = since.elapsed().as_micros() as u64;
+        match answer {
+            Answer::Ok => self.latencies.lock().await.push(us),
+            Answer::Shed => self.shed.lock().await.push(us),
+            Answer::Error => {
+                self.errors.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 
@@ -168,8 +194,8 @@ impl Load {
                             load.seq.fetch_add(1, Ordering::Relaxed) + REPLAY_KEYS
                         };
                         let t = Instant::now();
-                        let ok = load.send(i, replay).await;
-                        load.record(t, ok).await;
+                        let answer = load.send(i, replay).await;
+                        load.record(t, answer).await;
                     }
                 })
             })
@@ -193,8 +219,8 @@ impl Load {
             let load = self.clone();
             let scheduled = due.into_std();
             tasks.push(tokio::spawn(async move {
-                let ok = load.send(REPLAY_KEYS + i, false).await;
-                load.record(scheduled, ok).await;
+                let answer = load.send(REPLAY_KEYS + i, false).await;
+                load.record(scheduled, answer).await;
             }));
             i += 1;
         }
@@ -205,10 +231,23 @@ impl Load {
 
     async fn prepare_replay(&self) -> anyhow::Result<()> {
         for i in 0..REPLAY_KEYS {
-            if !self.send(i, false).await {
+            if self.send(i, false).await != Answer::Ok {
                 bail!("could not create booking {i} for the replay run");
             }
         }
         Ok(())
     }
+}
+
+/// `Authorization: Bearer $ENTRIP_API_KEY` when that is set (ingest refuses
+/// requests without a key unless `ingest.auth_enabled` is false).
+fn bearer_from_env() -> anyhow::Result<reqwest::header::HeaderMap> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Ok(key) = std::env::var("ENTRIP_API_KEY") {
+        headers.insert(
+            reqwest::header::AUTHORIZATION,
+            reqwest::header::HeaderValue::from_str(&format!("Bearer {}", key.trim()))?,
+        );
+    }
+    Ok(headers)
 }

@@ -65,8 +65,18 @@ pub(crate) struct ApprovalDecision {
 pub(crate) struct Context {
     /// `http` or `amqp`.
     pub(crate) channel: &'static str,
+    /// The API client that sent it (its name).
+    pub(crate) client: String,
     pub(crate) idempotency_key: String,
     pub(crate) traceparent: Option<String>,
+}
+
+impl Context {
+    /// The audit actor of a change the client itself makes (a change a
+    /// user makes names the user, with the client in the detail).
+    fn actor(&self) -> String {
+        format!("client:{}", self.client)
+    }
 }
 
 /// The answer to a command: status and JSON body.
@@ -110,6 +120,7 @@ async fn record(
 ) -> Result<(), ApiError> {
     let mut detail = change.detail;
     detail["channel"] = json!(ctx.channel);
+    detail["client"] = json!(ctx.client);
     events::record_change(
         conn,
         events::Change {
@@ -169,12 +180,12 @@ async fn create_user(
             "a user with this email already exists",
         )
     })?;
-    let view = serde_json::to_value(&row).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let view = serde_json::to_value(&row).map_err(ApiError::Render)?;
     record(
         conn,
         ctx,
         Change {
-            actor: format!("{}:upstream", ctx.channel),
+            actor: ctx.actor(),
             action: "user.create",
             aggregate: AggregateType::User,
             id,
@@ -209,7 +220,7 @@ async fn create_booking(
         conn,
         ctx,
         Change {
-            actor: format!("{}:upstream", ctx.channel),
+            actor: ctx.actor(),
             action: "booking.create",
             aggregate: AggregateType::Booking,
             id,
@@ -250,7 +261,7 @@ async fn cancel_booking(
         conn,
         ctx,
         Change {
-            actor: format!("{}:upstream", ctx.channel),
+            actor: ctx.actor(),
             action: "booking.cancel",
             aggregate: AggregateType::Booking,
             id,
@@ -317,7 +328,7 @@ async fn create_payment(
         conn,
         ctx,
         Change {
-            actor: format!("{}:upstream", ctx.channel),
+            actor: ctx.actor(),
             action: "payment.create",
             aggregate: AggregateType::Payment,
             id,
@@ -367,7 +378,7 @@ async fn record_payment_result(
         conn,
         ctx,
         Change {
-            actor: format!("{}:payment-gateway", ctx.channel),
+            actor: ctx.actor(),
             action: "payment.result",
             aggregate: AggregateType::Payment,
             id,

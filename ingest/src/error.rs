@@ -1,6 +1,8 @@
 //! The one place where failures become HTTP answers: RFC 9457 problem+json
 //! bodies with `type`, `title`, `status`, `detail` and, for validation,
-//! `errors: [{field, message}]`.
+//! `errors: [{field, message}]`. Each 5xx is logged here, once, with its
+//! source chain; `Retry-After` is added to every 503 by the router's
+//! layer (`lib.rs`), from the settings.
 
 use axum::{
     http::{HeaderValue, StatusCode, header},
@@ -9,7 +11,10 @@ use axum::{
 use entrip_common::db;
 use uuid::Uuid;
 
-use crate::requests::{FieldError, Refusal};
+use crate::{
+    auth::Refused,
+    requests::{FieldError, Refusal},
+};
 
 /// Every way a request can fail.
 #[derive(Debug, thiserror::Error)]
@@ -41,18 +46,36 @@ pub(crate) enum ApiError {
     },
     #[error("{0}")]
     IdempotencyMisuse(String),
-    #[error("database unavailable: {0}")]
-    Unavailable(String),
-    #[error("internal error: {0}")]
-    Internal(String),
+    #[error("request refused: {}", .0.reason())]
+    Refused(Refused),
+    #[error("request URI longer than {limit} bytes")]
+    UriTooLong { limit: usize },
+    #[error("too many requests in flight")]
+    Overloaded,
+    #[error("request ran past {secs} s")]
+    TimedOut { secs: u64 },
+    #[error("database unavailable")]
+    Unavailable(#[source] sqlx::Error),
+    #[error("the idempotency key kept changing under this request")]
+    Contended,
+    #[error("database error")]
+    Database(#[source] sqlx::Error),
+    #[error("cannot render the response")]
+    Render(#[source] serde_json::Error),
+    #[error("handler panicked: {0}")]
+    Panicked(String),
 }
 
-/// `Retry-After` seconds for 503s; set once at start-up.
-static RETRY_AFTER: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-
-/// Sets the `Retry-After` value sent with 503 answers.
-pub(crate) fn set_retry_after(secs: u64) {
-    let _ = RETRY_AFTER.set(secs);
+/// `err` and its sources, `: `-separated, for the log line.
+fn chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
 }
 
 impl ApiError {
@@ -83,8 +106,15 @@ impl ApiError {
             Self::Unprocessable { .. } | Self::IdempotencyMisuse(_) => {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
-            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Refused(Refused::Scope(_)) => StatusCode::FORBIDDEN,
+            Self::Refused(_) => StatusCode::UNAUTHORIZED,
+            Self::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
+            Self::Overloaded | Self::TimedOut { .. } | Self::Unavailable(_) | Self::Contended => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Self::Database(_) | Self::Render(_) | Self::Panicked(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
         }
     }
 
@@ -101,8 +131,17 @@ impl ApiError {
             Self::Conflict(_) => ("conflict", "State conflict"),
             Self::Unprocessable { .. } => ("unprocessable", "Request breaks a business rule"),
             Self::IdempotencyMisuse(_) => ("idempotency-key-reused", "Idempotency-Key misuse"),
-            Self::Unavailable(_) => ("unavailable", "Service temporarily unavailable"),
-            Self::Internal(_) => ("internal", "Internal error"),
+            Self::Refused(Refused::Scope(_)) => ("forbidden", "Scope missing"),
+            Self::Refused(_) => ("unauthorized", "Authentication required"),
+            Self::UriTooLong { .. } => ("uri-too-long", "Request URI too long"),
+            Self::Overloaded => ("overloaded", "Too many requests in flight"),
+            Self::TimedOut { .. } => ("timeout", "Request timed out"),
+            Self::Unavailable(_) | Self::Contended => {
+                ("unavailable", "Service temporarily unavailable")
+            }
+            Self::Database(_) | Self::Render(_) | Self::Panicked(_) => {
+                ("internal", "Internal error")
+            }
         }
     }
 
@@ -117,8 +156,25 @@ impl ApiError {
                 .collect::<Vec<_>>()
                 .join("; "),
             // Internals and database details stay in the logs.
-            Self::Internal(_) => "an unexpected error occurred; it has been logged".to_owned(),
+            Self::Database(_) | Self::Render(_) | Self::Panicked(_) => {
+                "an unexpected error occurred; it has been logged".to_owned()
+            }
             Self::Unavailable(_) => "the database is unavailable; retry later".to_owned(),
+            Self::Contended => "the request collided with another one; retry".to_owned(),
+            Self::Overloaded => "too many requests are in flight; retry later".to_owned(),
+            Self::TimedOut { secs } => {
+                format!(
+                    "the request was not answered within {secs} s; retry later (with the same Idempotency-Key)"
+                )
+            }
+            Self::Refused(Refused::Missing) => {
+                "send Authorization: Bearer <api key> (see the README, API keys)".to_owned()
+            }
+            Self::Refused(Refused::Unknown) => "the API key is not valid".to_owned(),
+            Self::Refused(Refused::Revoked) => "the API key has been revoked".to_owned(),
+            Self::Refused(Refused::Scope(scope)) => {
+                format!("the API key lacks scope {scope}, which this route needs")
+            }
             other => other.to_string(),
         };
         let mut body = serde_json::json!({
@@ -149,7 +205,7 @@ impl From<Refusal> for ApiError {
 impl From<sqlx::Error> for ApiError {
     fn from(err: sqlx::Error) -> Self {
         if db::is_unavailable(&err) {
-            return Self::Unavailable(err.to_string());
+            return Self::Unavailable(err);
         }
         if let sqlx::Error::Database(dbe) = &err {
             let code = dbe.code().map(|c| c.into_owned()).unwrap_or_default();
@@ -172,26 +228,53 @@ impl From<sqlx::Error> for ApiError {
                 ));
             }
         }
-        Self::Internal(err.to_string())
+        Self::Database(err)
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        match &self {
-            Self::Internal(msg) => tracing::error!(error = %msg, "request failed"),
-            Self::Unavailable(msg) => tracing::warn!(error = %msg, "database unavailable"),
-            _ => tracing::debug!(error = %self, "request refused"),
+        let status = self.status();
+        if status.is_server_error() && !matches!(self, Self::Overloaded) {
+            let error = chain(&self);
+            if status == StatusCode::SERVICE_UNAVAILABLE {
+                tracing::warn!(%error, "request not served");
+            } else {
+                tracing::error!(%error, "request failed");
+            }
+        } else {
+            // Shed requests too: under overload a line each would cost more
+            // than the answer (they are counted in entrip_ingest_shed_total).
+            tracing::debug!(error = %self, "request refused");
         }
-        let mut response = (self.status(), axum::Json(self.body())).into_response();
+        let mut response = (status, axum::Json(self.body())).into_response();
         let headers = response.headers_mut();
         headers.insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
-        if matches!(self, Self::Unavailable(_)) {
-            let secs = RETRY_AFTER.get().copied().unwrap_or(5);
-            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        match self {
+            Self::Refused(Refused::Scope(scope)) => {
+                let value = format!(
+                    "Bearer realm=\"entrip\", error=\"insufficient_scope\", scope=\"{scope}\""
+                );
+                if let Ok(value) = HeaderValue::from_str(&value) {
+                    headers.insert(header::WWW_AUTHENTICATE, value);
+                }
+            }
+            Self::Refused(Refused::Missing) => {
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"entrip\""),
+                );
+            }
+            Self::Refused(_) => {
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"entrip\", error=\"invalid_token\""),
+                );
+            }
+            _ => {}
         }
         response
     }

@@ -1,5 +1,6 @@
 //! The HTTP side of a request, as axum extractors: the `Idempotency-Key`
-//! header ([`Key`]), who is calling ([`Caller`]), a path id ([`PathId`]),
+//! header ([`Key`]), who is calling ([`Caller`]: the API client the bearer
+//! check of `auth.rs` let in, and the trace context), a path id ([`PathId`]),
 //! and the body with the request's fingerprint ([`JsonBody`]); [`Post`]
 //! bundles what every POST needs. Each answers a bad request with the
 //! problem+json of `error.rs`. What a body means is `requests.rs`'s.
@@ -16,6 +17,8 @@ use uuid::Uuid;
 
 use crate::{
     App,
+    auth::Refused,
+    clients::Client,
     commands::Context,
     error::ApiError,
     idempotency::Fingerprint,
@@ -43,10 +46,10 @@ impl<S: Send + Sync> FromRequestParts<S> for Key {
     }
 }
 
-/// Who sends the request, for the audit log and the events it causes: the
-/// channel and its W3C trace context. (Authentication, when it comes,
-/// yields the API client here.)
+/// Who sends the request, for the idempotency scope, the audit log and the
+/// events it causes: the API client and its W3C trace context.
 pub(crate) struct Caller {
+    pub(crate) client: Client,
     pub(crate) traceparent: Option<String>,
 }
 
@@ -54,7 +57,15 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        // Every /v1 route has the bearer check's layer; a route without it
+        // fails closed.
+        let client = parts
+            .extensions
+            .get::<Client>()
+            .cloned()
+            .ok_or(ApiError::Refused(Refused::Missing))?;
         Ok(Self {
+            client,
             traceparent: traceparent(&parts.headers),
         })
     }
@@ -178,6 +189,7 @@ impl<B: DeserializeOwned> FromRequest<App> for Post<B> {
             JsonBody::from_request(Request::from_parts(parts, body), app).await?;
         let context = Context {
             channel: "http",
+            client: caller.client.name,
             idempotency_key: key.as_str().to_owned(),
             traceparent: caller.traceparent,
         };

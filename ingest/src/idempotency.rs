@@ -1,5 +1,7 @@
 //! Idempotency keys (table `idempotency_keys`): the key, the request's hash
-//! and the response are stored in the same transaction as the effect.
+//! and the response are stored in the same transaction as the effect. A key
+//! belongs to the client that sent it: the same key from two clients is two
+//! keys, and no client reads another's stored response.
 //!
 //! The key row is inserted first in the request's transaction. A second
 //! request with the same key blocks on that insert until the first commits
@@ -58,15 +60,16 @@ pub(crate) enum Claim {
 /// been purged yet is taken over as new.
 pub(crate) async fn claim(
     conn: &mut PgConnection,
+    client: &str,
     key: &IdempotencyKey,
     fp: &Fingerprint,
     ttl: Duration,
 ) -> sqlx::Result<Claim> {
     let ttl_secs = ttl.as_secs_f64();
     let inserted = sqlx::query(
-        "INSERT INTO idempotency_keys (key, method, path, request_hash, expires_at)
-         VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5))
-         ON CONFLICT (key) DO UPDATE
+        "INSERT INTO idempotency_keys (client, key, method, path, request_hash, expires_at)
+         VALUES ($6, $1, $2, $3, $4, now() + make_interval(secs => $5))
+         ON CONFLICT (client, key) DO UPDATE
             SET method = EXCLUDED.method, path = EXCLUDED.path,
                 request_hash = EXCLUDED.request_hash,
                 response_status = NULL, response_body = NULL,
@@ -79,6 +82,7 @@ pub(crate) async fn claim(
     .bind(&fp.path)
     .bind(&fp.hash[..])
     .bind(ttl_secs)
+    .bind(client)
     .fetch_optional(&mut *conn)
     .await?;
     if inserted.is_some() {
@@ -86,9 +90,10 @@ pub(crate) async fn claim(
     }
     let row = sqlx::query(
         "SELECT method, path, request_hash, response_status, response_body
-           FROM idempotency_keys WHERE key = $1",
+           FROM idempotency_keys WHERE client = $2 AND key = $1",
     )
     .bind(key.as_str())
+    .bind(client)
     .fetch_optional(&mut *conn)
     .await?;
     match row {
@@ -104,15 +109,17 @@ pub(crate) async fn claim(
 /// take the claim path.
 pub(crate) async fn replay_committed(
     pool: &sqlx::PgPool,
+    client: &str,
     key: &IdempotencyKey,
     fp: &Fingerprint,
 ) -> sqlx::Result<Option<Claim>> {
     let row = sqlx::query(
         "SELECT method, path, request_hash, response_status, response_body
            FROM idempotency_keys
-          WHERE key = $1 AND expires_at > now() AND response_status IS NOT NULL",
+          WHERE client = $2 AND key = $1 AND expires_at > now() AND response_status IS NOT NULL",
     )
     .bind(key.as_str())
+    .bind(client)
     .fetch_optional(pool)
     .await?;
     row.map(|row| judge(&row, fp)).transpose()
@@ -149,15 +156,18 @@ fn judge(row: &sqlx::postgres::PgRow, fp: &Fingerprint) -> sqlx::Result<Claim> {
 /// Stores the response under the claimed key, in the effect's transaction.
 pub(crate) async fn complete(
     conn: &mut PgConnection,
+    client: &str,
     key: &IdempotencyKey,
     response: &StoredResponse,
 ) -> sqlx::Result<()> {
     sqlx::query(
-        "UPDATE idempotency_keys SET response_status = $2, response_body = $3 WHERE key = $1",
+        "UPDATE idempotency_keys SET response_status = $2, response_body = $3
+          WHERE client = $4 AND key = $1",
     )
     .bind(key.as_str())
     .bind(i16::try_from(response.status).unwrap_or(200))
     .bind(&response.body)
+    .bind(client)
     .execute(conn)
     .await?;
     Ok(())
@@ -168,8 +178,8 @@ pub async fn purge_expired(pool: &sqlx::PgPool, batch: i64) -> sqlx::Result<u64>
     let mut total = 0;
     loop {
         let deleted = sqlx::query(
-            "DELETE FROM idempotency_keys WHERE key IN (
-                SELECT key FROM idempotency_keys WHERE expires_at <= now()
+            "DELETE FROM idempotency_keys WHERE (client, key) IN (
+                SELECT client, key FROM idempotency_keys WHERE expires_at <= now()
                  LIMIT $1 FOR UPDATE SKIP LOCKED)",
         )
         .bind(batch)

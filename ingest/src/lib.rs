@@ -2,6 +2,8 @@
 //! and stores each accepted change with its audit row, its outbox event and
 //! its idempotency record in one PostgreSQL transaction.
 
+mod auth;
+pub mod clients;
 mod commands;
 mod error;
 mod extract;
@@ -15,18 +17,33 @@ use std::{sync::Arc, time::Duration};
 
 use axum::{
     Router,
-    http::StatusCode,
-    middleware,
-    routing::{get, post},
+    extract::{Request, State},
+    http::{HeaderValue, StatusCode, header},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+    routing::{MethodRouter, get, post},
 };
 use entrip_common::config::IngestSettings;
+use hyper_util::{
+    rt::{TokioIo, TokioTimer},
+    server::graceful::GracefulShutdown,
+    service::TowerToHyperService,
+};
 use prometheus::Registry;
 use sqlx::PgPool;
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::sync::CancellationToken;
-use tower_http::{catch_panic::CatchPanicLayer, timeout::TimeoutLayer, trace::TraceLayer};
+use tower_http::{
+    catch_panic::CatchPanicLayer, sensitive_headers::SetSensitiveRequestHeadersLayer,
+    trace::TraceLayer,
+};
 
-use crate::{error::ApiError, metrics::IngestMetrics};
+use crate::{
+    auth::{Authenticator, Guard},
+    clients::Scope,
+    error::ApiError,
+    metrics::IngestMetrics,
+};
 
 /// Shared state of the handlers.
 #[derive(Clone)]
@@ -35,6 +52,9 @@ pub struct App {
     settings: Arc<IngestSettings>,
     metrics: IngestMetrics,
     registry: Registry,
+    auth: Authenticator,
+    /// One permit per API request being processed (`ingest.max_in_flight`).
+    in_flight: Arc<Semaphore>,
 }
 
 impl App {
@@ -43,13 +63,25 @@ impl App {
         settings: IngestSettings,
         registry: Registry,
     ) -> Result<Self, prometheus::Error> {
-        error::set_retry_after(settings.retry_after_secs);
         let metrics = IngestMetrics::register(&registry)?;
+        if !settings.auth_enabled {
+            tracing::warn!(
+                "ingest.auth_enabled is false: every /v1 request acts as client `anonymous` with every scope; only for measuring"
+            );
+        }
+        let auth = Authenticator::new(
+            pool.clone(),
+            Duration::from_secs(settings.auth_cache_secs),
+            settings.auth_enabled,
+            metrics.auth_failures.clone(),
+        );
         Ok(Self {
+            in_flight: Arc::new(Semaphore::new(settings.max_in_flight)),
             pool,
             settings: Arc::new(settings),
             metrics,
             registry,
+            auth,
         })
     }
 
@@ -59,51 +91,180 @@ impl App {
     }
 }
 
-/// The full router: API, health, readiness and metrics.
+/// The full router: the API (authenticated, limited in flight and in time),
+/// then health, readiness and metrics, which are never shed.
 fn router(app: App) -> Router {
-    let timeout = Duration::from_secs(app.settings.request_timeout_secs);
+    let guarded = |scope: Scope, route: MethodRouter<App>| {
+        route.route_layer(middleware::from_fn_with_state(
+            Guard::new(&app, scope),
+            auth::authorize,
+        ))
+    };
     let api = Router::new()
-        .route("/v1/users", post(routes::create_user))
-        .route("/v1/users/{id}", get(routes::get_user))
-        .route("/v1/bookings", post(routes::create_booking))
-        .route("/v1/bookings/{id}", get(routes::get_booking))
-        .route("/v1/bookings/{id}/cancel", post(routes::cancel_booking))
-        .route("/v1/payments", post(routes::create_payment))
-        .route("/v1/payments/{id}", get(routes::get_payment))
-        .route("/v1/payments/{id}/result", post(routes::payment_result))
-        .route("/v1/approvals", post(routes::create_approval))
-        .route("/v1/approvals/{id}", get(routes::get_approval))
-        .route("/v1/approvals/{id}/decision", post(routes::decide_approval))
-        .route("/readyz", get(routes::readyz))
+        .route(
+            "/v1/users",
+            guarded(Scope::UsersWrite, post(routes::create_user)),
+        )
+        .route(
+            "/v1/users/{id}",
+            guarded(Scope::Read, get(routes::get_user)),
+        )
+        .route(
+            "/v1/bookings",
+            guarded(Scope::BookingsWrite, post(routes::create_booking)),
+        )
+        .route(
+            "/v1/bookings/{id}",
+            guarded(Scope::Read, get(routes::get_booking)),
+        )
+        .route(
+            "/v1/bookings/{id}/cancel",
+            guarded(Scope::BookingsWrite, post(routes::cancel_booking)),
+        )
+        .route(
+            "/v1/payments",
+            guarded(Scope::PaymentsWrite, post(routes::create_payment)),
+        )
+        .route(
+            "/v1/payments/{id}",
+            guarded(Scope::Read, get(routes::get_payment)),
+        )
+        .route(
+            "/v1/payments/{id}/result",
+            guarded(Scope::PaymentsResult, post(routes::payment_result)),
+        )
+        .route(
+            "/v1/approvals",
+            guarded(Scope::ApprovalsWrite, post(routes::create_approval)),
+        )
+        .route(
+            "/v1/approvals/{id}",
+            guarded(Scope::Read, get(routes::get_approval)),
+        )
+        .route(
+            "/v1/approvals/{id}/decision",
+            guarded(Scope::ApprovalsDecide, post(routes::decide_approval)),
+        )
         .method_not_allowed_fallback(routes::method_not_allowed)
-        .fallback(routes::no_route)
+        // Innermost first: the deadline covers the handler, the shedding
+        // comes before the bearer check (which may ask the database).
+        .layer(middleware::from_fn_with_state(app.clone(), deadline))
+        .layer(middleware::from_fn_with_state(app.clone(), shed))
         .with_state(app.clone());
-    api.merge(entrip_common::metrics::router(app.registry.clone()))
+    let open = Router::new()
+        .route("/readyz", get(routes::readyz))
+        .with_state(app.clone())
+        .merge(entrip_common::metrics::router(app.registry.clone()));
+    api.merge(open)
+        .fallback(routes::no_route)
         .layer(middleware::from_fn_with_state(
             app.metrics.clone(),
             metrics::track,
         ))
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::SERVICE_UNAVAILABLE,
-            timeout,
+        .layer(middleware::from_fn_with_state(app.clone(), limit_uri))
+        .layer(CatchPanicLayer::custom(
+            |panic: Box<dyn std::any::Any + Send>| {
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                ApiError::Panicked(message).into_response()
+            },
         ))
-        .layer(CatchPanicLayer::custom(|_| {
-            axum::response::IntoResponse::into_response(ApiError::Internal(
-                "handler panicked".into(),
-            ))
-        }))
-        .layer(TraceLayer::new_for_http())
+        .layer(middleware::from_fn_with_state(app.clone(), retry_after))
+        // 5xx answers are logged once, by `ApiError`; not again as failures.
+        .layer(TraceLayer::new_for_http().on_failure(()))
+        .layer(SetSensitiveRequestHeadersLayer::new([
+            header::AUTHORIZATION,
+        ]))
+}
+
+/// Answers 503 at once when `ingest.max_in_flight` API requests are being
+/// processed; the permit is held until the answer is ready.
+async fn shed(State(app): State<App>, req: Request, next: Next) -> Response {
+    match app.in_flight.clone().try_acquire_owned() {
+        Ok(_permit) => next.run(req).await,
+        Err(_) => {
+            app.metrics.shed.inc();
+            ApiError::Overloaded.into_response()
+        }
+    }
+}
+
+/// Answers 503 (problem+json) when the request runs past
+/// `ingest.request_timeout_secs`; the handler is dropped, so its
+/// transaction rolls back and a retry with the same key is safe.
+async fn deadline(State(app): State<App>, req: Request, next: Next) -> Response {
+    let secs = app.settings.request_timeout_secs;
+    match tokio::time::timeout(Duration::from_secs(secs), next.run(req)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::TimedOut { secs }.into_response(),
+    }
+}
+
+/// Answers 414 to a request URI over `ingest.max_uri_bytes`.
+async fn limit_uri(State(app): State<App>, req: Request, next: Next) -> Response {
+    let limit = app.settings.max_uri_bytes;
+    let len = req.uri().path_and_query().map_or(0, |pq| pq.as_str().len());
+    if len > limit {
+        return ApiError::UriTooLong { limit }.into_response();
+    }
+    next.run(req).await
+}
+
+/// Every 503 tells the client when to come back (`ingest.retry_after_secs`).
+async fn retry_after(State(app): State<App>, req: Request, next: Next) -> Response {
+    let mut response = next.run(req).await;
+    if response.status() == StatusCode::SERVICE_UNAVAILABLE {
+        response.headers_mut().insert(
+            header::RETRY_AFTER,
+            HeaderValue::from(app.settings.retry_after_secs),
+        );
+    }
+    response
 }
 
 /// Serves until `shutdown` is cancelled, then finishes requests in flight.
+/// A client that does not send a whole request head within
+/// `ingest.header_read_timeout_secs`, or sends one over
+/// `ingest.max_header_bytes` (431), loses its connection.
 pub async fn serve(
     listener: TcpListener,
     app: App,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(app))
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(app.settings.header_read_timeout_secs))
+        .max_buf_size(app.settings.max_header_bytes);
+    let service = TowerToHyperService::new(router(app));
+    let graceful = GracefulShutdown::new();
+    loop {
+        let stream = tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(err) => {
+                    // Out of file descriptors and the like: pause, not spin.
+                    tracing::warn!(%err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let connection =
+            graceful.watch(http.serve_connection(TokioIo::new(stream), service.clone()));
+        tokio::spawn(async move {
+            if let Err(err) = connection.await {
+                tracing::debug!(%err, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
 }
 
 /// Purges expired idempotency keys every `interval` until `shutdown`.

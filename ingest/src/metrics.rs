@@ -7,13 +7,15 @@ use axum::{
     middleware::Next,
     response::Response,
 };
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry};
 
 #[derive(Clone)]
 pub(crate) struct IngestMetrics {
     requests: IntCounterVec,
     duration: HistogramVec,
     pub(crate) replays: IntCounterVec,
+    pub(crate) shed: IntCounter,
+    pub(crate) auth_failures: IntCounterVec,
 }
 
 impl IngestMetrics {
@@ -42,6 +44,22 @@ impl IngestMetrics {
             ),
             &["route"],
         )?;
+        let shed = IntCounter::new(
+            "entrip_ingest_shed_total",
+            "API requests answered 503 at once because ingest.max_in_flight were in flight.",
+        )?;
+        let auth_failures = IntCounterVec::new(
+            Opts::new(
+                "entrip_ingest_auth_failures_total",
+                "API requests refused by the bearer check, by reason.",
+            ),
+            &["reason"],
+        )?;
+        for reason in ["missing", "unknown", "revoked", "scope"] {
+            auth_failures.with_label_values(&[reason]);
+        }
+        registry.register(Box::new(shed.clone()))?;
+        registry.register(Box::new(auth_failures.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(replays.clone()))?;
@@ -49,6 +67,8 @@ impl IngestMetrics {
             requests,
             duration,
             replays,
+            shed,
+            auth_failures,
         })
     }
 }

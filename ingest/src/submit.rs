@@ -1,4 +1,4 @@
-//! Running a command exactly once per idempotency key: claim the key, run
+//! Running a command exactly once per idempotency key of its client: claim the key, run
 //! the effect, store the response, commit — one transaction. A key used
 //! before answers with its stored response (or a misuse error) instead.
 
@@ -32,7 +32,7 @@ pub(crate) async fn submit(
     command: Command,
     ctx: &Context,
 ) -> Result<Outcome, ApiError> {
-    if let Some(claim) = idempotency::replay_committed(pool, key, fingerprint).await?
+    if let Some(claim) = idempotency::replay_committed(pool, &ctx.client, key, fingerprint).await?
         && let Some(answer) = earlier_answer(claim, key)
     {
         return answer;
@@ -40,7 +40,7 @@ pub(crate) async fn submit(
     let mut command = Some(command);
     for _ in 0..3 {
         let mut tx = pool.begin().await?;
-        match idempotency::claim(&mut tx, key, fingerprint, ttl).await? {
+        match idempotency::claim(&mut tx, &ctx.client, key, fingerprint, ttl).await? {
             Claim::Claimed => {
                 let Some(command) = command.take() else {
                     break;
@@ -50,7 +50,7 @@ pub(crate) async fn submit(
                     status: reply.status.as_u16(),
                     body: reply.body,
                 };
-                idempotency::complete(&mut tx, key, &stored).await?;
+                idempotency::complete(&mut tx, &ctx.client, key, &stored).await?;
                 tx.commit().await?;
                 return Ok(Outcome {
                     status: reply.status,
@@ -66,9 +66,7 @@ pub(crate) async fn submit(
             }
         }
     }
-    Err(ApiError::Unavailable(
-        "the idempotency key kept changing under this request".into(),
-    ))
+    Err(ApiError::Contended)
 }
 
 /// What an earlier use of the key answers: its stored response replayed,

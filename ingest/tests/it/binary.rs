@@ -59,6 +59,31 @@ fn spawn(db: &TestDb, port: u16) -> Process {
     )
 }
 
+/// `ingest ARGS…` against the test's database, run to completion.
+fn cli(db: &TestDb, args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("DATABASE_URL", &db.url)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// Issues a key with `ingest clients create`, which prints it alone on
+/// stdout.
+fn issue_key(db: &TestDb, name: &str, scopes: &str) -> String {
+    let out = cli(db, &["clients", "create", name, "--scopes", scopes]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let key = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    assert!(key.starts_with("entrip_"), "{key}");
+    key
+}
+
 async fn wait_ready(client: &reqwest::Client, base: &str) {
     eventually("ingest is ready", || async {
         client
@@ -105,8 +130,8 @@ async fn creates_its_database_serves_metrics_and_shuts_down_gracefully() {
     let port = free_port();
     let mut ingest = spawn(&db, port);
     let base = format!("http://127.0.0.1:{port}");
-    let client = reqwest::Client::new();
-    wait_ready(&client, &base).await;
+    wait_ready(&reqwest::Client::new(), &base).await;
+    let client = crate::support::authenticated(&issue_key(&db, "bin-test", "*"));
 
     let user: serde_json::Value = client
         .post(format!("{base}/v1/users"))
@@ -227,8 +252,8 @@ async fn metrics_pass_promtool_check() {
     let port = free_port();
     let mut ingest = spawn(&db, port);
     let base = format!("http://127.0.0.1:{port}");
-    let client = reqwest::Client::new();
-    wait_ready(&client, &base).await;
+    wait_ready(&reqwest::Client::new(), &base).await;
+    let client = crate::support::authenticated(&issue_key(&db, "bin-test", "*"));
     // Produce every ingest series: a success, a replay, an error.
     let k = format!("bin-metrics-{}", uuid::Uuid::new_v4());
     for _ in 0..2 {

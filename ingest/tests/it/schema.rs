@@ -249,12 +249,24 @@ fn outbox() -> Cols {
 
 fn idempotency_keys() -> Cols {
     cols(&[
+        ("client", "'booking-frontend'"),
         ("key", "'key-' || md5(random()::text)"),
         ("method", "'POST'"),
         ("path", "'/v1/users'"),
         ("request_hash", "sha256('body'::bytea)"),
         ("created_at", "now()"),
         ("expires_at", "now() + interval '1 day'"),
+    ])
+}
+
+fn api_clients() -> Cols {
+    cols(&[
+        ("id", "gen_random_uuid()"),
+        ("name", "'booking-frontend'"),
+        ("scopes", "ARRAY['bookings:write', 'read']"),
+        ("key_prefix", "substr(md5(random()::text), 1, 12)"),
+        ("secret_sha256", "sha256(random()::text::bytea)"),
+        ("created_at", "now()"),
     ])
 }
 
@@ -432,6 +444,7 @@ async fn not_null_columns_refuse_null(pool: PgPool) {
             "idempotency_keys",
             idempotency_keys(),
             &[
+                "client",
                 "key",
                 "method",
                 "path",
@@ -444,6 +457,18 @@ async fn not_null_columns_refuse_null(pool: PgPool) {
             "inbox",
             inbox(),
             &["consumer", "message_id", "processed_at"],
+        ),
+        (
+            "api_clients",
+            api_clients(),
+            &[
+                "id",
+                "name",
+                "scopes",
+                "key_prefix",
+                "secret_sha256",
+                "created_at",
+            ],
         ),
         (
             "notification_deliveries",
@@ -1069,6 +1094,87 @@ async fn idempotency_keys_are_unique_and_formatted(pool: PgPool) {
         CHECK,
     )
     .await;
+}
+
+#[sqlx::test(migrator = "entrip_common::db::MIGRATOR")]
+async fn idempotency_keys_are_unique_within_a_client_only(pool: PgPool) {
+    let k = with(&idempotency_keys(), &[("key", "'shared-key-0123456789'")]);
+    exec_ok(&pool, "client a", insert("idempotency_keys", &k)).await;
+    exec_ok(
+        &pool,
+        "the same key, client b",
+        insert(
+            "idempotency_keys",
+            &with(&k, &[("client", "'payment-gateway'")]),
+        ),
+    )
+    .await;
+    refused(
+        &pool,
+        "client a again",
+        insert("idempotency_keys", &k),
+        UNIQUE,
+    )
+    .await;
+    refused(
+        &pool,
+        "an empty client",
+        insert("idempotency_keys", &with(&k, &[("client", "''")])),
+        CHECK,
+    )
+    .await;
+}
+
+#[sqlx::test(migrator = "entrip_common::db::MIGRATOR")]
+async fn api_clients_hold_only_well_formed_hashed_keys(pool: PgPool) {
+    let c = api_clients();
+    let once = with(&c, &[("key_prefix", "'0123456789ab'")]);
+    exec_ok(&pool, "a key", insert("api_clients", &once)).await;
+    refused(
+        &pool,
+        "a second key with the same prefix",
+        insert("api_clients", &with(&once, &[("id", "gen_random_uuid()")])),
+        UNIQUE,
+    )
+    .await;
+    exec_ok(
+        &pool,
+        "a second key of the same client (rotation)",
+        insert("api_clients", &c),
+    )
+    .await;
+    for (case, column, value) in [
+        ("an unknown scope", "scopes", "ARRAY['bookings:read']"),
+        ("no scope", "scopes", "ARRAY[]::text[]"),
+        ("an upper-case name", "name", "'Booking'"),
+        ("a name with a space", "name", "'a b'"),
+        ("an empty name", "name", "''"),
+        (
+            "a prefix that is not 12 hex digits",
+            "key_prefix",
+            "'0123456789AB'",
+        ),
+        ("a short prefix", "key_prefix", "'0123'"),
+        (
+            "a hash that is not SHA-256",
+            "secret_sha256",
+            "'\\x00'::bytea",
+        ),
+        ("an empty broker user", "amqp_user", "''"),
+        (
+            "revoked before created",
+            "revoked_at",
+            "now() - interval '1 day'",
+        ),
+    ] {
+        refused(
+            &pool,
+            case,
+            insert("api_clients", &with(&c, &[(column, value)])),
+            CHECK,
+        )
+        .await;
+    }
 }
 
 #[sqlx::test(migrator = "entrip_common::db::MIGRATOR")]

@@ -452,7 +452,7 @@ async fn creating_a_user_answers_201_with_its_fields_and_records_it(pool: PgPool
         "/v1/users",
         &body,
         StatusCode::CREATED,
-        Effect::new("user.created", "user", "user.create", "http:upstream"),
+        Effect::new("user.created", "user", "user.create", "client:test-all"),
     )
     .await;
     assert_eq!(
@@ -489,7 +489,7 @@ async fn a_booking_is_pending_with_krw_money_utc_times_and_defaults(pool: PgPool
             "booking.created",
             "booking",
             "booking.create",
-            "http:upstream",
+            "client:test-all",
         ),
     )
     .await;
@@ -549,7 +549,7 @@ async fn a_usd_booking_and_its_payment_render_two_decimals(pool: PgPool) {
             "booking.created",
             "booking",
             "booking.create",
-            "http:upstream",
+            "client:test-all",
         ),
     )
     .await
@@ -573,7 +573,7 @@ async fn a_usd_booking_and_its_payment_render_two_decimals(pool: PgPool) {
             "payment.requested",
             "payment",
             "payment.create",
-            "http:upstream",
+            "client:test-all",
         ),
     )
     .await
@@ -598,7 +598,7 @@ async fn a_payment_is_created_pending_and_approved_with_an_approval_id(pool: PgP
             "payment.requested",
             "payment",
             "payment.create",
-            "http:upstream",
+            "client:test-all",
         ),
     )
     .await
@@ -633,7 +633,7 @@ async fn a_payment_is_created_pending_and_approved_with_an_approval_id(pool: PgP
             "payment.approved",
             "payment",
             "payment.result",
-            "http:payment-gateway",
+            "client:test-all",
         ),
     )
     .await
@@ -669,7 +669,7 @@ async fn a_failed_payment_result_keeps_its_reason(pool: PgPool) {
             "payment.failed",
             "payment",
             "payment.result",
-            "http:payment-gateway",
+            "client:test-all",
         ),
     )
     .await
@@ -861,7 +861,7 @@ async fn canceling_a_booking_answers_it_canceled_with_the_reason(pool: PgPool) {
             "booking.canceled",
             "booking",
             "booking.cancel",
-            "http:upstream",
+            "client:test-all",
         ),
     )
     .await
@@ -1205,7 +1205,7 @@ async fn a_new_payment_after_a_failed_one_is_accepted_and_becomes_current(pool: 
             "payment.requested",
             "payment",
             "payment.create",
-            "http:upstream",
+            "client:test-all",
         ),
     )
     .await

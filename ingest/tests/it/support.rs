@@ -8,17 +8,26 @@ use std::{
 };
 
 use entrip_common::config::IngestSettings;
-use entrip_ingest::App;
-use reqwest::{Client, StatusCode, header::HeaderMap};
+use entrip_ingest::{
+    App,
+    clients::{self, ClientName, Scope},
+};
+use reqwest::{
+    Client, StatusCode,
+    header::{AUTHORIZATION, HeaderMap, HeaderValue},
+};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// A running ingest server.
+/// A running ingest server, and an HTTP client that sends the key of API
+/// client `test-all` (scope `*`) with every request.
 pub struct Server {
     pub base: String,
     pub client: Client,
+    /// The bearer key `client` sends.
+    pub api_key: String,
     pub pool: PgPool,
     shutdown: CancellationToken,
     handle: Option<tokio::task::JoinHandle<()>>,
@@ -95,6 +104,7 @@ impl Server {
             entrip_common::metrics::new_registry(),
         )
         .unwrap();
+        let api_key = issue_key(&pool, "test-all", &[Scope::All]).await;
         let shutdown = CancellationToken::new();
         let handle = tokio::spawn({
             let shutdown = shutdown.clone();
@@ -104,7 +114,8 @@ impl Server {
         });
         Self {
             base: format!("http://{addr}"),
-            client: Client::new(),
+            client: authenticated(&api_key),
+            api_key,
             pool,
             shutdown,
             handle: Some(handle),
@@ -199,7 +210,25 @@ impl Server {
     }
 }
 
-async fn into_resp(resp: reqwest::Response) -> Resp {
+/// Issues a key for a new client `name` through the store.
+pub async fn issue_key(pool: &PgPool, name: &str, scopes: &[Scope]) -> String {
+    clients::create(pool, &ClientName::parse(name).unwrap(), scopes, None)
+        .await
+        .unwrap()
+        .reveal()
+}
+
+/// An HTTP client that sends `Authorization: Bearer <key>` with every request.
+pub fn authenticated(key: &str) -> Client {
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        AUTHORIZATION,
+        HeaderValue::from_str(&format!("Bearer {key}")).unwrap(),
+    );
+    Client::builder().default_headers(headers).build().unwrap()
+}
+
+pub async fn into_resp(resp: reqwest::Response) -> Resp {
     let status = resp.status();
     let headers = resp.headers().clone();
     let bytes = resp.bytes().await.unwrap();

@@ -1140,7 +1140,9 @@ async fn post_chunked(s: &Server, path: &str, body: &[u8]) -> Resp {
     let mut stream = tokio::net::TcpStream::connect(host).await.unwrap();
     let mut request = format!(
         "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n\
-         Idempotency-Key: {}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
+         Authorization: Bearer {}\r\nIdempotency-Key: {}\r\nTransfer-Encoding: chunked\r\n\
+         Connection: close\r\n\r\n",
+        s.api_key,
         key()
     )
     .into_bytes();

@@ -58,6 +58,31 @@ impl Fleet {
         cmd
     }
 
+    /// An HTTP client with the key of a new API client (scope `*`), issued
+    /// by `ingest clients create`, which prints the key alone on stdout.
+    fn api_client(&self) -> reqwest::Client {
+        let out = self
+            .command("ingest")
+            .args(["clients", "create", "e2e", "--scopes", "*"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let key = String::from_utf8(out.stdout).unwrap();
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(
+            reqwest::header::AUTHORIZATION,
+            format!("Bearer {}", key.trim()).parse().unwrap(),
+        );
+        reqwest::Client::builder()
+            .default_headers(headers)
+            .build()
+            .unwrap()
+    }
+
     fn spawn(&self, name: &str, listen_key: &str, port: u16) -> Process {
         Process::spawn(
             self.command(name)
@@ -276,7 +301,7 @@ async fn bookings_of_every_plan_end_to_end(_opts: PgPoolOptions, connect: PgConn
 
     let api = Api {
         base,
-        client: reqwest::Client::new(),
+        client: fleet.api_client(),
     };
     let user = api
         .post(

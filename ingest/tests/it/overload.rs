@@ -1,0 +1,233 @@
+//! Overload and slow clients: beyond `ingest.max_in_flight` requests are
+//! shed at once with a 503 (health, readiness and metrics never are); a
+//! request past its deadline gets a problem+json 503 with `Retry-After`;
+//! slow or oversized request heads lose their connection. Nothing is ever
+//! half-stored.
+
+use std::time::{Duration, Instant};
+
+use entrip_common::config::IngestSettings;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+
+use crate::support::{Server, key, settings};
+
+/// What a raw HTTP/1.1 exchange gave: status, head, body, and how long the
+/// answer took from the moment the request head was sent.
+#[derive(Debug)]
+struct Raw {
+    status: u16,
+    head: String,
+    body: String,
+    took: Duration,
+}
+
+/// POSTs `body` to `path`, sending the first half of the body, then waiting
+/// `pause`, then the rest: a slow client holding its request open.
+async fn slow_post(s: &Server, path: &str, body: &Value, pause: Duration) -> Raw {
+    let addr = s.base.trim_start_matches("http://");
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let body = body.to_string().into_bytes();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\nIdempotency-Key: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        s.api_key,
+        key(),
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let (first, rest) = body.split_at(body.len() / 2);
+    stream.write_all(first).await.unwrap();
+    let sent = Instant::now();
+    let mut answer = Vec::new();
+    // The server may answer before the body is complete (a shed request).
+    let early = tokio::time::timeout(pause, stream.read_to_end(&mut answer)).await;
+    if early.is_err() {
+        stream.write_all(rest).await.unwrap();
+        stream.read_to_end(&mut answer).await.unwrap();
+    }
+    let took = sent.elapsed();
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    Raw {
+        status,
+        head: head.to_ascii_lowercase(),
+        body: body.to_owned(),
+        took,
+    }
+}
+
+/// Waits until every permit is taken: a probe without a key is shed (503)
+/// when the server is full, else refused (401) without database work.
+/// Returns the probes shed (1).
+async fn wait_until_full(s: &Server) -> u64 {
+    let probe = format!("{}/v1/users/00000000-0000-0000-0000-000000000000", s.base);
+    loop {
+        let r = reqwest::get(&probe).await.unwrap();
+        match r.status() {
+            StatusCode::SERVICE_UNAVAILABLE => return 1,
+            StatusCode::UNAUTHORIZED => tokio::time::sleep(Duration::from_millis(20)).await,
+            other => panic!("probe answered {other}"),
+        }
+    }
+}
+
+fn user_body() -> Value {
+    json!({"name": "Yoon", "email": format!("yoon-{}@example.com", uuid::Uuid::new_v4().simple()), "phone": "010 3333 4444"})
+}
+
+#[sqlx::test(migrator = "entrip_common::db::MIGRATOR")]
+async fn beyond_max_in_flight_requests_are_shed_at_once_and_the_accepted_complete(pool: PgPool) {
+    let limit = 4;
+    let s = Server::start_with(
+        pool.clone(),
+        IngestSettings {
+            max_in_flight: limit,
+            ..settings()
+        },
+    )
+    .await;
+    let pause = Duration::from_secs(3);
+    // The first `limit` hold every permit while they send their bodies.
+    let held: Vec<_> = (0..limit)
+        .map(|_| {
+            let s = &s;
+            async move { slow_post(s, "/v1/users", &user_body(), pause).await }
+        })
+        .collect();
+    let held = futures::future::join_all(held);
+    let excess = async {
+        // Let the first ones in before the excess arrives.
+        let probes = wait_until_full(&s).await;
+        let excess = (0..3 * limit).map(|_| {
+            let s = &s;
+            async move { slow_post(s, "/v1/users", &user_body(), pause).await }
+        });
+        let shed = futures::future::join_all(excess).await;
+        // While saturated, the open endpoints still answer.
+        for path in ["/healthz", "/readyz", "/metrics"] {
+            let r = reqwest::get(format!("{}{path}", s.base)).await.unwrap();
+            assert_eq!(r.status(), StatusCode::OK, "{path}");
+        }
+        (probes, shed)
+    };
+    let (held, (probes, shed)) = tokio::join!(held, excess);
+    for r in &shed {
+        assert_eq!(r.status, 503, "{r:?}");
+        assert!(
+            r.head.contains("content-type: application/problem+json"),
+            "{r:?}"
+        );
+        assert!(r.head.contains("retry-after: 5"), "{r:?}");
+        assert!(r.body.contains("overloaded"), "{r:?}");
+        // Shed before the body was read: long before the slow client's
+        // pause ends.
+        assert!(r.took < pause / 2, "shed after {:?}", r.took);
+    }
+    for r in &held {
+        assert_eq!(r.status, 201, "{r:?}");
+    }
+    assert_eq!(
+        s.metric("entrip_ingest_shed_total").await,
+        (3 * limit) as f64 + probes as f64
+    );
+    // Nothing half-stored: one user, one audit row, one event and one key
+    // per accepted request.
+    for table in ["users", "audit_log", "outbox", "idempotency_keys"] {
+        assert_eq!(s.count(table).await, limit as i64, "{table}");
+    }
+    s.stop().await;
+}
+
+#[sqlx::test(migrator = "entrip_common::db::MIGRATOR")]
+async fn a_request_past_its_deadline_gets_a_problem_with_retry_after_and_stores_nothing(
+    pool: PgPool,
+) {
+    let s = Server::start_with(
+        pool.clone(),
+        IngestSettings {
+            request_timeout_secs: 1,
+            retry_after_secs: 7,
+            ..settings()
+        },
+    )
+    .await;
+    let r = slow_post(&s, "/v1/users", &user_body(), Duration::from_secs(3)).await;
+    assert_eq!(r.status, 503, "{r:?}");
+    assert!(
+        r.head.contains("content-type: application/problem+json"),
+        "{r:?}"
+    );
+    assert!(r.head.contains("retry-after: 7"), "{r:?}");
+    let body: Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(body["status"], 503);
+    assert!(
+        body["type"].as_str().unwrap().ends_with("/timeout"),
+        "{body}"
+    );
+    assert!(
+        r.took < Duration::from_secs(3),
+        "answered at the deadline: {:?}",
+        r.took
+    );
+    for table in ["users", "audit_log", "outbox", "idempotency_keys"] {
+        assert_eq!(s.count(table).await, 0, "{table}");
+    }
+    s.stop().await;
+}
+
+#[sqlx::test(migrator = "entrip_common::db::MIGRATOR")]
+async fn slow_and_oversized_request_heads_lose_their_connection(pool: PgPool) {
+    let s = Server::start_with(
+        pool.clone(),
+        IngestSettings {
+            header_read_timeout_secs: 1,
+            ..settings()
+        },
+    )
+    .await;
+    let addr = s.base.trim_start_matches("http://").to_owned();
+
+    // Half a head, then silence: closed after the header-read timeout.
+    let mut stream = TcpStream::connect(&addr).await.unwrap();
+    stream
+        .write_all(b"POST /v1/users HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "the connection stayed open");
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // A head over ingest.max_header_bytes: 431.
+    let big = "x".repeat(20 * 1024);
+    let r = reqwest::Client::new()
+        .get(format!("{}/healthz", s.base))
+        .header("x-filler", &big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+
+    // A URI over ingest.max_uri_bytes: 414, problem+json.
+    let r = s
+        .get(&format!("/v1/users?q={}", "y".repeat(9 * 1024)))
+        .await;
+    assert_eq!(r.status, StatusCode::URI_TOO_LONG);
+    assert!(r.is_problem(), "{:?}", r.body);
+    s.stop().await;
+}
