@@ -3,12 +3,34 @@
 
 use std::io::IsTerminal;
 
-use tracing_subscriber::{EnvFilter, fmt, prelude::*};
+use tracing_subscriber::{EnvFilter, fmt, fmt::writer::BoxMakeWriter, prelude::*};
 
 use crate::config::{LogFormat, LogSettings};
 
-/// Installs the global subscriber. Calling it twice is harmless (tests do).
+/// Installs the global subscriber, logging to stdout. Calling it twice is
+/// harmless (tests do).
 pub fn init(settings: &LogSettings) {
+    install(settings, false);
+}
+
+/// Like [`init`], but logs to stderr: for operator commands whose stdout is
+/// their answer (e.g. `ingest clients create` prints a key for a script).
+pub fn init_to_stderr(settings: &LogSettings) {
+    install(settings, true);
+}
+
+fn install(settings: &LogSettings, to_stderr: bool) {
+    let (writer, terminal) = if to_stderr {
+        (
+            BoxMakeWriter::new(std::io::stderr),
+            std::io::stderr().is_terminal(),
+        )
+    } else {
+        (
+            BoxMakeWriter::new(std::io::stdout),
+            std::io::stdout().is_terminal(),
+        )
+    };
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&settings.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
@@ -17,6 +39,7 @@ pub fn init(settings: &LogSettings) {
         LogFormat::Json => registry
             .with(
                 fmt::layer()
+                    .with_writer(writer)
                     .json()
                     .flatten_event(true)
                     .with_current_span(true)
@@ -26,9 +49,10 @@ pub fn init(settings: &LogSettings) {
         LogFormat::Pretty => registry
             .with(
                 fmt::layer()
+                    .with_writer(writer)
                     .with_target(false)
                     // Colours only on a terminal (scripts/run pipes output).
-                    .with_ansi(std::io::stdout().is_terminal()),
+                    .with_ansi(terminal),
             )
             .try_init(),
     };

@@ -64,7 +64,12 @@ enum ClientsCmd {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let settings = Settings::load_or_exit("ingest");
-    telemetry::init(&settings.log);
+    // The clients commands answer on stdout (a key for a script to keep).
+    if matches!(cli.command, Some(Cmd::Clients(_))) {
+        telemetry::init_to_stderr(&settings.log);
+    } else {
+        telemetry::init(&settings.log);
+    }
     let pool = db::connect_and_migrate(&settings.database)
         .await
         .context("database start-up")?;

@@ -79,9 +79,65 @@ fn issue_key(db: &TestDb, name: &str, scopes: &str) -> String {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let key = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(stdout.lines().count(), 1, "the key alone: {stdout}");
+    let key = stdout.trim().to_owned();
     assert!(key.starts_with("entrip_"), "{key}");
     key
+}
+
+#[tokio::test]
+async fn the_clients_commands_issue_list_rotate_and_revoke_keys() {
+    let db = TestDb::new();
+    let old = issue_key(&db, "booking-frontend", "bookings:write,read");
+    let taken = cli(
+        &db,
+        &["clients", "create", "booking-frontend", "--scopes", "read"],
+    );
+    assert!(!taken.status.success());
+    assert!(String::from_utf8_lossy(&taken.stderr).contains("exists"));
+    let bad = cli(
+        &db,
+        &["clients", "create", "x", "--scopes", "bookings:read"],
+    );
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown scope"));
+
+    let rotated = cli(&db, &["clients", "rotate", "booking-frontend"]);
+    assert!(rotated.status.success());
+    let new = String::from_utf8(rotated.stdout).unwrap().trim().to_owned();
+    assert!(new.starts_with("entrip_") && new != old);
+    let old_prefix = &old["entrip_".len().."entrip_".len() + 12];
+
+    let list = cli(&db, &["clients", "list"]);
+    let text = String::from_utf8(list.stdout).unwrap();
+    assert!(
+        !text.contains(&old) && !text.contains(&new),
+        "keys are never shown again"
+    );
+    let rows: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("booking-frontend"))
+        .collect();
+    assert_eq!(rows.len(), 2, "{text}");
+    assert!(
+        rows.iter()
+            .all(|r| r.contains("active") && r.contains("bookings:write,read"))
+    );
+
+    let revoked = cli(
+        &db,
+        &["clients", "revoke", "booking-frontend", "--key", old_prefix],
+    );
+    assert!(
+        revoked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&revoked.stderr)
+    );
+    let text = String::from_utf8(cli(&db, &["clients", "list"]).stdout).unwrap();
+    let old_row = text.lines().find(|l| l.contains(old_prefix)).unwrap();
+    assert!(old_row.contains("revoked"), "{text}");
+    db.drop_db().await;
 }
 
 async fn wait_ready(client: &reqwest::Client, base: &str) {
@@ -119,7 +175,7 @@ fn help_describes_the_subcommands() {
     let out = Command::new(BIN).arg("--help").output().unwrap();
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
-    for word in ["serve", "migrate", "purge-keys"] {
+    for word in ["serve", "migrate", "purge-keys", "clients"] {
         assert!(text.contains(word), "{text}");
     }
 }
