@@ -1,12 +1,27 @@
 # shellcheck shell=bash
-# Shared helpers for scripts/run, scripts/test, scripts/services and .ci/run.
-# Source it; it defines functions only (plus a few defaults) and runs nothing.
+# Shared helpers for scripts/run, scripts/test, scripts/services, the
+# benchmarks, scripts/chaos and .ci/run. Source it; it defines functions only
+# (plus a few defaults) and runs nothing.
 #
 # entrip_ensure_services makes sure that, on a Debian machine, PostgreSQL and
-# RabbitMQ are installed, running, reachable the way the fleet's defaults
-# expect (postgres over TCP at 127.0.0.1:5432 without a password, guest/guest
-# at 127.0.0.1:5672) and that the database `entrip` exists. It is idempotent
-# and takes about a second when everything is already up.
+# RabbitMQ are installed and running, and that PostgreSQL has
+#   - the role entrip (LOGIN, no superuser, no CREATEDB, no CREATEROLE) that
+#     the services connect as, owning the database entrip and its schema
+#     public (with every object in it, also those an older script created
+#     as postgres);
+#   - the role entrip_test (LOGIN SUPERUSER: #[sqlx::test] creates a database
+#     per test) owning the database entrip_test, the tests' DATABASE_URL;
+#   - max_connections of at least ENTRIP_PG_MIN_CONNECTIONS.
+# Each role's password is generated (256 bits, hex) into
+# ${XDG_CONFIG_HOME:-$HOME/.config}/entrip/postgres-<role>.password (mode
+# 0600, directory 0700) and set on the role; an existing file is kept and
+# the role's password made to match it. The set-up runs as the OS user
+# postgres over the Unix socket (peer authentication, Debian's default; as
+# root through runuser, else through sudo); the services and tests then log
+# in over TCP with the passwords (scram-sha-256 by Debian's default). No
+# script edits pg_hba.conf or otherwise loosens the host's authentication.
+# RabbitMQ: guest/guest at 127.0.0.1:5672. It is idempotent and takes about
+# a second when everything is already up.
 
 # Daemon tools (rabbitmq-server, rabbitmqctl) live in sbin.
 case ":$PATH:" in
@@ -19,6 +34,10 @@ ENTRIP_PG_HOST=${ENTRIP_PG_HOST:-127.0.0.1}
 ENTRIP_PG_PORT=${ENTRIP_PG_PORT:-5432}
 ENTRIP_PG_CLUSTER=${ENTRIP_PG_CLUSTER:-main}
 ENTRIP_PG_DB=${ENTRIP_PG_DB:-entrip}
+# Roles and the tests' master database (see the header).
+ENTRIP_PG_ROLE=entrip
+ENTRIP_PG_TEST_ROLE=entrip_test
+ENTRIP_PG_TEST_DB=entrip_test
 ENTRIP_PG_MIN_CONNECTIONS=${ENTRIP_PG_MIN_CONNECTIONS:-300}
 ENTRIP_AMQP_HOST=${ENTRIP_AMQP_HOST:-127.0.0.1}
 ENTRIP_AMQP_PORT=${ENTRIP_AMQP_PORT:-5672}
@@ -62,12 +81,6 @@ entrip_apt_install() {
 	entrip_as_root env DEBIAN_FRONTEND=noninteractive \
 		apt-get install -y -qq --no-install-recommends "$@" >/dev/null ||
 		entrip_die "apt-get install $* failed"
-}
-
-# psql as the postgres superuser over TCP, never prompting for a password.
-entrip_psql() {
-	PGCONNECT_TIMEOUT=5 psql -X -w -q -v ON_ERROR_STOP=1 \
-		-h "$ENTRIP_PG_HOST" -p "$ENTRIP_PG_PORT" -U postgres "$@"
 }
 
 # ---------------------------------------------------------------- PostgreSQL
@@ -130,27 +143,12 @@ entrip_ensure_postgres() {
 		_entrip_pg_wait
 	fi
 
-	# postgres over TCP without a password.
-	if ! entrip_psql -tAc 'select 1' >/dev/null 2>&1; then
-		local hba=/etc/postgresql/$ver/$ENTRIP_PG_CLUSTER/pg_hba.conf
-		[[ -f $hba ]] || entrip_die "cannot find $hba"
-		entrip_log "allowing trust auth from 127.0.0.1 and ::1 in $hba"
-		entrip_as_root sed -i \
-			-e '1i host all all 127.0.0.1/32 trust' \
-			-e '1i host all all ::1/128 trust' "$hba" ||
-			entrip_die "could not edit $hba"
-		_entrip_pg_ctl reload
-		sleep 1
-		entrip_psql -tAc 'select 1' >/dev/null ||
-			entrip_die "psql -h $ENTRIP_PG_HOST -U postgres still fails after editing $hba"
-	fi
-
 	# Parallel tests each open pools: make room for them.
 	local maxconn
-	maxconn=$(entrip_psql -tAc 'show max_connections') || entrip_die "cannot read max_connections"
+	maxconn=$(entrip_pg_admin -d postgres -tAc 'show max_connections') || entrip_die "cannot read max_connections"
 	if ((maxconn < ENTRIP_PG_MIN_CONNECTIONS)); then
 		entrip_log "raising PostgreSQL max_connections from $maxconn to $ENTRIP_PG_MIN_CONNECTIONS (restart)"
-		entrip_psql -c "alter system set max_connections = $ENTRIP_PG_MIN_CONNECTIONS" >/dev/null ||
+		entrip_pg_admin -d postgres -c "alter system set max_connections = $ENTRIP_PG_MIN_CONNECTIONS" >/dev/null ||
 			entrip_die "alter system set max_connections failed"
 		_entrip_pg_ctl restart
 		_entrip_pg_wait
@@ -158,19 +156,153 @@ entrip_ensure_postgres() {
 	entrip_log "PostgreSQL ready at $ENTRIP_PG_HOST:$ENTRIP_PG_PORT"
 }
 
-entrip_ensure_database() {
-	local db=${1:-$ENTRIP_PG_DB}
-	local exists
-	exists=$(entrip_psql -d postgres -tAc "select 1 from pg_database where datname = '$db'") ||
+# psql as the PostgreSQL superuser postgres over the local Unix socket (peer
+# authentication): as root through runuser, else through sudo. For set-up
+# only; the fleet and the tests log in as their own roles.
+entrip_pg_admin() {
+	# The caller's libpq variables must not send this psql over TCP or as
+	# another user; / because postgres may not read the working directory.
+	local psql_cmd=(env -u PGHOST -u PGHOSTADDR -u PGUSER -u PGPASSWORD -u PGPASSFILE -u PGSERVICE -u PGDATABASE
+		psql -X -q -v ON_ERROR_STOP=1 -p "$ENTRIP_PG_PORT")
+	if [[ -n ${ENTRIP_PG_SOCKET_DIR:-} ]]; then
+		psql_cmd+=(-h "$ENTRIP_PG_SOCKET_DIR")
+	fi
+	if [[ $(id -u) -eq 0 ]]; then
+		(cd / && runuser -u postgres -- "${psql_cmd[@]}" "$@")
+	elif [[ $(id -un) == postgres ]]; then
+		(cd / && "${psql_cmd[@]}" "$@")
+	elif command -v sudo >/dev/null 2>&1; then
+		(cd / && sudo -u postgres -- "${psql_cmd[@]}" "$@")
+	else
+		entrip_die "need root or sudo to run psql as the PostgreSQL user postgres"
+	fi
+}
+
+# The file that keeps a role's generated password.
+entrip_pg_password_file() { # <role>
+	printf '%s/entrip/postgres-%s.password\n' "${XDG_CONFIG_HOME:-$HOME/.config}" "$1"
+}
+
+# Prints a role's password from its file (trimmed); dies when there is none
+# or it holds characters a URL would need escaped.
+entrip_pg_password() { # <role>
+	local file pw
+	file=$(entrip_pg_password_file "$1")
+	[[ -f $file ]] || entrip_die "no password file $file for PostgreSQL role $1 (scripts/services writes it)"
+	pw=$(<"$file") || entrip_die "cannot read $file"
+	pw=${pw#"${pw%%[![:space:]]*}"}
+	pw=${pw%"${pw##*[![:space:]]}"}
+	[[ $pw =~ ^[A-Za-z0-9._~-]+$ ]] ||
+		entrip_die "$file: a password of letters, digits and ._~- only, please (remove the file and run scripts/services for a new one)"
+	printf '%s\n' "$pw"
+}
+
+# Generates a role's password file unless it exists, and makes sure that only
+# its owner can read it.
+_entrip_pg_password_ensure() { # <role>
+	local file dir tmp pw
+	file=$(entrip_pg_password_file "$1")
+	dir=${file%/*}
+	(
+		umask 077
+		mkdir -p "$dir" || exit 1
+		chmod 700 "$dir" || exit 1
+		if [[ ! -e $file ]]; then
+			pw=$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n') || exit 1
+			[[ ${#pw} -eq 64 ]] || exit 1
+			tmp=$(mktemp "$dir/.postgres-$1.XXXXXX") || exit 1
+			printf '%s\n' "$pw" >"$tmp" || exit 1
+			# ln fails when another run created the file meanwhile: keep that one.
+			if ln "$tmp" "$file" 2>/dev/null; then
+				printf '[entrip] generated the password of PostgreSQL role %s in %s\n' "$1" "$file" >&2
+			fi
+			rm -f "$tmp"
+		fi
+		chmod 600 "$file"
+	) || entrip_die "cannot write the password file $file"
+}
+
+# Creates the role if missing and sets its attributes and its password (the
+# one in its file, generated first if missing): the file is the truth.
+_entrip_pg_ensure_role() { # <role> <attributes>
+	local role=$1 attrs=$2 pw
+	_entrip_pg_password_ensure "$role"
+	pw=$(entrip_pg_password "$role") || exit 1
+	# On stdin, so that the password is not on a command line.
+	entrip_pg_admin -d postgres >/dev/null <<-SQL || entrip_die "cannot create or alter PostgreSQL role $role"
+		SELECT format('CREATE ROLE %I', '$role') WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '$role') \gexec
+		ALTER ROLE "$role" WITH $attrs PASSWORD '$pw';
+	SQL
+}
+
+# Creates the database if missing and gives it, its schema public and every
+# object in it to <owner> (scripts/sql/give-schema-public.sql).
+entrip_ensure_database() { # <database> <owner>
+	local db=$1 owner=$2 exists
+	exists=$(entrip_pg_admin -d postgres -tAc "select 1 from pg_database where datname = '$db'") ||
 		entrip_die "cannot list databases"
 	if [[ $exists != 1 ]]; then
-		entrip_log "creating database $db"
+		entrip_log "creating database $db owned by $owner"
 		# Another process may create it at the same moment: check again on failure.
-		if ! createdb -w -h "$ENTRIP_PG_HOST" -p "$ENTRIP_PG_PORT" -U postgres "$db" 2>/dev/null; then
-			exists=$(entrip_psql -d postgres -tAc "select 1 from pg_database where datname = '$db'") || true
-			[[ $exists == 1 ]] || entrip_die "createdb $db failed"
+		if ! entrip_pg_admin -d postgres -c "CREATE DATABASE \"$db\" OWNER \"$owner\"" 2>/dev/null; then
+			exists=$(entrip_pg_admin -d postgres -tAc "select 1 from pg_database where datname = '$db'") || true
+			[[ $exists == 1 ]] || entrip_die "CREATE DATABASE $db failed"
 		fi
 	fi
+	entrip_pg_admin -d postgres >/dev/null <<-SQL || entrip_die "cannot give database $db to $owner"
+		SELECT format('ALTER DATABASE %I OWNER TO %I', '$db', '$owner')
+		 WHERE (SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = '$db') <> '$owner' \gexec
+	SQL
+	{
+		printf "BEGIN;\nSET LOCAL entrip.new_owner = '%s';\n" "$owner"
+		cat "$(entrip_repo_root)/scripts/sql/give-schema-public.sql"
+		printf 'COMMIT;\n'
+	} | entrip_pg_admin -d "$db" >/dev/null ||
+		entrip_die "cannot give schema public of database $db to $owner"
+}
+
+# Checks that a role logs in over TCP with the password of its file, as the
+# fleet and the tests will.
+_entrip_pg_check_login() { # <role> <database>
+	local pw out
+	pw=$(entrip_pg_password "$1") || exit 1
+	if ! out=$(PGPASSWORD=$pw PGCONNECT_TIMEOUT=5 psql -X -w -q -At -h "$ENTRIP_PG_HOST" -p "$ENTRIP_PG_PORT" \
+		-U "$1" -d "$2" -c 'select 1' 2>&1); then
+		entrip_die "role $1 cannot log in to $ENTRIP_PG_HOST:$ENTRIP_PG_PORT/$2 with its password: $out (pg_hba.conf must allow scram-sha-256 or md5 for host connections; no script edits it)"
+	fi
+}
+
+# The roles and databases of the fleet and of the tests (see the header).
+entrip_ensure_pg_roles() {
+	_entrip_pg_ensure_role "$ENTRIP_PG_ROLE" 'LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS'
+	entrip_ensure_database "$ENTRIP_PG_DB" "$ENTRIP_PG_ROLE"
+	_entrip_pg_check_login "$ENTRIP_PG_ROLE" "$ENTRIP_PG_DB"
+	_entrip_pg_ensure_role "$ENTRIP_PG_TEST_ROLE" 'LOGIN SUPERUSER'
+	entrip_ensure_database "$ENTRIP_PG_TEST_DB" "$ENTRIP_PG_TEST_ROLE"
+	_entrip_pg_check_login "$ENTRIP_PG_TEST_ROLE" "$ENTRIP_PG_TEST_DB"
+	entrip_log "PostgreSQL roles $ENTRIP_PG_ROLE and $ENTRIP_PG_TEST_ROLE ready (passwords in $(dirname "$(entrip_pg_password_file x)")/)"
+}
+
+# postgres://<role>:<password>@host:port/<database>, for the fleet's binaries
+# (which otherwise read the entrip role's password from its file themselves).
+entrip_pg_url() { # <role> <database>
+	local pw
+	pw=$(entrip_pg_password "$1") || exit 1
+	printf 'postgres://%s:%s@%s:%s/%s\n' "$1" "$pw" "$ENTRIP_PG_HOST" "$ENTRIP_PG_PORT" "$2"
+}
+
+# psql over TCP as the test superuser entrip_test: what the benchmarks and
+# scripts/chaos use to create, inspect and drop their own databases.
+entrip_psql() {
+	local pw
+	pw=$(entrip_pg_password "$ENTRIP_PG_TEST_ROLE") || exit 1
+	PGPASSWORD=$pw PGCONNECT_TIMEOUT=5 psql -X -w -q -v ON_ERROR_STOP=1 \
+		-h "$ENTRIP_PG_HOST" -p "$ENTRIP_PG_PORT" -U "$ENTRIP_PG_TEST_ROLE" "$@"
+}
+
+# A URL with its password shown as ***, for logs.
+entrip_redact_url() { # <url>
+	sed -E 's#^([a-z]+://[^:/@]*):[^@/]*@#\1:***@#' <<<"$1"
 }
 
 # ------------------------------------------------------------------ RabbitMQ
@@ -240,7 +372,7 @@ entrip_ensure_promtool() {
 
 entrip_ensure_services() {
 	entrip_ensure_postgres
-	entrip_ensure_database "$ENTRIP_PG_DB"
+	entrip_ensure_pg_roles
 	entrip_ensure_rabbitmq
 }
 

@@ -27,6 +27,12 @@ use crate::{
     rng::Rng,
 };
 
+/// The `application_name` of the driver's own sessions. Not `entrip-…`,
+/// which names the fleet's binaries: the faults spare the driver's
+/// sessions (`chaos-%`), and tests count the binaries' (`entrip-%`).
+pub const DRIVER_APPLICATION_NAME: &str = "chaos-driver";
+const FAULT_APPLICATION_NAME: &str = "chaos-fault";
+
 /// What the injector may do and how often.
 #[derive(Debug, Clone)]
 pub struct FaultSettings {
@@ -195,13 +201,13 @@ pub async fn rabbitmqctl(args: &[&str]) -> Result<String, String> {
 /// Terminates every backend of the database but the chaos driver's own;
 /// returns how many.
 pub async fn terminate_backends(database_url: &str, database: &str) -> Result<i64, Error> {
-    let opts = PgConnectOptions::from_str(database_url)?.application_name("entrip-chaos-fault");
+    let opts = PgConnectOptions::from_str(database_url)?.application_name(FAULT_APPLICATION_NAME);
     let mut conn = sqlx::PgConnection::connect_with(&opts).await?;
     let n: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM (
              SELECT pg_terminate_backend(pid) FROM pg_stat_activity
               WHERE datname = $1 AND pid <> pg_backend_pid()
-                AND application_name NOT LIKE 'entrip-chaos%') t",
+                AND application_name NOT LIKE 'chaos-%') t",
     )
     .bind(database)
     .fetch_one(&mut conn)
@@ -222,7 +228,7 @@ pub async fn database_outage(
 ) -> Result<i64, Error> {
     let opts = PgConnectOptions::from_str(database_url)?
         .database("postgres")
-        .application_name("entrip-chaos-fault");
+        .application_name(FAULT_APPLICATION_NAME);
     let mut conn = sqlx::PgConnection::connect_with(&opts).await?;
     let ident = database.replace('"', "\"\"");
     let deny = format!("ALTER DATABASE \"{ident}\" WITH ALLOW_CONNECTIONS false");
@@ -234,7 +240,7 @@ pub async fn database_outage(
     let terminated: Result<i64, sqlx::Error> = sqlx::query_scalar(
         "SELECT count(*) FROM (
              SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-              WHERE datname = $1 AND application_name NOT LIKE 'entrip-chaos%') t",
+              WHERE datname = $1 AND application_name NOT LIKE 'chaos-%') t",
     )
     .bind(database)
     .fetch_one(&mut conn)

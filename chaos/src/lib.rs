@@ -58,8 +58,14 @@ pub struct Options {
     /// Where `ingest`, `dispatcher` and `workers` are (see
     /// [`fleet::find_bin_dir`]).
     pub bin_dir: Option<PathBuf>,
-    /// The run's own database (created beforehand; migrated here).
+    /// The run's own database (created beforehand; migrated here), as the
+    /// driver connects to it: checks, and faults that need a superuser
+    /// (`pg_terminate_backend` of other roles' sessions, `ALTER DATABASE`).
     pub database_url: String,
+    /// The same database as the services connect to it: a role without
+    /// superuser rights that owns the schema, as in production. `None`:
+    /// `database_url`.
+    pub fleet_database_url: Option<String>,
     /// The run's own vhost (created beforehand), its name and URL.
     pub vhost: String,
     pub amqp_url: String,
@@ -99,6 +105,7 @@ impl Options {
         Self {
             bin_dir: None,
             database_url,
+            fleet_database_url: None,
             vhost,
             amqp_url,
             duration: Duration::from_secs(60),
@@ -287,7 +294,10 @@ pub async fn run(opts: Options) -> Result<Report, Error> {
     ];
     let fleet = Fleet::new(FleetConfig {
         bin_dir,
-        database_url: opts.database_url.clone(),
+        database_url: opts
+            .fleet_database_url
+            .clone()
+            .unwrap_or_else(|| opts.database_url.clone()),
         amqp_url: opts.amqp_url.clone(),
         config_file,
         log_dir: log_dir.clone(),
@@ -348,7 +358,8 @@ pub async fn run(opts: Options) -> Result<Report, Error> {
     let pool = PgPoolOptions::new()
         .max_connections(4)
         .connect_with(
-            PgConnectOptions::from_str(&opts.database_url)?.application_name("entrip-chaos"),
+            PgConnectOptions::from_str(&opts.database_url)?
+                .application_name(faults::DRIVER_APPLICATION_NAME),
         )
         .await?;
 

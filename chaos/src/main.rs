@@ -14,9 +14,15 @@ use entrip_chaos::{Options, run};
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {
-    /// The run's own database (it is migrated; use an empty one).
+    /// The run's own database (it is migrated; use an empty one), as the
+    /// driver connects: a superuser, for the database faults.
     #[arg(long, env = "DATABASE_URL")]
     database_url: String,
+    /// The same database as the services connect: a role without superuser
+    /// rights that owns it (scripts/chaos: the role entrip). Default: the
+    /// driver's URL.
+    #[arg(long, env = "CHAOS_FLEET_DATABASE_URL")]
+    fleet_database_url: Option<String>,
     /// The run's own RabbitMQ vhost (it must exist; guest needs permissions).
     #[arg(long)]
     vhost: String,
@@ -110,6 +116,7 @@ async fn main_inner() -> anyhow::Result<bool> {
         .clone()
         .unwrap_or_else(|| format!("amqp://guest:guest@127.0.0.1:5672/{}", cli.vhost));
     let mut opts = Options::new(cli.database_url.clone(), cli.vhost.clone(), amqp_url);
+    opts.fleet_database_url = cli.fleet_database_url;
     opts.bin_dir = cli.bin_dir;
     opts.duration = Duration::from_secs(cli.seconds);
     opts.rate = cli.rate;

@@ -2,8 +2,18 @@
 //! the file named by `ENTRIP_CONFIG` → `ENTRIP__SECTION__KEY` environment
 //! variables; `DATABASE_URL` and `AMQP_URL` are honoured too. A bad value
 //! stops start-up with one line that names the key.
+//!
+//! The database password: the one in `database.url` if it has one, else the
+//! content of `database.password_file` (the file `scripts/services` writes
+//! for the role `entrip`) when that file exists, else whatever libpq's
+//! conventions give sqlx (`PGPASSWORD`, `~/.pgpass`).
 
-use std::{collections::HashMap, net::SocketAddr, path::Path};
+use std::{
+    collections::HashMap,
+    fmt,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
 
 use config::{Config, Environment, File, FileFormat};
 use serde::{Deserialize, Serialize};
@@ -34,14 +44,45 @@ pub struct Settings {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DatabaseSettings {
-    /// The database is created when it does not exist.
+    /// The database is created when it does not exist and the role may
+    /// create databases.
     pub url: String,
+    /// Where the password is kept when `url` has none:
+    /// `$XDG_CONFIG_HOME/entrip/postgres-entrip.password` (else
+    /// `$HOME/.config/...`) unless set; an empty value turns it off. A
+    /// missing file is no error (sqlx's `PGPASSWORD` and pgpass support
+    /// apply then); one that exists but cannot be read is.
+    pub password_file: Option<PathBuf>,
+    /// The password read from `password_file`, filled in by
+    /// [`Settings::load`]; never serialised.
+    #[serde(skip)]
+    pub password: Option<Password>,
     pub max_connections: u32,
     /// How long a request waits for a pooled connection before it gets a 503.
     pub acquire_timeout_ms: u64,
     pub statement_timeout_ms: u64,
     /// How long a service keeps retrying the first connection at start-up.
     pub startup_timeout_secs: u64,
+}
+
+/// A database password that `Debug` does not print.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Password(String);
+
+impl Password {
+    pub fn new(password: impl Into<String>) -> Self {
+        Self(password.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Password {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Password(***)")
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -173,7 +214,10 @@ pub struct IntegritySettings {
 impl Default for DatabaseSettings {
     fn default() -> Self {
         Self {
-            url: "postgres://postgres@127.0.0.1:5432/entrip".into(),
+            url: "postgres://entrip@127.0.0.1:5432/entrip".into(),
+            // Filled in from the environment by `Settings::load`.
+            password_file: None,
+            password: None,
             max_connections: 32,
             acquire_timeout_ms: 3_000,
             statement_timeout_ms: 30_000,
@@ -327,8 +371,9 @@ impl Settings {
                 builder = builder.set_override(key, v.as_str())?;
             }
         }
-        let settings: Settings = builder.build()?.try_deserialize()?;
+        let mut settings: Settings = builder.build()?.try_deserialize()?;
         settings.validate()?;
+        settings.database.resolve_password(&env)?;
         Ok(settings)
     }
 
@@ -454,6 +499,62 @@ impl Settings {
     }
 }
 
+/// The file name of the password `scripts/services` generates for the
+/// services' role `entrip`.
+pub const PASSWORD_FILE_NAME: &str = "postgres-entrip.password";
+
+/// `$XDG_CONFIG_HOME/entrip/postgres-entrip.password`, else the same under
+/// `$HOME/.config`; `None` when neither variable is set (e.g. a process
+/// started with a cleared environment).
+pub fn default_password_file(env: &HashMap<String, String>) -> Option<PathBuf> {
+    let non_empty = |k: &str| env.get(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let config_home =
+        non_empty("XDG_CONFIG_HOME").or_else(|| non_empty("HOME").map(|h| h.join(".config")))?;
+    Some(config_home.join("entrip").join(PASSWORD_FILE_NAME))
+}
+
+impl DatabaseSettings {
+    /// Fills in `password_file`'s default and, when `url` carries no
+    /// password and the file exists, `password` from its trimmed content.
+    fn resolve_password(&mut self, env: &HashMap<String, String>) -> Result<(), ConfigError> {
+        let file = match self.password_file.take() {
+            None => default_password_file(env),
+            Some(p) if p.as_os_str().is_empty() => None,
+            Some(p) => Some(p),
+        };
+        self.password_file = file.clone();
+        self.password = None;
+        let Some(file) = file else {
+            return Ok(());
+        };
+        if url_has_password(&self.url) || !file.exists() {
+            return Ok(());
+        }
+        let bad = |message: String| {
+            Err(ConfigError::Invalid {
+                key: "database.password_file".into(),
+                message,
+            })
+        };
+        match std::fs::read_to_string(&file) {
+            Ok(text) if text.trim().is_empty() => bad(format!("{} is empty", file.display())),
+            Ok(text) => {
+                self.password = Some(Password::new(text.trim()));
+                Ok(())
+            }
+            Err(err) => bad(format!("cannot read {}: {err}", file.display())),
+        }
+    }
+}
+
+/// Whether a `postgres://` URL carries a password (`user:pw@` or
+/// `?password=`). One that does not parse is left to the connection to
+/// report under `database.url`.
+fn url_has_password(url: &str) -> bool {
+    url::Url::parse(url)
+        .is_ok_and(|u| u.password().is_some() || u.query_pairs().any(|(k, _)| k == "password"))
+}
+
 fn invalid_owned(key: String, message: &str) -> Result<(), ConfigError> {
     Err(ConfigError::Invalid {
         key,
@@ -478,7 +579,9 @@ mod tests {
         assert_eq!(s.ingest.listen.to_string(), "127.0.0.1:8080");
         assert_eq!(s.dispatcher.listen.to_string(), "127.0.0.1:9101");
         assert_eq!(s.workers.listen.to_string(), "127.0.0.1:9102");
-        assert_eq!(s.database.url, "postgres://postgres@127.0.0.1:5432/entrip");
+        assert_eq!(s.database.url, "postgres://entrip@127.0.0.1:5432/entrip");
+        assert_eq!(s.database.password_file, None, "no HOME, no default file");
+        assert_eq!(s.database.password, None);
         assert_eq!(s.amqp.url, "amqp://guest:guest@127.0.0.1:5672/%2f");
         assert_eq!(s.ingest.body_limit_bytes, 65536);
     }
@@ -593,5 +696,102 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("ENTRIP_CONFIG"), "{err}");
+    }
+
+    /// A fresh directory standing in for `$HOME`.
+    fn temp_home() -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("entrip-cfg-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn the_password_file_defaults_to_the_config_home() {
+        let home = temp_home();
+        let home_s = home.to_str().unwrap();
+        let s = Settings::load_from(env(&[("HOME", home_s)])).unwrap();
+        let expected = home.join(".config/entrip/postgres-entrip.password");
+        assert_eq!(
+            s.database.password_file.as_deref(),
+            Some(expected.as_path())
+        );
+        assert_eq!(s.database.password, None, "a missing file is no error");
+
+        let xdg = home.join("xdg");
+        let s = Settings::load_from(env(&[
+            ("HOME", home_s),
+            ("XDG_CONFIG_HOME", xdg.to_str().unwrap()),
+        ]))
+        .unwrap();
+        assert_eq!(
+            s.database.password_file.as_deref(),
+            Some(xdg.join("entrip/postgres-entrip.password").as_path())
+        );
+
+        let s = Settings::load_from(env(&[
+            ("HOME", home_s),
+            ("ENTRIP__DATABASE__PASSWORD_FILE", ""),
+        ]))
+        .unwrap();
+        assert_eq!(
+            s.database.password_file, None,
+            "an empty value turns it off"
+        );
+        std::fs::remove_dir_all(&home).unwrap();
+    }
+
+    #[test]
+    fn the_password_comes_from_the_file_unless_the_url_has_one() {
+        let home = temp_home();
+        let dir = home.join(".config/entrip");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("postgres-entrip.password"), "0123abcd\n").unwrap();
+        let home_s = home.to_str().unwrap();
+        let s = Settings::load_from(env(&[("HOME", home_s)])).unwrap();
+        assert_eq!(
+            s.database.password,
+            Some(Password::new("0123abcd")),
+            "trimmed"
+        );
+        assert!(!format!("{s:?}").contains("0123abcd"), "Debug hides it");
+
+        for url in [
+            "postgres://entrip:secret@127.0.0.1:5432/entrip",
+            "postgres://entrip@127.0.0.1:5432/entrip?password=secret",
+        ] {
+            let s = Settings::load_from(env(&[("HOME", home_s), ("DATABASE_URL", url)])).unwrap();
+            assert_eq!(s.database.password, None, "{url}: the URL's password wins");
+        }
+
+        let other = home.join("other.password");
+        std::fs::write(&other, "  other  ").unwrap();
+        let s = Settings::load_from(env(&[
+            ("HOME", home_s),
+            ("ENTRIP__DATABASE__PASSWORD_FILE", other.to_str().unwrap()),
+        ]))
+        .unwrap();
+        assert_eq!(s.database.password, Some(Password::new("other")));
+        std::fs::remove_dir_all(&home).unwrap();
+    }
+
+    #[test]
+    fn an_unreadable_or_empty_password_file_names_its_key() {
+        let home = temp_home();
+        // A directory exists but cannot be read as a file, even by root.
+        let unreadable = home.join("a-directory");
+        std::fs::create_dir_all(&unreadable).unwrap();
+        let empty = home.join("empty.password");
+        std::fs::write(&empty, "\n").unwrap();
+        for file in [&unreadable, &empty] {
+            let err = Settings::load_from(env(&[
+                ("HOME", home.to_str().unwrap()),
+                ("ENTRIP__DATABASE__PASSWORD_FILE", file.to_str().unwrap()),
+            ]))
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains("database.password_file"), "{err}");
+            assert!(!err.contains('\n'), "one line: {err}");
+        }
+        std::fs::remove_dir_all(&home).unwrap();
     }
 }

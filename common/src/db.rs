@@ -1,14 +1,17 @@
-//! The PostgreSQL pool: creates the database when missing, applies the
-//! migrations (sqlx holds an advisory lock, so concurrent starts are safe),
-//! and classifies errors so that callers can tell "database away" (retry
-//! later) from "this request is wrong".
+//! The PostgreSQL pool: creates the database when missing (if the role may
+//! create databases; the services' role `entrip` may not, and is told to
+//! run `scripts/services`), applies the migrations (sqlx holds an advisory
+//! lock, so concurrent starts are safe), and classifies errors so that
+//! callers can tell "database away" (retry later) from "this request is
+//! wrong". Every session is named `entrip-<binary>` (`application_name`),
+//! so that `pg_stat_activity` tells the services apart.
 
-use std::{str::FromStr, time::Duration};
+use std::{str::FromStr, sync::OnceLock, time::Duration};
 
 use backon::{ExponentialBuilder, Retryable};
 use sqlx::{
-    PgPool, Postgres, Row,
-    migrate::{MigrateDatabase, MigrateError, Migrator},
+    ConnectOptions, Connection, PgPool, Row,
+    migrate::{MigrateError, Migrator},
     postgres::{PgConnectOptions, PgPoolOptions},
 };
 
@@ -25,6 +28,18 @@ pub enum DbError {
     Connect(#[source] sqlx::Error),
     #[error("cannot apply migrations: {0}")]
     Migrate(#[source] MigrateError),
+    #[error(
+        "database `{database}` does not exist and role `{role}` may not create it \
+         (key `database.url`): run scripts/services, which creates the role and its database, \
+         or as a superuser: CREATE DATABASE \"{database}\" OWNER \"{role}\""
+    )]
+    NoDatabase { database: String, role: String },
+    #[error("cannot create database `{database}`: {source}")]
+    Create {
+        database: String,
+        #[source]
+        source: sqlx::Error,
+    },
 }
 
 /// Pool options shared by every service.
@@ -64,18 +79,45 @@ async fn in_transaction(conn: &mut sqlx::PgConnection) -> sqlx::Result<bool> {
     row.try_get(0)
 }
 
-/// Connect options with the statement timeout applied.
+/// The `application_name` of this process's sessions: `entrip-` and the
+/// executable's file stem (`entrip-ingest`, `entrip-dispatcher`,
+/// `entrip-workers`), or [`set_application_name`]'s.
+pub fn application_name() -> &'static str {
+    APPLICATION_NAME.get_or_init(|| {
+        let stem = std::env::current_exe()
+            .ok()
+            .and_then(|exe| exe.file_stem().and_then(|s| s.to_str()).map(str::to_owned));
+        match stem {
+            Some(stem) if !stem.is_empty() => format!("entrip-{stem}"),
+            _ => "entrip".to_owned(),
+        }
+    })
+}
+
+/// Names this process's sessions `entrip-<binary>` instead of after the
+/// executable; only before the first connection. False when it was too late.
+pub fn set_application_name(binary: &str) -> bool {
+    APPLICATION_NAME.set(format!("entrip-{binary}")).is_ok()
+}
+
+static APPLICATION_NAME: OnceLock<String> = OnceLock::new();
+
+/// Connect options with the statement timeout, the session's name and the
+/// password from `database.password_file` (when the URL had none) applied.
 pub(crate) fn connect_options(settings: &DatabaseSettings) -> Result<PgConnectOptions, DbError> {
-    let opts = PgConnectOptions::from_str(&settings.url).map_err(DbError::Url)?;
+    let mut opts = PgConnectOptions::from_str(&settings.url).map_err(DbError::Url)?;
+    if let Some(password) = &settings.password {
+        opts = opts.password(password.expose());
+    }
     Ok(opts
         .options([(
             "statement_timeout",
             settings.statement_timeout_ms.to_string(),
         )])
-        .application_name("entrip"))
+        .application_name(application_name()))
 }
 
-/// Creates the database if needed, connects and applies the migrations,
+/// Creates the database if needed (and allowed), connects and applies the migrations,
 /// retrying with backoff for up to `startup_timeout_secs` while the database
 /// is away: also when it goes away during the migrations (each runs in its
 /// own transaction, so a cut one is rolled back and applied again).
@@ -88,13 +130,15 @@ pub async fn connect_and_migrate(settings: &DatabaseSettings) -> Result<PgPool, 
         .with_jitter()
         .with_total_delay(Some(deadline))
         .without_max_times();
-    let url = settings.url.clone();
     (|| async {
-        ensure_database(&url).await.map_err(DbError::Connect)?;
-        let pool = pool_options(settings)
-            .connect_with(opts.clone())
-            .await
-            .map_err(DbError::Connect)?;
+        let pool = match pool_options(settings).connect_with(opts.clone()).await {
+            Err(err) if is_missing_database(&err) => {
+                create_database(&opts).await?;
+                pool_options(settings).connect_with(opts.clone()).await
+            }
+            connected => connected,
+        }
+        .map_err(DbError::Connect)?;
         match MIGRATOR.run(&pool).await {
             Ok(()) => Ok(pool),
             Err(err) => {
@@ -119,26 +163,64 @@ impl DbError {
             Self::Migrate(MigrateError::Execute(err) | MigrateError::ExecuteMigration(err, _)) => {
                 is_unavailable(err)
             }
-            Self::Migrate(_) => false,
+            Self::Migrate(_) | Self::NoDatabase { .. } | Self::Create { .. } => false,
         }
     }
 }
 
-async fn ensure_database(url: &str) -> Result<(), sqlx::Error> {
-    if Postgres::database_exists(url).await? {
-        return Ok(());
+/// SQLSTATE 3D000 on connecting: the database does not exist.
+fn is_missing_database(err: &sqlx::Error) -> bool {
+    matches!(err, sqlx::Error::Database(db) if db.code().as_deref() == Some("3D000"))
+}
+
+/// Creates the database of `opts` from the maintenance database
+/// `postgres`, when the role may (CREATEDB or superuser); a role that may
+/// not gets [`DbError::NoDatabase`], which tells the operator what to do.
+async fn create_database(opts: &PgConnectOptions) -> Result<(), DbError> {
+    let database = opts
+        .get_database()
+        .unwrap_or(opts.get_username())
+        .to_owned();
+    let role = opts.get_username().to_owned();
+    let no_database = || DbError::NoDatabase {
+        database: database.clone(),
+        role: role.clone(),
+    };
+    let mut conn = opts
+        .clone()
+        .database("postgres")
+        .connect()
+        .await
+        .map_err(DbError::Connect)?;
+    let may_create: bool = sqlx::query_scalar(
+        "SELECT rolcreatedb OR rolsuper FROM pg_roles WHERE rolname = current_user",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .map_err(DbError::Connect)?;
+    if !may_create {
+        let _ = conn.close().await;
+        return Err(no_database());
     }
-    match Postgres::create_database(url).await {
-        Ok(()) => {
-            tracing::info!("created the database");
+    let create = format!("CREATE DATABASE \"{}\"", database.replace('"', "\"\""));
+    let created = sqlx::raw_sql(sqlx::AssertSqlSafe(create))
+        .execute(&mut conn)
+        .await;
+    let _ = conn.close().await;
+    match created {
+        Ok(_) => {
+            tracing::info!(%database, "created the database");
             Ok(())
         }
-        // Another service created it at the same moment.
-        Err(err) if Postgres::database_exists(url).await.unwrap_or(false) => {
-            tracing::debug!(%err, "database created concurrently");
+        Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("42P04") => {
+            tracing::debug!(%database, "database created concurrently");
             Ok(())
         }
-        Err(err) => Err(err),
+        Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("42501") => {
+            Err(no_database())
+        }
+        Err(err) if is_unavailable(&err) => Err(DbError::Connect(err)),
+        Err(source) => Err(DbError::Create { database, source }),
     }
 }
 
@@ -195,7 +277,96 @@ pub fn unique_violation(err: &sqlx::Error) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Password;
+    use entrip_testkit::{
+        database_url,
+        pg::{ServiceRole, service_sessions},
+    };
     use sqlx::postgres::PgConnectOptions;
+
+    /// `url` naming database `db` instead.
+    fn with_database(url: &str, db: &str) -> String {
+        let (head, _) = url.rsplit_once('/').unwrap();
+        format!("{head}/{db}")
+    }
+
+    #[sqlx::test(migrations = false)]
+    async fn a_role_that_may_not_create_its_database_is_told_to_run_scripts_services(pool: PgPool) {
+        let role = ServiceRole::create(&pool).await.unwrap();
+        let missing = format!("entrip_missing_{}", uuid::Uuid::new_v4().simple());
+        let settings = DatabaseSettings {
+            url: with_database(role.url(), &missing),
+            ..DatabaseSettings::default()
+        };
+        let err = connect_and_migrate(&settings).await.unwrap_err();
+        assert!(matches!(err, DbError::NoDatabase { .. }), "{err}");
+        let message = err.to_string();
+        for part in ["scripts/services", "database.url", &missing, role.name()] {
+            assert!(message.contains(part), "{part} missing: {message}");
+        }
+        role.drop_role().await.unwrap();
+    }
+
+    #[sqlx::test(migrations = false)]
+    async fn a_role_that_may_create_databases_creates_a_missing_one(pool: PgPool) {
+        // The test superuser (scripts/test's entrip_test).
+        let name = format!("entrip_created_{}", uuid::Uuid::new_v4().simple());
+        let settings = DatabaseSettings {
+            url: with_database(&database_url(&pool.connect_options()), &name),
+            ..DatabaseSettings::default()
+        };
+        let created = connect_and_migrate(&settings).await.unwrap();
+        let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations")
+            .fetch_one(&created)
+            .await
+            .unwrap();
+        assert!(applied > 0);
+        created.close().await;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE \"{name}\" WITH (FORCE)"
+        )))
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+
+    /// As the services run: a role without superuser rights that owns the
+    /// schema migrates it, with the password `database.password_file` gave
+    /// (the URL has none), in sessions named after the binary.
+    #[sqlx::test(migrations = false)]
+    async fn the_services_role_migrates_with_the_file_s_password_in_named_sessions(pool: PgPool) {
+        let role = ServiceRole::create(&pool).await.unwrap();
+        let url = role
+            .url()
+            .replacen(&format!(":{}@", role.password()), "@", 1);
+        assert!(!url.contains(role.password()));
+        let settings = DatabaseSettings {
+            url,
+            password: Some(Password::new(role.password())),
+            ..DatabaseSettings::default()
+        };
+        let services = connect_and_migrate(&settings).await.unwrap();
+        // Twice: the second start finds everything applied.
+        services.close().await;
+        let services = connect_and_migrate(&settings).await.unwrap();
+        let seen = service_sessions(&pool).await.unwrap();
+        assert!(application_name().starts_with("entrip-"));
+        assert!(
+            seen.sessions
+                .iter()
+                .any(|s| s.application_name == application_name() && s.role == role.name()),
+            "{seen:?}"
+        );
+        assert!(!seen.any_superuser, "{seen:?}");
+        let owner: String =
+            sqlx::query_scalar("SELECT tableowner::text FROM pg_tables WHERE tablename = 'outbox'")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        assert_eq!(owner, role.name());
+        services.close().await;
+        role.drop_role().await.unwrap();
+    }
 
     /// Drops `begin()` futures during the `BEGIN` round trip (made one
     /// second long by a `pg_sleep` in the statement). sqlx alone then hands

@@ -1,7 +1,11 @@
 //! Test helpers shared by the crates' integration tests: a TCP proxy that
-//! cuts real connections, a RabbitMQ vhost per test, database URLs, service
-//! processes, and waits bounded by progress rather than by a deadline.
+//! cuts real connections, a RabbitMQ vhost per test, database URLs, a
+//! non-superuser role per test database and a look at the binaries'
+//! sessions ([`pg`]), service processes, and waits bounded by progress
+//! rather than by a deadline.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+pub mod pg;
 
 use std::{
     net::SocketAddr,
@@ -13,7 +17,7 @@ use std::{
     time::Duration,
 };
 
-use sqlx::postgres::PgConnectOptions;
+use sqlx::{ConnectOptions as _, postgres::PgConnectOptions};
 use tokio::{
     net::{TcpListener, TcpStream},
     sync::Notify,
@@ -143,16 +147,16 @@ fn rabbitmqctl(args: &[&str]) {
     );
 }
 
-/// A `postgres://` URL for the database of these options (e.g. the one
-/// `#[sqlx::test]` made), so that a child process can use it.
+/// A `postgres://user:password@host:port/database` URL for these options
+/// (e.g. the ones `#[sqlx::test]` made), password included, so that a child
+/// process can use it.
 pub fn database_url(opts: &PgConnectOptions) -> String {
-    format!(
-        "postgres://{}@{}:{}/{}",
-        opts.get_username(),
-        opts.get_host(),
-        opts.get_port(),
-        opts.get_database().unwrap_or("postgres")
-    )
+    let mut url = opts.to_url_lossy();
+    url.set_query(None);
+    if opts.get_database().is_none() {
+        url.set_path("postgres");
+    }
+    url.to_string()
 }
 
 /// Runs `promtool check metrics` on an exposition text; `Err` carries its

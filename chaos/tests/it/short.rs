@@ -17,16 +17,28 @@
 //! deadline sized for an idle machine: the drain fails only when nothing
 //! moves for 20 s, and a request counts as lost only when it went unanswered
 //! for 15 s while the fleet answered others.
+//!
+//! The services connect as a role without superuser rights that owns the
+//! schema (they migrate it themselves), as the role `entrip` does in
+//! production; the driver stays the superuser the database faults need.
+//! While the run goes on, `pg_stat_activity` is sampled: every binary's
+//! sessions must show up, and none may be a superuser's.
 
-use std::time::Duration;
+use std::{collections::BTreeSet, time::Duration};
 
 use entrip_chaos::{
     Options,
     faults::{Fault, MIX},
     run,
 };
-use entrip_testkit::{Vhost, database_url};
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use entrip_testkit::{
+    Vhost, database_url,
+    pg::{ServiceRole, service_sessions},
+};
+use sqlx::{
+    PgPool,
+    postgres::{PgConnectOptions, PgPoolOptions},
+};
 
 #[sqlx::test(migrations = false)]
 async fn chaos_short_run_keeps_every_guarantee(_opts: PgPoolOptions, connect: PgConnectOptions) {
@@ -35,8 +47,16 @@ async fn chaos_short_run_keeps_every_guarantee(_opts: PgPoolOptions, connect: Pg
         .with_test_writer()
         .with_env_filter("entrip_chaos=info")
         .try_init();
+    // Named chaos-…: the faults spare it, so the sampling goes on through them.
+    let admin = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(connect.clone().application_name("chaos-test"))
+        .await
+        .unwrap();
+    let role = ServiceRole::create(&admin).await.unwrap();
     let vhost = Vhost::new();
     let mut opts = Options::new(database_url(&connect), vhost.name.clone(), vhost.url());
+    opts.fleet_database_url = Some(role.url().to_owned());
     opts.duration = Duration::from_secs(12);
     opts.rate = 8.0;
     opts.fault_interval = (Duration::from_millis(300), Duration::from_millis(1000));
@@ -50,16 +70,24 @@ async fn chaos_short_run_keeps_every_guarantee(_opts: PgPoolOptions, connect: Pg
         .and_then(|s| s.parse().ok());
     // #[sqlx::test] runs on a current-thread runtime; the driver gets its
     // own multi-threaded one so that the webhook receiver never waits on it.
-    let report = tokio::task::spawn_blocking(move || {
+    let mut chaos = tokio::task::spawn_blocking(move || {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .unwrap()
             .block_on(run(opts))
-    })
-    .await
-    .unwrap();
+    });
+    // The binaries' sessions seen while it runs, and the superusers' among them.
+    let (mut seen, mut superusers) = (BTreeSet::new(), BTreeSet::new());
+    let report = loop {
+        tokio::select! {
+            done = &mut chaos => break done.unwrap(),
+            () = tokio::time::sleep(Duration::from_millis(250)) => {
+                sample(&admin, &mut seen, &mut superusers).await;
+            }
+        }
+    };
     let report = match report {
         Ok(r) => r,
         Err(e) => panic!("the chaos run could not be carried out: {e}"),
@@ -92,5 +120,29 @@ async fn chaos_short_run_keeps_every_guarantee(_opts: PgPoolOptions, connect: Pg
         !report.faults.contains_key(&Fault::BrokerRestart),
         "the broker-wide stop must not run beside other tests"
     );
+    for binary in ["entrip-ingest", "entrip-dispatcher", "entrip-workers"] {
+        assert!(seen.contains(binary), "no session of {binary}: {seen:?}");
+    }
+    assert!(
+        superusers.is_empty(),
+        "the fleet ran as a superuser: {superusers:?}"
+    );
+    admin.close().await;
+    role.drop_role().await.unwrap();
     drop(vhost);
+}
+
+/// Adds the binaries' sessions of the moment to `seen` (application names)
+/// and `superusers` (name and role of a superuser's). A sample that fails
+/// (the database refusing connections) is skipped.
+async fn sample(pool: &PgPool, seen: &mut BTreeSet<String>, superusers: &mut BTreeSet<String>) {
+    let Ok(now) = service_sessions(pool).await else {
+        return;
+    };
+    for s in now.sessions {
+        if s.superuser {
+            superusers.insert(format!("{} as {}", s.application_name, s.role));
+        }
+        seen.insert(s.application_name);
+    }
 }

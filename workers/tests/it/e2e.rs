@@ -3,7 +3,10 @@
 //! combination and both orders; then settlements equal the
 //! approved-and-allowed set, each webhook arrived once, and `workers
 //! integrity --once` exits 0. Also: the workers killed with SIGKILL
-//! mid-stream and restarted apply every effect once.
+//! mid-stream and restarted apply every effect once. The binaries connect
+//! as a role without superuser rights that owns the schema (as the role
+//! `entrip` does in production), and `pg_stat_activity` shows their
+//! sessions, none of them a superuser's.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -14,7 +17,11 @@ use std::{
 };
 
 use axum::{Router, body::Bytes, http::HeaderMap, routing::post};
-use entrip_testkit::{Process, Vhost, database_url, eventually, free_port, progress};
+use entrip_testkit::{
+    Process, Vhost, eventually, free_port,
+    pg::{ServiceRole, service_sessions},
+    progress,
+};
 use futures::{StreamExt, stream};
 use serde_json::{Value, json};
 use sqlx::{
@@ -283,11 +290,13 @@ async fn journey(api: &Api, user: &str, i: usize) {
 #[sqlx::test(migrator = "entrip_common::db::MIGRATOR")]
 async fn bookings_of_every_plan_end_to_end(_opts: PgPoolOptions, connect: PgConnectOptions) {
     let pool = PgPool::connect_with(connect.clone()).await.unwrap();
+    // Before the processes: dropped after them if the test fails.
+    let role = ServiceRole::create(&pool).await.unwrap();
     let vhost = Vhost::new();
     let receiver = Receiver::default();
     let hook_url = receiver.start().await;
     let fleet = Fleet {
-        db_url: database_url(&connect),
+        db_url: role.url().to_owned(),
         amqp_url: vhost.url(),
         config: write_config(&hook_url),
     };
@@ -364,6 +373,11 @@ async fn bookings_of_every_plan_end_to_end(_opts: PgPoolOptions, connect: PgConn
         counts.values().all(|n| *n == 1),
         "each webhook exactly once"
     );
+    // All three did their work through sessions of the role.
+    service_sessions(&pool)
+        .await
+        .unwrap()
+        .assert_least_privilege(&["ingest", "dispatcher", "workers"]);
     assert_eq!(
         scalar(
             &pool,
@@ -392,6 +406,7 @@ async fn bookings_of_every_plan_end_to_end(_opts: PgPoolOptions, connect: PgConn
         assert!(p.wait_exit().await.success());
     }
     let _ = std::fs::remove_file(&fleet.config);
+    role.drop_role().await.unwrap();
     pool.close().await;
 }
 
@@ -401,11 +416,13 @@ async fn workers_killed_mid_stream_apply_every_effect_once(
     connect: PgConnectOptions,
 ) {
     let pool = PgPool::connect_with(connect.clone()).await.unwrap();
+    // Before the row locks below, which its ALTERs would wait for.
+    let role = ServiceRole::create(&pool).await.unwrap();
     let vhost = Vhost::new();
     let receiver = Receiver::default();
     let hook_url = receiver.start().await;
     let fleet = Fleet {
-        db_url: database_url(&connect),
+        db_url: role.url().to_owned(),
         amqp_url: vhost.url(),
         config: write_config(&hook_url),
     };
@@ -426,6 +443,10 @@ async fn workers_killed_mid_stream_apply_every_effect_once(
     let mut workers = fleet.spawn("workers", "ENTRIP__WORKERS__LISTEN", free_port());
     publish_approved(&ch, &ids).await;
     until_count("some settled", 30, settled).await;
+    service_sessions(&pool)
+        .await
+        .unwrap()
+        .assert_least_privilege(&["workers"]);
     workers.signal("-KILL");
     assert!(!workers.wait_exit().await.success());
     let at_kill = settled().await;
@@ -460,8 +481,13 @@ async fn workers_killed_mid_stream_apply_every_effect_once(
         .await,
         300
     );
+    service_sessions(&pool)
+        .await
+        .unwrap()
+        .assert_least_privilege(&["workers"]);
     again.signal("-TERM");
     assert!(again.wait_exit().await.success());
     let _ = std::fs::remove_file(&fleet.config);
+    role.drop_role().await.unwrap();
     pool.close().await;
 }
