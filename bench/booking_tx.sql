@@ -3,16 +3,17 @@
 -- path's lookup (outside the transaction; it finds nothing), then in one
 -- transaction the key claim, the user check, the booking, the audit row, the
 -- outbox row (a CloudEvents body of the size ingest writes) and the stored
--- response. Needs one user row (scripts/bench-ingest creates it first).
+-- response, all within the API client 'bench' (the bearer check itself is
+-- cached in ingest: no SQL per request). Needs one user row (scripts/bench-ingest creates it first).
 \set r random(1, 999999999999)
 SELECT method, path, request_hash, response_status, response_body
   FROM idempotency_keys
- WHERE key = 'pgbench-key-' || :client_id || '-' || :r AND expires_at > now() AND response_status IS NOT NULL;
+ WHERE client = 'bench' AND key = 'pgbench-key-' || :client_id || '-' || :r AND expires_at > now() AND response_status IS NOT NULL;
 BEGIN;
-INSERT INTO idempotency_keys (key, method, path, request_hash, expires_at)
-  VALUES ('pgbench-key-' || :client_id || '-' || :r, 'POST', '/v1/bookings',
+INSERT INTO idempotency_keys (client, key, method, path, request_hash, expires_at)
+  VALUES ('bench', 'pgbench-key-' || :client_id || '-' || :r, 'POST', '/v1/bookings',
           sha256(convert_to(:r::text, 'UTF8')), now() + make_interval(secs => 86400))
-  ON CONFLICT (key) DO UPDATE
+  ON CONFLICT (client, key) DO UPDATE
      SET method = EXCLUDED.method, path = EXCLUDED.path, request_hash = EXCLUDED.request_hash,
          response_status = NULL, response_body = NULL, created_at = now(), expires_at = EXCLUDED.expires_at
    WHERE idempotency_keys.expires_at <= now()
@@ -25,7 +26,7 @@ INSERT INTO bookings (id, code, user_id, customer_name, customer_phone, itinerar
           'KRW', 350000, false)
   RETURNING *;
 INSERT INTO audit_log (actor, action, entity_type, entity_id, detail, idempotency_key, event_id)
-  VALUES ('http:upstream', 'booking.create', 'booking', gen_random_uuid(), '{"channel":"http"}',
+  VALUES ('client:bench', 'booking.create', 'booking', gen_random_uuid(), '{"channel":"http","client":"bench"}',
           'pgbench-key-' || :client_id || '-' || :r, gen_random_uuid());
 INSERT INTO outbox (id, aggregate_type, aggregate_id, topic, payload, headers)
   VALUES (gen_random_uuid(), 'booking', gen_random_uuid(), 'booking.created',
@@ -34,5 +35,5 @@ INSERT INTO outbox (id, aggregate_type, aggregate_id, topic, payload, headers)
 UPDATE idempotency_keys
    SET response_status = 201,
        response_body = '{"id":"0192f0a0-0000-7000-8000-000000000001","code":"PB-1","status":"PENDING","userId":"0192f0a0-0000-7000-8000-000000000002","customerName":"Bench User","customerPhone":"+82 10 0000 0000","itineraryFrom":"ICN","itineraryTo":"NRT","departAt":"2026-12-24T09:30:00Z","arriveAt":"2026-12-24T11:45:00Z","currency":"KRW","amount":"350000","requiresApproval":false,"createdAt":"2026-11-26T00:00:00Z"}'
- WHERE key = 'pgbench-key-' || :client_id || '-' || :r;
+ WHERE client = 'bench' AND key = 'pgbench-key-' || :client_id || '-' || :r;
 COMMIT;

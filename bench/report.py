@@ -96,6 +96,13 @@ def main():
                 f"p99 {fmt(g('ingest.overload.p99_ms'))} ms ({fmt(p99r)}x the half-load p99), "
                 f"{fmt(g('ingest.overload.shed'))} shed answers with p99 {fmt(g('ingest.overload.shed_p99_ms'))} ms, "
                 f"errors {fmt(g('ingest.overload.errors'))}.", ""]
+        if g("ingest.overload_tuned.rps") is not None:
+            out += [f"The same overload with ingest.max_in_flight={fmt(g('ingest.overload_tuned.max_in_flight'))} "
+                    f"(not a target; the default is 64): goodput {fmt(g('ingest.overload_tuned.rps'))}/s "
+                    f"({fmt(ratio(g('ingest.overload_tuned.rps'), g('ingest.c32.rps')))}x), accepted p99 "
+                    f"{fmt(g('ingest.overload_tuned.p99_ms'))} ms "
+                    f"({fmt(ratio(g('ingest.overload_tuned.p99_ms'), g('ingest.open.p99_ms')))}x the half-load p99), "
+                    f"shed p99 {fmt(g('ingest.overload_tuned.shed_p99_ms'))} ms.", ""]
         target("overload: goodput >= 0.9x the sustainable rate", good, 0.9, good is not None and good >= 0.9,
                f"{fmt(g('ingest.overload.rps'))} vs {fmt(g('ingest.c32.rps'))}/s")
         target("overload: accepted p99 <= 2x the half-load p99", p99r, 2, p99r is not None and p99r <= 2,

@@ -43,7 +43,7 @@ async fn main() -> anyhow::Result<()> {
     let secs: u64 = secs.parse().context("seconds")?;
     let load = Load {
         client: reqwest::Client::builder()
-            .default_headers(bearer_from_env()?)
+            .default_headers(entrip_testkit::bearer_from_env()?)
             .pool_max_idle_per_host(1024)
             .timeout(Duration::from_secs(30))
             .build()?,
@@ -237,17 +237,4 @@ impl Load {
         }
         Ok(())
     }
-}
-
-/// `Authorization: Bearer $ENTRIP_API_KEY` when that is set (ingest refuses
-/// requests without a key unless `ingest.auth_enabled` is false).
-fn bearer_from_env() -> anyhow::Result<reqwest::header::HeaderMap> {
-    let mut headers = reqwest::header::HeaderMap::new();
-    if let Ok(key) = std::env::var("ENTRIP_API_KEY") {
-        headers.insert(
-            reqwest::header::AUTHORIZATION,
-            reqwest::header::HeaderValue::from_str(&format!("Bearer {}", key.trim()))?,
-        );
-    }
-    Ok(headers)
 }

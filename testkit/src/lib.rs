@@ -1,8 +1,8 @@
 //! Test helpers shared by the crates' integration tests: a TCP proxy that
 //! cuts real connections, a RabbitMQ vhost per test, database URLs, a
 //! non-superuser role per test database and a look at the binaries'
-//! sessions ([`pg`]), service processes, and waits bounded by progress
-//! rather than by a deadline.
+//! sessions ([`pg`]), service processes, waits bounded by progress rather
+//! than by a deadline, and the load generators' API key.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod pg;
@@ -296,4 +296,19 @@ impl Drop for Process {
             let _ = self.0.wait();
         }
     }
+}
+
+/// `Authorization: Bearer $ENTRIP_API_KEY` when that is set, for the load
+/// generators (ingest refuses requests without a key unless
+/// `ingest.auth_enabled` is false).
+pub fn bearer_from_env() -> Result<reqwest::header::HeaderMap, reqwest::header::InvalidHeaderValue>
+{
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Ok(key) = std::env::var("ENTRIP_API_KEY") {
+        headers.insert(
+            reqwest::header::AUTHORIZATION,
+            reqwest::header::HeaderValue::from_str(&format!("Bearer {}", key.trim()))?,
+        );
+    }
+    Ok(headers)
 }

@@ -95,7 +95,7 @@ async fn journey(
 
 async fn steady(base: &str, rate: u64, secs: u64) -> anyhow::Result<()> {
     let client = reqwest::Client::builder()
-        .default_headers(bearer_from_env()?)
+        .default_headers(entrip_testkit::bearer_from_env()?)
         .build()?;
     let user = post(
         &client,
@@ -216,17 +216,4 @@ async fn backlog(db_url: &str, amqp_url: &str, count: i64) -> anyhow::Result<()>
     }
     println!("RESULT backlog published={}", rows.len());
     Ok(())
-}
-
-/// `Authorization: Bearer $ENTRIP_API_KEY` when that is set (ingest refuses
-/// requests without a key unless `ingest.auth_enabled` is false).
-fn bearer_from_env() -> anyhow::Result<reqwest::header::HeaderMap> {
-    let mut headers = reqwest::header::HeaderMap::new();
-    if let Ok(key) = std::env::var("ENTRIP_API_KEY") {
-        headers.insert(
-            reqwest::header::AUTHORIZATION,
-            reqwest::header::HeaderValue::from_str(&format!("Bearer {}", key.trim()))?,
-        );
-    }
-    Ok(headers)
 }

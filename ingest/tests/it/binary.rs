@@ -49,14 +49,35 @@ fn url_without_db(url: &str) -> String {
 }
 
 fn spawn(db: &TestDb, port: u16) -> Process {
+    spawn_with(db, port, &[])
+}
+
+/// Starts the binary with extra `ENTRIP__…` settings.
+fn spawn_with(db: &TestDb, port: u16, settings: &[(&str, &str)]) -> Process {
     Process::spawn(
         Command::new(BIN)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("DATABASE_URL", &db.url)
             .env("ENTRIP__INGEST__LISTEN", format!("127.0.0.1:{port}"))
-            .env("ENTRIP__LOG__FORMAT", "json"),
+            .env("ENTRIP__LOG__FORMAT", "json")
+            .envs(settings.iter().copied()),
     )
+}
+
+/// The peak resident set of process `pid` (`VmHWM`), in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .expect("VmHWM in /proc/PID/status");
+    let kb: u64 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .expect("VmHWM in kB");
+    kb * 1024
 }
 
 /// `ingest ARGS…` against the test's database, run to completion.
@@ -149,6 +170,112 @@ async fn wait_ready(client: &reqwest::Client, base: &str) {
             .is_ok_and(|r| r.status() == 200)
     })
     .await;
+}
+
+/// The 2,000 requests in flight that once took ingest to 142 MB: with
+/// `ingest.max_in_flight` = 8, a crowd of slow clients is shed at once, the
+/// admitted ones complete, and the process's peak RSS stays under the
+/// 100 MB of the overload target (docs: README, Overload).
+#[tokio::test]
+async fn a_crowd_of_slow_clients_is_shed_and_memory_stays_bounded() {
+    const LIMIT: usize = 8;
+    const CROWD: usize = 2000;
+    let db = TestDb::new();
+    let mut key = None;
+    let mut attempts = 0;
+    let (mut ingest, base) = loop {
+        attempts += 1;
+        assert!(attempts <= 5, "no free port that stays ours in 5 tries");
+        // free_port's port may be taken by another test's server before
+        // ingest binds it: then ingest exits, or the server that answers
+        // does not know this test's key.
+        let port = free_port();
+        let mut ingest = spawn_with(&db, port, &[("ENTRIP__INGEST__MAX_IN_FLIGHT", "8")]);
+        let base = format!("http://127.0.0.1:{port}");
+        wait_ready(&reqwest::Client::new(), &base).await;
+        let key = key.get_or_insert_with(|| issue_key(&db, "crowd", "*"));
+        let probe = crate::support::authenticated(key)
+            .get(format!(
+                "{base}/v1/users/00000000-0000-0000-0000-000000000000"
+            ))
+            .send()
+            .await
+            .unwrap()
+            .status();
+        if ingest.0.try_wait().unwrap().is_none() && probe == 404 {
+            break (ingest, base);
+        }
+        drop(ingest); // killed if still running
+    };
+    let key = key.unwrap();
+    let pid = ingest.0.id();
+    let before = peak_rss(pid);
+
+    // Long enough that no held request ends (and frees its permit) before
+    // the whole crowd has been answered, even on a busy machine.
+    let pause = Duration::from_secs(10);
+    let slow_user = || {
+        let (base, key) = (&base, &key);
+        async move {
+            let body = crate::overload::user_body();
+            crate::overload::slow_post_to(base, key, "/v1/users", &body, pause).await
+        }
+    };
+    let held = (0..LIMIT).map(|_| slow_user());
+    let held = futures::future::join_all(held);
+    let crowd = async {
+        // The held requests take every permit first: a probe without a key
+        // is shed (503) once they have, refused (401) before.
+        eventually("the held requests fill ingest.max_in_flight", || async {
+            reqwest::get(format!(
+                "{base}/v1/users/00000000-0000-0000-0000-000000000000"
+            ))
+            .await
+            .unwrap()
+            .status()
+                == 503
+        })
+        .await;
+        let crowd = (0..CROWD).map(|_| slow_user());
+        futures::future::join_all(crowd).await
+    };
+    let (held, crowd) = tokio::join!(held, crowd);
+    let peak = peak_rss(pid);
+
+    for r in &held {
+        assert_eq!(r.status, 201, "{r:?}");
+    }
+    // Shed before its body was read, a request's connection is closed with
+    // the body unread, and the kernel may then reset it before the client
+    // reads the 503 (status 0 here): either way nothing of it is stored.
+    let shed = crowd.iter().filter(|r| r.status == 503).count();
+    let reset = crowd.iter().filter(|r| r.status == 0).count();
+    let slowest = crowd.iter().map(|r| r.took).max().unwrap();
+    assert_eq!(shed + reset, CROWD, "every one of the crowd is shed");
+    assert!(shed >= CROWD / 2, "{shed} of {CROWD} read their 503");
+    assert!(
+        slowest < pause / 2,
+        "the slowest shed answer took {slowest:?}"
+    );
+    assert!(
+        peak <= 100 * 1024 * 1024,
+        "peak RSS {} MB (before the crowd {} MB)",
+        peak >> 20,
+        before >> 20
+    );
+    eprintln!(
+        "ingest peak RSS {} MB with {CROWD} slow clients (before {} MB); {shed} read their 503, {reset} were reset; slowest shed answer {slowest:?}",
+        peak >> 20,
+        before >> 20
+    );
+    let users: i64 = sqlx::query_scalar("SELECT count(*) FROM users")
+        .fetch_one(&mut PgConnection::connect(&db.url).await.unwrap())
+        .await
+        .unwrap();
+    assert_eq!(users, LIMIT as i64, "only the admitted requests stored");
+    ingest.signal("-TERM");
+    assert!(ingest.wait_exit().await.success());
+    db.drop_db().await;
 }
 
 #[test]

@@ -20,22 +20,34 @@ use crate::support::{Server, key, settings};
 /// What a raw HTTP/1.1 exchange gave: status, head, body, and how long the
 /// answer took from the moment the request head was sent.
 #[derive(Debug)]
-struct Raw {
-    status: u16,
-    head: String,
-    body: String,
-    took: Duration,
+pub(crate) struct Raw {
+    pub(crate) status: u16,
+    pub(crate) head: String,
+    pub(crate) body: String,
+    pub(crate) took: Duration,
 }
 
-/// POSTs `body` to `path`, sending the first half of the body, then waiting
-/// `pause`, then the rest: a slow client holding its request open.
+/// POSTs `body` to `path` on the test server, slowly (see [`slow_post_to`]).
 async fn slow_post(s: &Server, path: &str, body: &Value, pause: Duration) -> Raw {
-    let addr = s.base.trim_start_matches("http://");
+    slow_post_to(&s.base, &s.api_key, path, body, pause).await
+}
+
+/// POSTs `body` to `path` at `base` with `api_key`, sending the first half
+/// of the body, then waiting `pause`, then the rest: a slow client holding
+/// its request open.
+pub(crate) async fn slow_post_to(
+    base: &str,
+    api_key: &str,
+    path: &str,
+    body: &Value,
+    pause: Duration,
+) -> Raw {
+    let addr = base.trim_start_matches("http://");
     let mut stream = TcpStream::connect(addr).await.unwrap();
     let body = body.to_string().into_bytes();
     let head = format!(
         "POST {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\nIdempotency-Key: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        s.api_key,
+        api_key,
         key(),
         body.len()
     );
@@ -81,7 +93,7 @@ async fn wait_until_full(s: &Server) -> u64 {
     }
 }
 
-fn user_body() -> Value {
+pub(crate) fn user_body() -> Value {
     json!({"name": "Yoon", "email": format!("yoon-{}@example.com", uuid::Uuid::new_v4().simple()), "phone": "010 3333 4444"})
 }
 
