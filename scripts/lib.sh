@@ -143,6 +143,8 @@ entrip_ensure_postgres() {
 		_entrip_pg_wait
 	fi
 
+	_entrip_pg_warn_old_trust "$ver"
+
 	# Parallel tests each open pools: make room for them.
 	local maxconn
 	maxconn=$(entrip_pg_admin -d postgres -tAc 'show max_connections') || entrip_die "cannot read max_connections"
@@ -154,6 +156,17 @@ entrip_ensure_postgres() {
 		_entrip_pg_wait
 	fi
 	entrip_log "PostgreSQL ready at $ENTRIP_PG_HOST:$ENTRIP_PG_PORT"
+}
+
+# Versions of these scripts before the roles inserted these two lines at the
+# top of pg_hba.conf; they are no longer needed. Only says how to remove
+# them: the host's authentication is its owner's to change.
+_entrip_pg_warn_old_trust() { # <version>
+	local hba=/etc/postgresql/$1/$ENTRIP_PG_CLUSTER/pg_hba.conf head
+	head=$(entrip_as_root head -n 2 "$hba" 2>/dev/null) || return 0
+	if [[ $head == $'host all all 127.0.0.1/32 trust\nhost all all ::1/128 trust' ]]; then
+		entrip_log "warning: $hba starts with the two trust lines an earlier entrip version added; the services no longer need them. Remove them: sudo sed -i 1,2d $hba && sudo pg_ctlcluster $1 $ENTRIP_PG_CLUSTER reload"
+	fi
 }
 
 # psql as the PostgreSQL superuser postgres over the local Unix socket (peer
@@ -228,8 +241,12 @@ _entrip_pg_ensure_role() { # <role> <attributes>
 	local role=$1 attrs=$2 pw
 	_entrip_pg_password_ensure "$role"
 	pw=$(entrip_pg_password "$role") || exit 1
-	# On stdin, so that the password is not on a command line.
+	# On stdin, so that the password is not on a command line; and this
+	# session logs no statement, so that it is not in the server log either
+	# (log_statement = ddl, or an error with log_min_error_statement).
 	entrip_pg_admin -d postgres >/dev/null <<-SQL || entrip_die "cannot create or alter PostgreSQL role $role"
+		SET log_statement = 'none';
+		SET log_min_error_statement = 'panic';
 		SELECT format('CREATE ROLE %I', '$role') WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '$role') \gexec
 		ALTER ROLE "$role" WITH $attrs PASSWORD '$pw';
 	SQL

@@ -390,7 +390,7 @@ pub async fn run(opts: Options) -> Result<Report, Error> {
     let mut load = tokio::spawn(load::run(
         load::LoadSettings {
             base: ingest_url,
-            api_key,
+            api_key: load::Secret(api_key),
             rate: opts.rate,
             client_timeout: CLIENT_TIMEOUT,
             give_up_after: opts.give_up_after,

@@ -36,12 +36,22 @@ use uuid::Uuid;
 
 use crate::{Error, rng::Rng};
 
+/// An API key that `Debug` does not print (the settings are logged).
+#[derive(Clone)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(redacted)")
+    }
+}
+
 /// How the load runs. It starts journeys until told to stop (see [`run`]).
 #[derive(Debug, Clone)]
 pub struct LoadSettings {
     pub base: String,
     /// The bearer key every request carries.
-    pub api_key: String,
+    pub api_key: Secret,
     /// Journeys started per second.
     pub rate: f64,
     /// Per-attempt client timeout: longer than the server's own deadline
@@ -725,7 +735,7 @@ pub async fn run(
     mut calm: watch::Receiver<bool>,
 ) -> Result<LoadResult, Error> {
     let mut headers = reqwest::header::HeaderMap::new();
-    let bearer = reqwest::header::HeaderValue::from_str(&format!("Bearer {}", settings.api_key))
+    let bearer = reqwest::header::HeaderValue::from_str(&format!("Bearer {}", settings.api_key.0))
         .map_err(|e| Error::Setup(format!("the API key is not a header value: {e}")))?;
     headers.insert(reqwest::header::AUTHORIZATION, bearer);
     let http = reqwest::Client::builder()

@@ -139,8 +139,9 @@ pub struct IngestSettings {
     /// looks its key up).
     pub auth_cache_secs: u64,
     /// Bearer authentication of `/v1/*`. Off only to measure what it costs
-    /// (`scripts/bench`); then every request acts as client `anonymous`
-    /// with every scope, and start-up logs a warning.
+    /// (`scripts/bench`); then every request acts as client `(anonymous)`
+    /// with every scope, and start-up logs a warning. Refused unless
+    /// `ingest.listen` is a loopback address.
     pub auth_enabled: bool,
 }
 
@@ -399,8 +400,16 @@ impl Settings {
         if self.ingest.purge_interval_secs == 0 {
             return invalid("ingest.purge_interval_secs", "must be at least 1");
         }
-        if self.ingest.max_in_flight == 0 {
-            return invalid("ingest.max_in_flight", "must be at least 1");
+        // tokio's Semaphore holds at most usize::MAX >> 3 permits; far more
+        // than a million requests at once is a typo, not a setting.
+        if !(1..=1_000_000).contains(&self.ingest.max_in_flight) {
+            return invalid("ingest.max_in_flight", "must be between 1 and 1000000");
+        }
+        if !self.ingest.auth_enabled && !self.ingest.listen.ip().is_loopback() {
+            return invalid(
+                "ingest.auth_enabled",
+                "may be false only when ingest.listen is a loopback address",
+            );
         }
         if self.ingest.request_timeout_secs == 0 {
             return invalid("ingest.request_timeout_secs", "must be at least 1");
@@ -672,6 +681,25 @@ mod tests {
         .to_string();
         assert!(err.contains("workers.concurrency"), "{err}");
         assert!(Settings::load_from(env(&[("ENTRIP__WORKERS__CONCURRENCY", "14")])).is_ok());
+    }
+
+    #[test]
+    fn authentication_is_off_only_on_loopback_and_the_in_flight_limit_is_bounded() {
+        let off = ("ENTRIP__INGEST__AUTH_ENABLED", "false");
+        let err = Settings::load_from(env(&[off, ("ENTRIP__INGEST__LISTEN", "0.0.0.0:8080")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("ingest.auth_enabled"), "{err}");
+        assert!(
+            Settings::load_from(env(&[off, ("ENTRIP__INGEST__LISTEN", "127.0.0.1:8080")])).is_ok()
+        );
+        assert!(Settings::load_from(env(&[off, ("ENTRIP__INGEST__LISTEN", "[::1]:8080")])).is_ok());
+        for bad in ["0", "18446744073709551615"] {
+            let err = Settings::load_from(env(&[("ENTRIP__INGEST__MAX_IN_FLIGHT", bad)]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("ingest.max_in_flight"), "{bad}: {err}");
+        }
     }
 
     #[test]

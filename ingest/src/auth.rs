@@ -70,6 +70,11 @@ pub(crate) struct Authenticator {
 /// growing the cache without end.
 const CACHE_LIMIT: usize = 10_000;
 
+/// The client every request acts as when `ingest.auth_enabled` is false: a
+/// name `ClientName::parse` refuses, so that no real client shares its
+/// idempotency scope.
+const ANONYMOUS: &str = "(anonymous)";
+
 impl Authenticator {
     pub(crate) fn new(pool: PgPool, ttl: Duration, enabled: bool, failures: IntCounterVec) -> Self {
         Self {
@@ -89,7 +94,7 @@ impl Authenticator {
     ) -> Result<Client, ApiError> {
         if !self.enabled {
             return Ok(Client {
-                name: "anonymous".into(),
+                name: ANONYMOUS.into(),
                 scopes: vec![Scope::All],
             });
         }

@@ -66,7 +66,7 @@ impl App {
         let metrics = IngestMetrics::register(&registry)?;
         if !settings.auth_enabled {
             tracing::warn!(
-                "ingest.auth_enabled is false: every /v1 request acts as client `anonymous` with every scope; only for measuring"
+                "ingest.auth_enabled is false: every /v1 request acts as client `(anonymous)` with every scope; only for measuring"
             );
         }
         let auth = Authenticator::new(
