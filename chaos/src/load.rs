@@ -36,7 +36,8 @@ use uuid::Uuid;
 
 use crate::{Error, rng::Rng};
 
-/// An API key that `Debug` does not print (the settings are logged).
+/// An API key that `Debug` does not print, so that printing the settings
+/// (`{:?}`) never shows it.
 #[derive(Clone)]
 pub struct Secret(pub String);
 

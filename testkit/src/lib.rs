@@ -298,13 +298,16 @@ impl Drop for Process {
     }
 }
 
-/// `Authorization: Bearer $ENTRIP_API_KEY` when that is set, for the load
-/// generators (ingest refuses requests without a key unless
+/// `Authorization: Bearer $ENTRIP_API_KEY` when that is set and not empty,
+/// for the load generators (ingest refuses requests without a key unless
 /// `ingest.auth_enabled` is false).
 pub fn bearer_from_env() -> Result<reqwest::header::HeaderMap, reqwest::header::InvalidHeaderValue>
 {
     let mut headers = reqwest::header::HeaderMap::new();
-    if let Ok(key) = std::env::var("ENTRIP_API_KEY") {
+    if let Some(key) = std::env::var("ENTRIP_API_KEY")
+        .ok()
+        .filter(|k| !k.trim().is_empty())
+    {
         headers.insert(
             reqwest::header::AUTHORIZATION,
             reqwest::header::HeaderValue::from_str(&format!("Bearer {}", key.trim()))?,
