@@ -123,9 +123,15 @@ pub struct IngestSettings {
     pub request_timeout_secs: u64,
     /// `Retry-After` sent with a 503.
     pub retry_after_secs: u64,
-    /// API requests processed at once; the ones beyond get a 503 at once,
-    /// before any database work.
+    /// API requests processed at once at most; the ones beyond get a 503 at
+    /// once, before any database work.
     pub max_in_flight: usize,
+    /// Whether the in-flight limit adapts to the latency the admitted
+    /// requests see (between `min_in_flight` and `max_in_flight`), or stays
+    /// at `max_in_flight`.
+    pub adaptive_in_flight: bool,
+    /// The adaptive limit's floor (capped at `max_in_flight`).
+    pub min_in_flight: usize,
     /// How long a client does not send a whole request head before its
     /// connection is closed (slow clients cannot hold connections).
     pub header_read_timeout_secs: u64,
@@ -256,6 +262,8 @@ impl Default for IngestSettings {
             request_timeout_secs: 30,
             retry_after_secs: 5,
             max_in_flight: 64,
+            adaptive_in_flight: true,
+            min_in_flight: 4,
             header_read_timeout_secs: 10,
             max_header_bytes: 16 * 1024,
             max_uri_bytes: 8 * 1024,
@@ -404,6 +412,9 @@ impl Settings {
         // than a million requests at once is a typo, not a setting.
         if !(1..=1_000_000).contains(&self.ingest.max_in_flight) {
             return invalid("ingest.max_in_flight", "must be between 1 and 1000000");
+        }
+        if self.ingest.min_in_flight == 0 {
+            return invalid("ingest.min_in_flight", "must be at least 1");
         }
         if !self.ingest.auth_enabled && !self.ingest.listen.ip().is_loopback() {
             return invalid(
@@ -700,6 +711,17 @@ mod tests {
                 .to_string();
             assert!(err.contains("ingest.max_in_flight"), "{bad}: {err}");
         }
+        let err = Settings::load_from(env(&[("ENTRIP__INGEST__MIN_IN_FLIGHT", "0")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("ingest.min_in_flight"), "{err}");
+        let fixed = Settings::load_from(env(&[
+            ("ENTRIP__INGEST__ADAPTIVE_IN_FLIGHT", "false"),
+            ("ENTRIP__INGEST__MIN_IN_FLIGHT", "2"),
+        ]))
+        .unwrap();
+        assert!(!fixed.ingest.adaptive_in_flight);
+        assert_eq!(fixed.ingest.min_in_flight, 2);
     }
 
     #[test]

@@ -8,6 +8,7 @@ mod commands;
 mod error;
 mod extract;
 pub mod idempotency;
+mod limit;
 mod metrics;
 mod requests;
 mod routes;
@@ -31,7 +32,7 @@ use hyper_util::{
 };
 use prometheus::Registry;
 use sqlx::PgPool;
-use tokio::{net::TcpListener, sync::Semaphore};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower_http::{
     catch_panic::CatchPanicLayer, sensitive_headers::SetSensitiveRequestHeadersLayer,
@@ -42,6 +43,7 @@ use crate::{
     auth::{Authenticator, Guard},
     clients::Scope,
     error::ApiError,
+    limit::InFlight,
     metrics::IngestMetrics,
 };
 
@@ -54,7 +56,7 @@ pub struct App {
     registry: Registry,
     auth: Authenticator,
     /// One permit per API request being processed (`ingest.max_in_flight`).
-    in_flight: Arc<Semaphore>,
+    in_flight: InFlight,
 }
 
 impl App {
@@ -76,7 +78,12 @@ impl App {
             metrics.auth_failures.clone(),
         );
         Ok(Self {
-            in_flight: Arc::new(Semaphore::new(settings.max_in_flight)),
+            in_flight: InFlight::new(
+                settings.adaptive_in_flight,
+                settings.min_in_flight,
+                settings.max_in_flight,
+                metrics.in_flight_limit.clone(),
+            ),
             pool,
             settings: Arc::new(settings),
             metrics,
@@ -180,12 +187,17 @@ fn router(app: App) -> Router {
         ]))
 }
 
-/// Answers 503 at once when `ingest.max_in_flight` API requests are being
-/// processed; the permit is held until the answer is ready.
+/// Answers 503 at once when the in-flight limit (at most
+/// `ingest.max_in_flight`) is reached; the permit is held until the answer
+/// is ready, and the time it took moves an adaptive limit.
 async fn shed(State(app): State<App>, req: Request, next: Next) -> Response {
-    match app.in_flight.clone().try_acquire_owned() {
-        Ok(_permit) => next.run(req).await,
-        Err(_) => {
+    match app.in_flight.try_acquire() {
+        Some(permit) => {
+            let response = next.run(req).await;
+            permit.finish(response.status().is_server_error());
+            response
+        }
+        None => {
             app.metrics.shed.inc();
             ApiError::Overloaded.into_response()
         }

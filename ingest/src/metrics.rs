@@ -7,7 +7,9 @@ use axum::{
     middleware::Next,
     response::Response,
 };
-use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry};
+use prometheus::{
+    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+};
 
 #[derive(Clone)]
 pub(crate) struct IngestMetrics {
@@ -15,6 +17,7 @@ pub(crate) struct IngestMetrics {
     duration: HistogramVec,
     pub(crate) replays: IntCounterVec,
     pub(crate) shed: IntCounter,
+    pub(crate) in_flight_limit: IntGauge,
     pub(crate) auth_failures: IntCounterVec,
 }
 
@@ -46,7 +49,11 @@ impl IngestMetrics {
         )?;
         let shed = IntCounter::new(
             "entrip_ingest_shed_total",
-            "API requests answered 503 at once because ingest.max_in_flight were in flight.",
+            "API requests answered 503 at once because the in-flight limit was reached.",
+        )?;
+        let in_flight_limit = IntGauge::new(
+            "entrip_ingest_in_flight_limit",
+            "API requests ingest admits at once now (adaptive up to ingest.max_in_flight).",
         )?;
         let auth_failures = IntCounterVec::new(
             Opts::new(
@@ -59,6 +66,7 @@ impl IngestMetrics {
             auth_failures.with_label_values(&[reason]);
         }
         registry.register(Box::new(shed.clone()))?;
+        registry.register(Box::new(in_flight_limit.clone()))?;
         registry.register(Box::new(auth_failures.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(duration.clone()))?;
@@ -68,6 +76,7 @@ impl IngestMetrics {
             duration,
             replays,
             shed,
+            in_flight_limit,
             auth_failures,
         })
     }

@@ -1,5 +1,6 @@
-//! Overload and slow clients: beyond `ingest.max_in_flight` requests are
-//! shed at once with a 503 (health, readiness and metrics never are); a
+//! Overload and slow clients: beyond the in-flight limit requests are shed
+//! at once with a 503 (health, readiness and metrics never are), and an
+//! adaptive limit shrinks when the admitted requests queue; a
 //! request past its deadline gets a problem+json 503 with `Retry-After`;
 //! slow or oversized request heads lose their connection. Nothing is ever
 //! half-stored.
@@ -104,6 +105,7 @@ async fn beyond_max_in_flight_requests_are_shed_at_once_and_the_accepted_complet
         pool.clone(),
         IngestSettings {
             max_in_flight: limit,
+            adaptive_in_flight: false,
             ..settings()
         },
     )
@@ -241,5 +243,65 @@ async fn slow_and_oversized_request_heads_lose_their_connection(pool: PgPool) {
         .await;
     assert_eq!(r.status, StatusCode::URI_TOO_LONG);
     assert!(r.is_problem(), "{:?}", r.body);
+    s.stop().await;
+}
+
+/// Sends `n` slow requests at once (each pauses `pause` in its body).
+async fn slow_wave(s: &Server, n: usize, pause: Duration) -> Vec<Raw> {
+    let wave = (0..n).map(|_| async move { slow_post(s, "/v1/users", &user_body(), pause).await });
+    futures::future::join_all(wave).await
+}
+
+/// The default, adaptive limit: it starts at `ingest.max_in_flight`, so a
+/// burst on a quiet service is admitted whole; answers that took far longer
+/// than the quickest (requests queueing) shrink it, and the next burst is
+/// shed beyond it; it never goes below `ingest.min_in_flight`.
+#[sqlx::test(migrator = "entrip_common::db::MIGRATOR")]
+async fn an_adaptive_limit_shrinks_when_requests_queue_and_sheds_beyond_it(pool: PgPool) {
+    let (max, min) = (16, 3);
+    let s = Server::start_with(
+        pool.clone(),
+        IngestSettings {
+            max_in_flight: max,
+            min_in_flight: min,
+            ..settings()
+        },
+    )
+    .await;
+    assert!(s.metric("entrip_ingest_in_flight_limit").await == max as f64);
+    // A quick answer: the no-load baseline.
+    let r = s
+        .get("/v1/users/00000000-0000-0000-0000-000000000000")
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{:?}", r.body);
+    let pause = Duration::from_millis(400);
+    let first = slow_wave(&s, max, pause).await;
+    assert!(
+        first.iter().all(|r| r.status == 201),
+        "the first burst is admitted whole: {:?}",
+        first.iter().map(|r| r.status).collect::<Vec<_>>()
+    );
+    let limit = s.metric("entrip_ingest_in_flight_limit").await;
+    assert!(
+        (min as f64..max as f64).contains(&limit),
+        "answers 100 times slower than the baseline shrank the limit: {limit}"
+    );
+    let second = slow_wave(&s, max, pause).await;
+    let created = second.iter().filter(|r| r.status == 201).count();
+    let shed = second.iter().filter(|r| r.status == 503).count();
+    assert_eq!(created + shed, max, "{second:?}");
+    assert!(
+        created >= min && (created as f64) <= limit,
+        "{created} admitted with the limit at {limit}"
+    );
+    assert_eq!(
+        s.metric("entrip_ingest_shed_total").await,
+        shed as f64,
+        "{second:?}"
+    );
+    // Nothing half-stored: one user, audit row, event and key per 201.
+    for table in ["users", "audit_log", "outbox", "idempotency_keys"] {
+        assert_eq!(s.count(table).await, (max + created) as i64, "{table}");
+    }
     s.stop().await;
 }
