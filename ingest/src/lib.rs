@@ -189,12 +189,20 @@ fn router(app: App) -> Router {
 
 /// Answers 503 at once when the in-flight limit (at most
 /// `ingest.max_in_flight`) is reached; the permit is held until the answer
-/// is ready, and the time it took moves an adaptive limit.
+/// is ready, and the time it took moves an adaptive limit. Refusals (4xx)
+/// and replays do not count: they are answered without the work of a
+/// request, and as the quickest answers they would become the no-load
+/// baseline that the real work is measured against.
 async fn shed(State(app): State<App>, req: Request, next: Next) -> Response {
     match app.in_flight.try_acquire() {
         Some(permit) => {
             let response = next.run(req).await;
-            permit.finish(response.status().is_server_error());
+            let status = response.status();
+            if status.is_client_error() || response.headers().contains_key(routes::REPLAYED) {
+                drop(permit);
+            } else {
+                permit.finish(status.is_server_error());
+            }
             response
         }
         None => {

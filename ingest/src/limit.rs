@@ -48,7 +48,8 @@ struct Control {
 }
 
 /// A request's right to run; hand it back with [`Permit::finish`] so that
-/// its latency counts (a dropped one, from a client gone away, does not).
+/// its latency counts (a dropped one, from a client gone away or an answer
+/// that is not a measure of the work, does not).
 pub(crate) struct Permit {
     _permit: OwnedSemaphorePermit,
     started: Instant,

@@ -23,6 +23,9 @@ use crate::{
     submit::submit,
 };
 
+/// The header that marks a replayed answer.
+pub(crate) const REPLAYED: &str = "idempotent-replayed";
+
 /// Submits the command and answers with its outcome; a replay carries
 /// `Idempotent-Replayed: true`.
 async fn respond(app: &App, post: Submission, command: Command) -> Result<Response, ApiError> {
@@ -46,7 +49,7 @@ async fn respond(app: &App, post: Submission, command: Command) -> Result<Respon
         app.metrics.replays.with_label_values(&[post.route]).inc();
         response
             .headers_mut()
-            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+            .insert(REPLAYED, HeaderValue::from_static("true"));
     }
     Ok(response)
 }
