@@ -51,10 +51,9 @@ struct Control {
 /// its latency counts (a dropped one, from a client gone away or an answer
 /// that is not a measure of the work, does not).
 pub(crate) struct Permit {
-    _permit: OwnedSemaphorePermit,
+    permit: OwnedSemaphorePermit,
     started: Instant,
     control: Arc<Mutex<Control>>,
-    semaphore: Arc<Semaphore>,
 }
 
 impl InFlight {
@@ -100,10 +99,9 @@ impl InFlight {
     pub(crate) fn try_acquire(&self) -> Option<Permit> {
         let permit = self.semaphore.clone().try_acquire_owned().ok()?;
         Some(Permit {
-            _permit: permit,
+            permit,
             started: Instant::now(),
             control: self.control.clone(),
-            semaphore: self.semaphore.clone(),
         })
     }
 
@@ -124,7 +122,7 @@ impl Permit {
     pub(crate) fn finish(self, failed: bool) {
         let rtt = self.started.elapsed();
         let mut control = self.control.lock().unwrap_or_else(PoisonError::into_inner);
-        control.update(&self.semaphore, rtt, failed);
+        control.update(self.permit.semaphore(), rtt, failed);
     }
 }
 
