@@ -226,9 +226,11 @@ mod tests {
         let limiter = InFlight::new(true, 1, 20, gauge());
         rounds(&limiter, 1, |_| Duration::from_millis(2));
         let before = limiter.limit();
+        // At the baseline's latency: only the errors can shrink it.
         for _ in 0..10 {
             let permits: Vec<_> = std::iter::from_fn(|| limiter.try_acquire()).collect();
-            for p in permits {
+            for mut p in permits {
+                p.started = Instant::now() - Duration::from_millis(2);
                 p.finish(true);
             }
         }
@@ -259,9 +261,19 @@ mod tests {
     #[test]
     fn a_dropped_permit_is_freed_without_counting() {
         let limiter = InFlight::new(true, 2, 20, gauge());
-        let held: Vec<_> = std::iter::from_fn(|| limiter.try_acquire()).collect();
+        rounds(&limiter, 1, |_| Duration::from_millis(2));
+        // Slow enough that counting them would shrink the limit (as the
+        // finished ones in the test above do).
+        let held: Vec<_> = std::iter::from_fn(|| limiter.try_acquire())
+            .map(|mut p| {
+                p.started = Instant::now() - Duration::from_secs(1);
+                p
+            })
+            .collect();
+        assert_eq!(held.len(), 20);
         drop(held);
         assert_eq!(limiter.limit(), 20);
-        assert!(limiter.try_acquire().is_some());
+        let again: Vec<_> = std::iter::from_fn(|| limiter.try_acquire()).collect();
+        assert_eq!(again.len(), 20, "every dropped permit is free again");
     }
 }

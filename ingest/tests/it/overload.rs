@@ -248,7 +248,15 @@ async fn slow_and_oversized_request_heads_lose_their_connection(pool: PgPool) {
 
 /// Sends `n` slow requests at once (each pauses `pause` in its body).
 async fn slow_wave(s: &Server, n: usize, pause: Duration) -> Vec<Raw> {
-    let wave = (0..n).map(|_| async move { slow_post(s, "/v1/users", &user_body(), pause).await });
+    slow_wave_of(s, n, pause, user_body).await
+}
+
+/// Sends `n` slow requests at once with the bodies `body` makes.
+async fn slow_wave_of(s: &Server, n: usize, pause: Duration, body: impl Fn() -> Value) -> Vec<Raw> {
+    let wave = (0..n).map(|_| {
+        let body = body();
+        async move { slow_post(s, "/v1/users", &body, pause).await }
+    });
     futures::future::join_all(wave).await
 }
 
@@ -268,7 +276,11 @@ async fn an_adaptive_limit_shrinks_when_requests_queue_and_sheds_beyond_it(pool:
         },
     )
     .await;
-    assert!(s.metric("entrip_ingest_in_flight_limit").await == max as f64);
+    assert_eq!(
+        s.metric("entrip_ingest_in_flight_limit").await,
+        max as f64,
+        "starts at ingest.max_in_flight"
+    );
     // A refusal does not count (a 404 is answered without the work of a
     // request); a quick create is the no-load baseline.
     let r = s
@@ -277,6 +289,15 @@ async fn an_adaptive_limit_shrinks_when_requests_queue_and_sheds_beyond_it(pool:
     assert_eq!(r.status, StatusCode::NOT_FOUND, "{:?}", r.body);
     s.create_user().await;
     let pause = Duration::from_millis(400);
+    // Slow refusals (a body without its fields: 400) do not count either,
+    // or these would shrink the limit as the slow creates below do.
+    let refused = slow_wave_of(&s, max, pause, || json!({"name": "Yoon"})).await;
+    assert!(refused.iter().all(|r| r.status == 400), "{refused:?}");
+    assert_eq!(
+        s.metric("entrip_ingest_in_flight_limit").await,
+        max as f64,
+        "refusals do not move the limit"
+    );
     let first = slow_wave(&s, max, pause).await;
     assert!(
         first.iter().all(|r| r.status == 201),
