@@ -7,6 +7,7 @@
 //!   ├─ payment.approved, payment.failed, approval.decided ─▶ entrip.settlement (quorum)
 //!   └─ #                                                   ─▶ entrip.notifications (quorum)
 //! entrip.unrouted (fanout) ─▶ entrip.unrouted (queue)
+//! entrip.ingest (topic) ─ # ─▶ entrip.ingest (quorum): upstream requests
 //! <queue>.retry.<delay>ms: TTL queues that dead-letter back to <queue>
 //! <queue>.dlq: messages that failed for good (x-delivery-limit, poison)
 //! ```
@@ -30,26 +31,54 @@ pub const EVENTS_EXCHANGE: &str = "entrip.events";
 pub const UNROUTED: &str = "entrip.unrouted";
 pub const SETTLEMENT_QUEUE: &str = "entrip.settlement";
 pub const NOTIFICATIONS_QUEUE: &str = "entrip.notifications";
+/// The topic exchange upstream systems publish requests to (routing key =
+/// the command type), and the queue ingest consumes them from.
+pub const INGEST_EXCHANGE: &str = "entrip.ingest";
+pub const INGEST_QUEUE: &str = "entrip.ingest";
 /// Header carrying why a message was dead-lettered by a consumer.
 pub const ERROR_HEADER: &str = "x-entrip-error";
 
-/// A worker queue and the routing keys it is bound with.
+/// A consumed queue (with its retry path and DLQ), the exchange it is
+/// bound to and the routing keys.
 #[derive(Debug, Clone, Copy)]
 pub struct WorkerQueue {
     pub name: &'static str,
+    pub exchange: &'static str,
     pub bindings: &'static [&'static str],
 }
 
 pub const WORKER_QUEUES: [WorkerQueue; 2] = [
     WorkerQueue {
         name: SETTLEMENT_QUEUE,
+        exchange: EVENTS_EXCHANGE,
         bindings: &["payment.approved", "payment.failed", "approval.decided"],
     },
     WorkerQueue {
         name: NOTIFICATIONS_QUEUE,
+        exchange: EVENTS_EXCHANGE,
         bindings: &["#"],
     },
 ];
+
+/// Ingest's request queue. Bound with `#`: a message with an unknown
+/// command type reaches the consumer, which dead-letters it with the
+/// reason, instead of vanishing at the exchange.
+pub const INGEST: WorkerQueue = WorkerQueue {
+    name: INGEST_QUEUE,
+    exchange: INGEST_EXCHANGE,
+    bindings: &["#"],
+};
+
+/// Every queue with a retry path and a DLQ.
+pub const CONSUMED_QUEUES: [WorkerQueue; 3] = [WORKER_QUEUES[0], WORKER_QUEUES[1], INGEST];
+
+/// The exchange a message of `dlq` goes back to when replayed.
+pub fn replay_exchange(dlq: &str) -> &'static str {
+    CONSUMED_QUEUES
+        .iter()
+        .find(|q| dlq_name(q.name) == dlq)
+        .map_or(EVENTS_EXCHANGE, |q| q.exchange)
+}
 
 pub fn dlq_name(queue: &str) -> String {
     format!("{queue}.dlq")
@@ -73,6 +102,14 @@ fn table(entries: &[(&str, AMQPValue)]) -> FieldTable {
 
 fn text(v: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(v))
+}
+
+/// The broker user of an AMQP URL (`guest` when it names none, as lapin
+/// connects then).
+pub fn user_of(url: &str) -> String {
+    url.parse::<lapin::uri::AMQPUri>()
+        .map(|uri| uri.authority.userinfo.username)
+        .unwrap_or_else(|_| "guest".to_owned())
 }
 
 /// Opens a connection named after the service (shown by `rabbitmqctl`).
@@ -164,8 +201,16 @@ pub async fn declare_topology(
             table(&[("alternate-exchange", text(UNROUTED))]),
         )
         .await?;
+    channel
+        .exchange_declare(
+            s(INGEST_EXCHANGE),
+            ExchangeKind::Topic,
+            durable,
+            FieldTable::default(),
+        )
+        .await?;
 
-    for queue in WORKER_QUEUES {
+    for queue in CONSUMED_QUEUES {
         let dlq = dlq_name(queue.name);
         channel
             .queue_declare(
@@ -212,7 +257,7 @@ pub async fn declare_topology(
             channel
                 .queue_bind(
                     s(queue.name),
-                    s(EVENTS_EXCHANGE),
+                    s(queue.exchange),
                     s(key),
                     QueueBindOptions::default(),
                     FieldTable::default(),

@@ -15,6 +15,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use crate::consumer::ConsumerSettings;
 use config::{Config, Environment, File, FileFormat};
 use serde::{Deserialize, Serialize};
 
@@ -149,6 +150,42 @@ pub struct IngestSettings {
     /// with every scope, and start-up logs a warning. Refused unless
     /// `ingest.listen` is a loopback address.
     pub auth_enabled: bool,
+    /// The AMQP request consumer (queue `entrip.ingest`).
+    pub amqp: IngestAmqpSettings,
+}
+
+/// `[ingest.amqp]`: requests that arrive through the broker.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestAmqpSettings {
+    /// Whether `ingest` consumes `entrip.ingest` beside serving HTTP.
+    pub enabled: bool,
+    /// Unacknowledged requests the broker hands the consumer.
+    pub prefetch: u16,
+    /// Requests processed at once, each holding a database connection.
+    pub concurrency: usize,
+    /// Retries (database unavailable) before a request is dead-lettered.
+    pub max_retries: u32,
+}
+
+impl IngestAmqpSettings {
+    pub fn consumer(&self) -> ConsumerSettings {
+        ConsumerSettings {
+            prefetch: self.prefetch,
+            concurrency: self.concurrency,
+            max_retries: self.max_retries,
+        }
+    }
+}
+
+impl WorkersSettings {
+    pub fn consumer(&self) -> ConsumerSettings {
+        ConsumerSettings {
+            prefetch: self.prefetch,
+            concurrency: self.concurrency,
+            max_retries: self.max_retries,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -269,6 +306,20 @@ impl Default for IngestSettings {
             max_uri_bytes: 8 * 1024,
             auth_cache_secs: 5,
             auth_enabled: true,
+            amqp: IngestAmqpSettings::default(),
+        }
+    }
+}
+
+impl Default for IngestAmqpSettings {
+    fn default() -> Self {
+        // Four prefetched per one in flight: the next ones are at hand
+        // without holding many unacknowledged in a consumer that dies.
+        Self {
+            enabled: true,
+            prefetch: 32,
+            concurrency: 8,
+            max_retries: 8,
         }
     }
 }
@@ -434,6 +485,19 @@ impl Settings {
         }
         if self.ingest.max_uri_bytes < 256 {
             return invalid("ingest.max_uri_bytes", "must be at least 256");
+        }
+        let ia = &self.ingest.amqp;
+        if ia.prefetch == 0 || ia.prefetch > 1000 {
+            return invalid("ingest.amqp.prefetch", "must be between 1 and 1000");
+        }
+        if ia.concurrency == 0
+            || ia.concurrency > usize::from(ia.prefetch)
+            || ia.concurrency > self.database.max_connections as usize
+        {
+            return invalid(
+                "ingest.amqp.concurrency",
+                "must be between 1 and ingest.amqp.prefetch, and at most database.max_connections",
+            );
         }
         if self.amqp.delivery_limit == 0 {
             return invalid("amqp.delivery_limit", "must be at least 1");

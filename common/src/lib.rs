@@ -6,6 +6,7 @@
 pub mod amqp;
 pub mod audit;
 pub mod config;
+pub mod consumer;
 pub mod db;
 pub mod domain;
 pub mod events;

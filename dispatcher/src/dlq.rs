@@ -1,8 +1,9 @@
 //! Operator access to dead letter queues: list their messages, and replay
-//! them to `entrip.events` with their original routing key and properties,
+//! them to the exchange their queue is fed from (`entrip.events`, or
+//! `entrip.ingest` for requests) with their original routing key and properties,
 //! removing each from the DLQ only after the broker confirmed the replay.
 
-use entrip_common::amqp::{ERROR_HEADER, EVENTS_EXCHANGE};
+use entrip_common::amqp::{self, ERROR_HEADER};
 use lapin::{
     BasicProperties, Channel, Confirmation,
     message::BasicGetMessage,
@@ -137,8 +138,8 @@ pub enum ReplayError {
     NotConfirmed { message_id: Option<String> },
 }
 
-/// Moves up to `limit` messages (all when `None`) from `queue` back to
-/// `entrip.events`. Returns how many were replayed.
+/// Moves up to `limit` messages (all when `None`) from `queue` back to the
+/// exchange its queue is fed from. Returns how many were replayed.
 pub async fn replay(
     channel: &Channel,
     queue: &str,
@@ -147,6 +148,7 @@ pub async fn replay(
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
+    let exchange = amqp::replay_exchange(queue);
     let mut replayed = 0;
     while limit.is_none_or(|l| replayed < l) {
         let Some(msg) = channel
@@ -164,7 +166,7 @@ pub async fn replay(
         };
         let confirmation = channel
             .basic_publish(
-                EVENTS_EXCHANGE.into(),
+                exchange.into(),
                 routing_key.as_str().into(),
                 BasicPublishOptions {
                     mandatory: true,
@@ -180,7 +182,7 @@ pub async fn replay(
             return Err(ReplayError::NotConfirmed { message_id });
         }
         channel.basic_ack(tag, BasicAckOptions::default()).await?;
-        tracing::info!(?message_id, %routing_key, "replayed from {queue}");
+        tracing::info!(?message_id, %routing_key, %exchange, "replayed from {queue}");
         replayed += 1;
     }
     Ok(replayed)
@@ -199,7 +201,8 @@ async fn requeue(channel: &Channel, tag: u64) -> Result<(), lapin::Error> {
         .await
 }
 
-/// The original properties without the dead-lettering bookkeeping.
+/// The original properties without the dead-lettering bookkeeping (a
+/// request's own `x-entrip-entity-id` stays).
 fn without_death_headers(props: BasicProperties) -> BasicProperties {
     let Some(headers) = props.headers().clone() else {
         return props;
@@ -210,7 +213,8 @@ fn without_death_headers(props: BasicProperties) -> BasicProperties {
         if name == "x-death"
             || name.starts_with("x-first-death")
             || name.starts_with("x-last-death")
-            || name.starts_with("x-entrip-")
+            || name == ERROR_HEADER
+            || name == entrip_common::consumer::ATTEMPT_HEADER
         {
             continue;
         }

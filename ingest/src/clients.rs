@@ -454,7 +454,7 @@ pub(crate) async fn lookup(pool: &PgPool, prefix: &str) -> sqlx::Result<Option<S
 
 /// The client whose working keys name broker user `user`, for requests that
 /// arrive over AMQP (their `user_id` is validated by the broker).
-pub async fn for_amqp_user(pool: &PgPool, user: &str) -> Result<Option<Client>, ClientError> {
+pub async fn for_amqp_user(pool: &PgPool, user: &str) -> sqlx::Result<Option<Client>> {
     let row = sqlx::query(
         "SELECT name, scopes FROM api_clients
           WHERE amqp_user = $1 AND revoked_at IS NULL
@@ -470,7 +470,6 @@ pub async fn for_amqp_user(pool: &PgPool, user: &str) -> Result<Option<Client>, 
         })
     })
     .transpose()
-    .map_err(ClientError::from)
 }
 
 #[cfg(test)]

@@ -1,9 +1,10 @@
 //! The commands ingest accepts and their business rules. Each command runs
 //! inside the request's transaction and writes the change, its audit row and
 //! its outbox event together; the caller commits with the idempotency record.
-//! Commands are transport-free so that HTTP and AMQP share them.
+//! Commands are transport-free so that HTTP and AMQP share them: they answer
+//! with a [`Reply`] or a [`CommandError`], and each transport maps those (HTTP
+//! in `error.rs`, AMQP in `amqp.rs`).
 
-use axum::http::StatusCode;
 use entrip_common::{
     domain::{
         AggregateType, ApprovalStatus, BookingStatus, Decision, EventType, PaymentOutcome,
@@ -22,7 +23,7 @@ use entrip_common::store::{
     users::{self, NewUser},
 };
 
-use crate::error::ApiError;
+use crate::requests::FieldError;
 
 /// A validated request (see `requests.rs`); commands on an existing entity
 /// carry its id, from the HTTP path.
@@ -79,26 +80,97 @@ impl Context {
     }
 }
 
-/// The answer to a command: status and JSON body.
+/// The answer to a command: the status the HTTP API answers with (201 or
+/// 200; the AMQP reply carries it in `x-entrip-status`) and the JSON body.
 #[derive(Debug, Clone)]
 pub(crate) struct Reply {
-    pub(crate) status: StatusCode,
+    pub(crate) status: u16,
     pub(crate) body: Value,
 }
 
 impl Reply {
     fn created(body: Value) -> Self {
-        Self {
-            status: StatusCode::CREATED,
-            body,
-        }
+        Self { status: 201, body }
     }
 
     fn ok(body: Value) -> Self {
-        Self {
-            status: StatusCode::OK,
-            body,
+        Self { status: 200, body }
+    }
+}
+
+/// Why a command was not carried out. Nothing of it is stored: the
+/// transaction rolls back.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum CommandError {
+    #[error("{entity} {id} not found")]
+    NotFound { entity: &'static str, id: String },
+    /// A state transition that is not allowed, or a duplicate.
+    #[error("{0}")]
+    Conflict(String),
+    /// A rule across fields or entities (e.g. a payment's amount differs
+    /// from its booking's).
+    #[error("{detail}")]
+    Unprocessable {
+        detail: String,
+        errors: Vec<FieldError>,
+    },
+    /// The idempotency key was used for another request.
+    #[error("{0}")]
+    IdempotencyMisuse(String),
+    /// A value the validation let through but the schema refuses: still the
+    /// sender's fault.
+    #[error("{0}")]
+    Refused(String),
+    #[error("database unavailable")]
+    Unavailable(#[source] sqlx::Error),
+    #[error("the idempotency key kept changing under this request")]
+    Contended,
+    #[error("database error")]
+    Database(#[source] sqlx::Error),
+    #[error("cannot render the response")]
+    Render(#[source] serde_json::Error),
+}
+
+impl CommandError {
+    pub(crate) fn not_found(entity: &'static str, id: Uuid) -> Self {
+        Self::NotFound {
+            entity,
+            id: id.to_string(),
         }
+    }
+
+    /// A rule across fields or entities was broken, at `field`.
+    pub(crate) fn rule(field: &str, detail: impl Into<String>) -> Self {
+        let detail = detail.into();
+        Self::Unprocessable {
+            errors: vec![FieldError::new(field, detail.clone())],
+            detail,
+        }
+    }
+}
+
+impl From<sqlx::Error> for CommandError {
+    fn from(err: sqlx::Error) -> Self {
+        if entrip_common::db::is_unavailable(&err) {
+            return Self::Unavailable(err);
+        }
+        if let sqlx::Error::Database(dbe) = &err {
+            let code = dbe.code().map(|c| c.into_owned()).unwrap_or_default();
+            let constraint = dbe
+                .constraint()
+                .map(|c| format!(" (constraint {c})"))
+                .unwrap_or_default();
+            // Safety net: never a 500 for bad input.
+            if code == "23514" || code.starts_with("22") {
+                return Self::Refused(format!("a value was refused by the database{constraint}"));
+            }
+            if code == "23505" {
+                return Self::Conflict(format!(
+                    "the request conflicts with stored data{constraint}"
+                ));
+            }
+        }
+        Self::Database(err)
     }
 }
 
@@ -117,7 +189,7 @@ async fn record(
     conn: &mut PgConnection,
     ctx: &Context,
     change: Change<'_>,
-) -> Result<(), ApiError> {
+) -> Result<(), CommandError> {
     let mut detail = change.detail;
     detail["channel"] = json!(ctx.channel);
     detail["client"] = json!(ctx.client);
@@ -145,7 +217,7 @@ pub(crate) async fn execute(
     conn: &mut PgConnection,
     cmd: Command,
     ctx: &Context,
-) -> Result<Reply, ApiError> {
+) -> Result<Reply, CommandError> {
     match cmd {
         Command::CreateUser(user) => create_user(conn, user, ctx).await,
         Command::CreateBooking(booking) => create_booking(conn, booking, ctx).await,
@@ -160,9 +232,9 @@ pub(crate) async fn execute(
 }
 
 /// Maps a unique violation on `constraint` to a 409 with `message`.
-fn conflict_on(err: sqlx::Error, constraint: &str, message: &str) -> ApiError {
+fn conflict_on(err: sqlx::Error, constraint: &str, message: &str) -> CommandError {
     match entrip_common::db::unique_violation(&err) {
-        Some(c) if c == constraint => ApiError::Conflict(message.to_owned()),
+        Some(c) if c == constraint => CommandError::Conflict(message.to_owned()),
         _ => err.into(),
     }
 }
@@ -171,7 +243,7 @@ async fn create_user(
     conn: &mut PgConnection,
     user: NewUser,
     ctx: &Context,
-) -> Result<Reply, ApiError> {
+) -> Result<Reply, CommandError> {
     let id = Uuid::now_v7();
     let row = users::insert(conn, id, &user).await.map_err(|e| {
         conflict_on(
@@ -180,7 +252,7 @@ async fn create_user(
             "a user with this email already exists",
         )
     })?;
-    let view = serde_json::to_value(&row).map_err(ApiError::Render)?;
+    let view = serde_json::to_value(&row).map_err(CommandError::Render)?;
     record(
         conn,
         ctx,
@@ -202,9 +274,9 @@ async fn create_booking(
     conn: &mut PgConnection,
     booking: NewBooking,
     ctx: &Context,
-) -> Result<Reply, ApiError> {
+) -> Result<Reply, CommandError> {
     if !users::exists(conn, booking.user_id).await? {
-        return Err(ApiError::not_found("user", booking.user_id));
+        return Err(CommandError::not_found("user", booking.user_id));
     }
     let id = Uuid::now_v7();
     tracing::Span::current().record("booking_id", tracing::field::display(id));
@@ -238,18 +310,20 @@ async fn cancel_booking(
     id: Uuid,
     Cancellation { reason }: Cancellation,
     ctx: &Context,
-) -> Result<Reply, ApiError> {
+) -> Result<Reply, CommandError> {
     tracing::Span::current().record("booking_id", tracing::field::display(id));
     let booking = bookings::lock(conn, id)
         .await?
-        .ok_or_else(|| ApiError::not_found("booking", id))?;
+        .ok_or_else(|| CommandError::not_found("booking", id))?;
     match booking.status() {
         Some(BookingStatus::Pending) => {}
         Some(BookingStatus::Canceled) => {
-            return Err(ApiError::Conflict("the booking is already canceled".into()));
+            return Err(CommandError::Conflict(
+                "the booking is already canceled".into(),
+            ));
         }
         _ => {
-            return Err(ApiError::Conflict(format!(
+            return Err(CommandError::Conflict(format!(
                 "a {} booking cannot be canceled; only PENDING bookings can",
                 booking.status
             )));
@@ -278,19 +352,19 @@ async fn create_payment(
     conn: &mut PgConnection,
     payment: NewPayment,
     ctx: &Context,
-) -> Result<Reply, ApiError> {
+) -> Result<Reply, CommandError> {
     tracing::Span::current().record("booking_id", tracing::field::display(payment.booking_id));
     let booking = bookings::lock(conn, payment.booking_id)
         .await?
-        .ok_or_else(|| ApiError::not_found("booking", payment.booking_id))?;
+        .ok_or_else(|| CommandError::not_found("booking", payment.booking_id))?;
     if booking.status() != Some(BookingStatus::Pending) {
-        return Err(ApiError::Conflict(format!(
+        return Err(CommandError::Conflict(format!(
             "the booking is {}; payments are accepted only for PENDING bookings",
             booking.status
         )));
     }
     if payment.amount.currency().code() != booking.currency {
-        return Err(ApiError::rule(
+        return Err(CommandError::rule(
             "currency",
             format!(
                 "payment currency {} differs from the booking's {}",
@@ -300,7 +374,7 @@ async fn create_payment(
         ));
     }
     if payment.amount.amount() != booking.amount {
-        return Err(ApiError::rule(
+        return Err(CommandError::rule(
             "amount",
             format!(
                 "payment amount {} differs from the booking's {}",
@@ -310,7 +384,7 @@ async fn create_payment(
         ));
     }
     if let Some(live) = payments::live_for_booking(conn, booking.id).await? {
-        return Err(ApiError::Conflict(format!(
+        return Err(CommandError::Conflict(format!(
             "the booking already has a {} payment {}",
             live.status, live.id
         )));
@@ -350,13 +424,13 @@ async fn record_payment_result(
         reason,
     }: PaymentResult,
     ctx: &Context,
-) -> Result<Reply, ApiError> {
+) -> Result<Reply, CommandError> {
     let payment = payments::lock(conn, id)
         .await?
-        .ok_or_else(|| ApiError::not_found("payment", id))?;
+        .ok_or_else(|| CommandError::not_found("payment", id))?;
     tracing::Span::current().record("booking_id", tracing::field::display(payment.booking_id));
     if payment.status() != Some(PaymentStatus::Pending) {
-        return Err(ApiError::Conflict(format!(
+        return Err(CommandError::Conflict(format!(
             "the payment is already {}; a result can be recorded only once",
             payment.status
         )));
@@ -395,27 +469,27 @@ async fn create_approval(
     conn: &mut PgConnection,
     approval: NewApproval,
     ctx: &Context,
-) -> Result<Reply, ApiError> {
+) -> Result<Reply, CommandError> {
     tracing::Span::current().record("booking_id", tracing::field::display(approval.booking_id));
     let booking = bookings::lock(conn, approval.booking_id)
         .await?
-        .ok_or_else(|| ApiError::not_found("booking", approval.booking_id))?;
+        .ok_or_else(|| CommandError::not_found("booking", approval.booking_id))?;
     if !users::exists(conn, approval.requester_id).await? {
-        return Err(ApiError::not_found("user", approval.requester_id));
+        return Err(CommandError::not_found("user", approval.requester_id));
     }
     if booking.status() != Some(BookingStatus::Pending) {
-        return Err(ApiError::Conflict(format!(
+        return Err(CommandError::Conflict(format!(
             "the booking is {}; approvals can be requested only for PENDING bookings",
             booking.status
         )));
     }
     if !booking.requires_approval {
-        return Err(ApiError::Conflict(
+        return Err(CommandError::Conflict(
             "the booking does not require approval (requiresApproval is false)".into(),
         ));
     }
     if let Some(live) = approvals::live_for_booking(conn, booking.id).await? {
-        return Err(ApiError::Conflict(format!(
+        return Err(CommandError::Conflict(format!(
             "the booking already has a {} approval {}",
             live.status, live.id
         )));
@@ -455,32 +529,32 @@ async fn decide_approval(
         reason,
     }: ApprovalDecision,
     ctx: &Context,
-) -> Result<Reply, ApiError> {
+) -> Result<Reply, CommandError> {
     // Lock order everywhere: booking, then its payment or approval.
     let Some(peek) = approvals::get(conn, id).await? else {
-        return Err(ApiError::not_found("approval", id));
+        return Err(CommandError::not_found("approval", id));
     };
     tracing::Span::current().record("booking_id", tracing::field::display(peek.booking_id));
     let booking = bookings::lock(conn, peek.booking_id)
         .await?
-        .ok_or_else(|| ApiError::not_found("booking", peek.booking_id))?;
+        .ok_or_else(|| CommandError::not_found("booking", peek.booking_id))?;
     let approval = approvals::lock(conn, id)
         .await?
-        .ok_or_else(|| ApiError::not_found("approval", id))?;
+        .ok_or_else(|| CommandError::not_found("approval", id))?;
     if !users::exists(conn, approver_id).await? {
-        return Err(ApiError::not_found("user", approver_id));
+        return Err(CommandError::not_found("user", approver_id));
     }
     if approval.status() != Some(ApprovalStatus::Pending) {
-        return Err(ApiError::Conflict(format!(
+        return Err(CommandError::Conflict(format!(
             "the approval is already {}",
             approval.status
         )));
     }
     if booking.status() == Some(BookingStatus::Canceled) {
-        return Err(ApiError::Conflict("the booking is canceled".into()));
+        return Err(CommandError::Conflict("the booking is canceled".into()));
     }
     if approvals::has_decided(conn, id, approver_id).await? {
-        return Err(ApiError::Conflict(
+        return Err(CommandError::Conflict(
             "this approver already decided a step of this approval".into(),
         ));
     }

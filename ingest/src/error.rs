@@ -8,11 +8,11 @@ use axum::{
     http::{HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
-use entrip_common::db;
 use uuid::Uuid;
 
 use crate::{
     auth::Refused,
+    commands::CommandError,
     requests::{FieldError, Refusal},
 };
 
@@ -48,6 +48,12 @@ pub(crate) enum ApiError {
     IdempotencyMisuse(String),
     #[error("request refused: {}", .0.reason())]
     Refused(Refused),
+    /// An AMQP request whose broker user is no API client's (401).
+    #[error("{0}")]
+    Unidentified(String),
+    /// An AMQP request whose client lacks the command's scope (403).
+    #[error("{0}")]
+    Forbidden(String),
     #[error("request URI longer than {limit} bytes")]
     UriTooLong { limit: usize },
     #[error("too many requests in flight")]
@@ -64,6 +70,8 @@ pub(crate) enum ApiError {
     Render(#[source] serde_json::Error),
     #[error("handler panicked: {0}")]
     Panicked(String),
+    #[error("stored status {0} is not an HTTP status")]
+    BadStatus(u16),
 }
 
 /// `err` and its sources, `: `-separated, for the log line.
@@ -81,21 +89,14 @@ fn chain(err: &dyn std::error::Error) -> String {
 impl ApiError {
     /// A rule across fields or entities was broken (422), at `field`.
     pub(crate) fn rule(field: &str, detail: impl Into<String>) -> Self {
-        let detail = detail.into();
-        Self::Unprocessable {
-            errors: vec![FieldError::new(field, detail.clone())],
-            detail,
-        }
+        CommandError::rule(field, detail).into()
     }
 
     pub(crate) fn not_found(entity: &'static str, id: Uuid) -> Self {
-        Self::NotFound {
-            entity,
-            id: id.to_string(),
-        }
+        CommandError::not_found(entity, id).into()
     }
 
-    fn status(&self) -> StatusCode {
+    pub(crate) fn status(&self) -> StatusCode {
         match self {
             Self::Validation(_) | Self::BadJson(_) | Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -106,13 +107,13 @@ impl ApiError {
             Self::Unprocessable { .. } | Self::IdempotencyMisuse(_) => {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
-            Self::Refused(Refused::Scope(_)) => StatusCode::FORBIDDEN,
-            Self::Refused(_) => StatusCode::UNAUTHORIZED,
+            Self::Refused(Refused::Scope(_)) | Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::Refused(_) | Self::Unidentified(_) => StatusCode::UNAUTHORIZED,
             Self::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
             Self::Overloaded | Self::TimedOut { .. } | Self::Unavailable(_) | Self::Contended => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            Self::Database(_) | Self::Render(_) | Self::Panicked(_) => {
+            Self::Database(_) | Self::Render(_) | Self::Panicked(_) | Self::BadStatus(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
         }
@@ -131,22 +132,22 @@ impl ApiError {
             Self::Conflict(_) => ("conflict", "State conflict"),
             Self::Unprocessable { .. } => ("unprocessable", "Request breaks a business rule"),
             Self::IdempotencyMisuse(_) => ("idempotency-key-reused", "Idempotency-Key misuse"),
-            Self::Refused(Refused::Scope(_)) => ("forbidden", "Scope missing"),
-            Self::Refused(_) => ("unauthorized", "Authentication required"),
+            Self::Refused(Refused::Scope(_)) | Self::Forbidden(_) => ("forbidden", "Scope missing"),
+            Self::Refused(_) | Self::Unidentified(_) => ("unauthorized", "Authentication required"),
             Self::UriTooLong { .. } => ("uri-too-long", "Request URI too long"),
             Self::Overloaded => ("overloaded", "Too many requests in flight"),
             Self::TimedOut { .. } => ("timeout", "Request timed out"),
             Self::Unavailable(_) | Self::Contended => {
                 ("unavailable", "Service temporarily unavailable")
             }
-            Self::Database(_) | Self::Render(_) | Self::Panicked(_) => {
+            Self::Database(_) | Self::Render(_) | Self::Panicked(_) | Self::BadStatus(_) => {
                 ("internal", "Internal error")
             }
         }
     }
 
     /// The problem+json body.
-    fn body(&self) -> serde_json::Value {
+    pub(crate) fn body(&self) -> serde_json::Value {
         let (slug, title) = self.kind();
         let status = self.status().as_u16();
         let detail = match self {
@@ -156,7 +157,7 @@ impl ApiError {
                 .collect::<Vec<_>>()
                 .join("; "),
             // Internals and database details stay in the logs.
-            Self::Database(_) | Self::Render(_) | Self::Panicked(_) => {
+            Self::Database(_) | Self::Render(_) | Self::Panicked(_) | Self::BadStatus(_) => {
                 "an unexpected error occurred; it has been logged".to_owned()
             }
             Self::Unavailable(_) => "the database is unavailable; retry later".to_owned(),
@@ -202,33 +203,28 @@ impl From<Refusal> for ApiError {
     }
 }
 
+impl From<CommandError> for ApiError {
+    fn from(err: CommandError) -> Self {
+        match err {
+            CommandError::NotFound { entity, id } => Self::NotFound { entity, id },
+            CommandError::Conflict(detail) => Self::Conflict(detail),
+            CommandError::Unprocessable { detail, errors } => {
+                Self::Unprocessable { detail, errors }
+            }
+            CommandError::IdempotencyMisuse(detail) => Self::IdempotencyMisuse(detail),
+            CommandError::Refused(detail) => Self::BadRequest(detail),
+            CommandError::Unavailable(err) => Self::Unavailable(err),
+            CommandError::Contended => Self::Contended,
+            CommandError::Database(err) => Self::Database(err),
+            CommandError::Render(err) => Self::Render(err),
+        }
+    }
+}
+
+/// The reads (GETs) fail as the commands do.
 impl From<sqlx::Error> for ApiError {
     fn from(err: sqlx::Error) -> Self {
-        if db::is_unavailable(&err) {
-            return Self::Unavailable(err);
-        }
-        if let sqlx::Error::Database(dbe) = &err {
-            let code = dbe.code().map(|c| c.into_owned()).unwrap_or_default();
-            // Safety net: a value the validation let through but the schema
-            // refuses is still the client's fault, never a 500.
-            if code == "23514" || code.starts_with("22") {
-                return Self::BadRequest(format!(
-                    "a value was refused by the database{}",
-                    dbe.constraint()
-                        .map(|c| format!(" (constraint {c})"))
-                        .unwrap_or_default()
-                ));
-            }
-            if code == "23505" {
-                return Self::Conflict(format!(
-                    "the request conflicts with stored data{}",
-                    dbe.constraint()
-                        .map(|c| format!(" (constraint {c})"))
-                        .unwrap_or_default()
-                ));
-            }
-        }
-        Self::Database(err)
+        CommandError::from(err).into()
     }
 }
 

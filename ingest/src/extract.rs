@@ -1,8 +1,7 @@
 //! The HTTP side of a request, as axum extractors: the `Idempotency-Key`
 //! header ([`Key`]), who is calling ([`Caller`]: the API client the bearer
-//! check of `auth.rs` let in, and the trace context), a path id ([`PathId`]),
-//! and the body with the request's fingerprint ([`JsonBody`]); [`Post`]
-//! bundles what every POST needs. Each answers a bad request with the
+//! check of `auth.rs` let in, and the trace context), a path id ([`PathId`]);
+//! [`Post`] bundles what every POST needs, its body as bytes. Each answers a bad request with the
 //! problem+json of `error.rs`. What a body means is `requests.rs`'s.
 
 use axum::{
@@ -12,17 +11,10 @@ use axum::{
 };
 use entrip_common::domain::IdempotencyKey;
 use http_body_util::BodyExt;
-use serde::de::DeserializeOwned;
 use uuid::Uuid;
 
 use crate::{
-    App,
-    auth::Refused,
-    clients::Client,
-    commands::Context,
-    error::ApiError,
-    idempotency::Fingerprint,
-    requests::{self, Refusal},
+    App, auth::Refused, clients::Client, commands::Context, error::ApiError, requests::Refusal,
 };
 
 /// The `Idempotency-Key` header, required on every POST.
@@ -74,7 +66,12 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
 /// A valid W3C `traceparent` header, if one was sent (an invalid one is
 /// ignored, as the W3C recommendation says).
 fn traceparent(headers: &HeaderMap) -> Option<String> {
-    let value = headers.get("traceparent")?.to_str().ok()?.trim();
+    valid_traceparent(headers.get("traceparent")?.to_str().ok()?)
+}
+
+/// `value` if it is a valid W3C `traceparent`.
+pub(crate) fn valid_traceparent(value: &str) -> Option<String> {
+    let value = value.trim();
     let parts: Vec<&str> = value.split('-').collect();
     let hex = |s: &str, n: usize| {
         s.len() == n && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
@@ -103,28 +100,6 @@ impl<S: Send + Sync> FromRequestParts<S> for PathId {
             .await
             .map_err(|_| invalid())?;
         Uuid::parse_str(&raw).map(Self).map_err(|_| invalid())
-    }
-}
-
-/// The body, at most `ingest.body_limit_bytes` of JSON, parsed strictly
-/// into `B`; with the fingerprint (method, path, canonical body) that tells
-/// a replay from a misuse of the key.
-pub(crate) struct JsonBody<B> {
-    pub(crate) body: B,
-    pub(crate) fingerprint: Fingerprint,
-}
-
-impl<B: DeserializeOwned> FromRequest<App> for JsonBody<B> {
-    type Rejection = ApiError;
-
-    async fn from_request(req: Request, app: &App) -> Result<Self, ApiError> {
-        let (parts, body) = req.into_parts();
-        let bytes = read_body(&parts.headers, body, app.settings.body_limit_bytes).await?;
-        let (body, value) = requests::parse_json::<B>(&bytes)?;
-        Ok(Self {
-            body,
-            fingerprint: Fingerprint::new(parts.method.as_str(), parts.uri.path(), &value),
-        })
     }
 }
 
@@ -158,23 +133,18 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Vec<
     }
 }
 
-/// What every POST carries besides its body and path id.
-pub(crate) struct Submission {
+/// A POST: the key first (no body is read for a request without one), the
+/// caller, then the body's bytes (at most `ingest.body_limit_bytes`, JSON).
+/// What the body means is the command type's (`requests.rs`).
+pub(crate) struct Post {
     pub(crate) key: IdempotencyKey,
-    pub(crate) fingerprint: Fingerprint,
     pub(crate) context: Context,
     /// The route template, e.g. `/v1/bookings/{id}/cancel` (metric label).
     pub(crate) route: String,
+    pub(crate) bytes: Vec<u8>,
 }
 
-/// A POST: the key first (no body is read for a request without one), the
-/// caller, then the body.
-pub(crate) struct Post<B> {
-    pub(crate) submission: Submission,
-    pub(crate) body: B,
-}
-
-impl<B: DeserializeOwned> FromRequest<App> for Post<B> {
+impl FromRequest<App> for Post {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, app: &App) -> Result<Self, ApiError> {
@@ -185,8 +155,7 @@ impl<B: DeserializeOwned> FromRequest<App> for Post<B> {
             .extensions
             .get::<MatchedPath>()
             .map_or_else(|| parts.uri.path().to_owned(), |p| p.as_str().to_owned());
-        let JsonBody { body, fingerprint } =
-            JsonBody::from_request(Request::from_parts(parts, body), app).await?;
+        let bytes = read_body(&parts.headers, body, app.settings.body_limit_bytes).await?;
         let context = Context {
             channel: "http",
             client: caller.client.name,
@@ -194,13 +163,10 @@ impl<B: DeserializeOwned> FromRequest<App> for Post<B> {
             traceparent: caller.traceparent,
         };
         Ok(Self {
-            submission: Submission {
-                key,
-                fingerprint,
-                context,
-                route,
-            },
-            body,
+            key,
+            context,
+            route,
+            bytes,
         })
     }
 }

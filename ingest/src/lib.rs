@@ -1,7 +1,9 @@
-//! Entrip ingest: the HTTP API that validates requests from upstream systems
-//! and stores each accepted change with its audit row, its outbox event and
-//! its idempotency record in one PostgreSQL transaction.
+//! Entrip ingest: the HTTP API and the AMQP request consumer (`amqp.rs`)
+//! that validate requests from upstream systems and store each accepted
+//! change with its audit row, its outbox event and its idempotency record
+//! in one PostgreSQL transaction.
 
+pub mod amqp;
 mod auth;
 pub mod clients;
 mod commands;

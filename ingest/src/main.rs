@@ -6,7 +6,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use entrip_common::{config::Settings, db, metrics::new_registry, service, shutdown, telemetry};
 use entrip_ingest::{
-    App,
+    App, amqp,
     clients::{self, ClientName, Scope},
     idempotency, purge_loop, serve,
 };
@@ -22,7 +22,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Run the HTTP API (the default).
+    /// Run the HTTP API and the AMQP request consumer (the default).
     Serve,
     /// Apply the database migrations and exit.
     Migrate,
@@ -96,8 +96,18 @@ async fn main() -> anyhow::Result<()> {
                 token.clone(),
             ));
             let app = App::new(pool.clone(), settings.ingest.clone(), new_registry())?;
-            tracing::info!(%listen, "ingest listening");
+            // Requests through the broker, beside HTTP; on shutdown it
+            // finishes the messages in flight.
+            let consumer = settings.ingest.amqp.enabled.then(|| {
+                tokio::spawn(amqp::consumer(&app, settings.amqp.clone()).run(token.clone()))
+            });
+            tracing::info!(%listen, amqp = settings.ingest.amqp.enabled, "ingest listening");
             serve(listener, app, token).await?;
+            if let Some(consumer) = consumer
+                && let Err(err) = consumer.await
+            {
+                tracing::error!(%err, "the AMQP consumer failed");
+            }
             purge.abort();
             pool.close().await;
             tracing::info!("ingest stopped");

@@ -19,6 +19,11 @@ pub(crate) struct IngestMetrics {
     pub(crate) shed: IntCounter,
     pub(crate) in_flight_limit: IntGauge,
     pub(crate) auth_failures: IntCounterVec,
+    /// AMQP requests by type and outcome.
+    messages: IntCounterVec,
+    message_duration: HistogramVec,
+    /// AMQP replies that did not reach their queue, by reason.
+    pub(crate) reply_failures: IntCounterVec,
 }
 
 impl IngestMetrics {
@@ -58,13 +63,43 @@ impl IngestMetrics {
         let auth_failures = IntCounterVec::new(
             Opts::new(
                 "entrip_ingest_auth_failures_total",
-                "API requests refused by the bearer check, by reason.",
+                "API requests (HTTP: the bearer check; AMQP: the broker user) refused, by reason.",
             ),
             &["reason"],
         )?;
         for reason in ["missing", "unknown", "revoked", "scope"] {
             auth_failures.with_label_values(&[reason]);
         }
+        let messages = IntCounterVec::new(
+            Opts::new(
+                "entrip_ingest_messages_total",
+                "AMQP requests handled by ingest, by command type and outcome.",
+            ),
+            &["type", "outcome"],
+        )?;
+        let message_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "entrip_ingest_message_duration_seconds",
+                "Time to handle one AMQP request, reply and acknowledgement included.",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
+            &["type"],
+        )?;
+        let reply_failures = IntCounterVec::new(
+            Opts::new(
+                "entrip_ingest_reply_failures_total",
+                "AMQP replies that did not reach their queue (unroutable, broker), the request stored all the same.",
+            ),
+            &["reason"],
+        )?;
+        for reason in ["unroutable", "broker"] {
+            reply_failures.with_label_values(&[reason]);
+        }
+        registry.register(Box::new(messages.clone()))?;
+        registry.register(Box::new(message_duration.clone()))?;
+        registry.register(Box::new(reply_failures.clone()))?;
         registry.register(Box::new(shed.clone()))?;
         registry.register(Box::new(in_flight_limit.clone()))?;
         registry.register(Box::new(auth_failures.clone()))?;
@@ -78,7 +113,18 @@ impl IngestMetrics {
             shed,
             in_flight_limit,
             auth_failures,
+            messages,
+            message_duration,
+            reply_failures,
         })
+    }
+
+    /// The AMQP consumer's share.
+    pub(crate) fn consumer(&self) -> entrip_common::consumer::ConsumerMetrics {
+        entrip_common::consumer::ConsumerMetrics {
+            messages: self.messages.clone(),
+            duration: self.message_duration.clone(),
+        }
     }
 }
 

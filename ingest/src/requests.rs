@@ -22,7 +22,10 @@ use serde::{
 };
 use uuid::Uuid;
 
-use crate::commands::{ApprovalDecision, Cancellation, PaymentResult};
+use crate::{
+    clients::Scope,
+    commands::{ApprovalDecision, Cancellation, Command, PaymentResult},
+};
 
 const NAME_MAX: usize = 100;
 const PLACE_MAX: usize = 100;
@@ -545,5 +548,130 @@ mod tests {
         // The amount cannot be checked without a currency: not reported
         // twice, and not on its own.
         assert_eq!(got, ["bookingId", "method", "currency", "tax"]);
+    }
+}
+
+// ---------------------------------------------------------- command types
+
+/// The commands by name: the AMQP `type` property, the HTTP route that
+/// carries the same command, and the scope it needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CommandType {
+    UserCreate,
+    BookingCreate,
+    BookingCancel,
+    PaymentCreate,
+    PaymentResult,
+    ApprovalCreate,
+    ApprovalDecision,
+}
+
+impl CommandType {
+    pub(crate) const EVERY: [CommandType; 7] = [
+        Self::UserCreate,
+        Self::BookingCreate,
+        Self::BookingCancel,
+        Self::PaymentCreate,
+        Self::PaymentResult,
+        Self::ApprovalCreate,
+        Self::ApprovalDecision,
+    ];
+
+    pub(crate) fn parse(name: &str) -> Option<Self> {
+        Self::EVERY.into_iter().find(|t| t.as_str() == name)
+    }
+
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::UserCreate => "user.create",
+            Self::BookingCreate => "booking.create",
+            Self::BookingCancel => "booking.cancel",
+            Self::PaymentCreate => "payment.create",
+            Self::PaymentResult => "payment.result",
+            Self::ApprovalCreate => "approval.create",
+            Self::ApprovalDecision => "approval.decision",
+        }
+    }
+
+    pub(crate) fn scope(self) -> Scope {
+        match self {
+            Self::UserCreate => Scope::UsersWrite,
+            Self::BookingCreate | Self::BookingCancel => Scope::BookingsWrite,
+            Self::PaymentCreate => Scope::PaymentsWrite,
+            Self::PaymentResult => Scope::PaymentsResult,
+            Self::ApprovalCreate => Scope::ApprovalsWrite,
+            Self::ApprovalDecision => Scope::ApprovalsDecide,
+        }
+    }
+
+    /// Whether the command acts on an existing entity (named in the HTTP
+    /// path, or in the AMQP header `x-entrip-entity-id`).
+    pub(crate) fn on_entity(self) -> bool {
+        matches!(
+            self,
+            Self::BookingCancel | Self::PaymentResult | Self::ApprovalDecision
+        )
+    }
+
+    /// The HTTP path of the same request; with the body, what tells a
+    /// replay from a misuse of the key, whichever transport it came by.
+    pub(crate) fn path(self, id: Option<Uuid>) -> String {
+        let id = id.map(|id| id.to_string()).unwrap_or_default();
+        match self {
+            Self::UserCreate => "/v1/users".to_owned(),
+            Self::BookingCreate => "/v1/bookings".to_owned(),
+            Self::BookingCancel => format!("/v1/bookings/{id}/cancel"),
+            Self::PaymentCreate => "/v1/payments".to_owned(),
+            Self::PaymentResult => format!("/v1/payments/{id}/result"),
+            Self::ApprovalCreate => "/v1/approvals".to_owned(),
+            Self::ApprovalDecision => format!("/v1/approvals/{id}/decision"),
+        }
+    }
+
+    /// Parses and validates a body of this type into its command (`id` is
+    /// the entity's, for the commands on one); also returns the body as the
+    /// canonical `Value` the fingerprint hashes.
+    pub(crate) fn command(
+        self,
+        id: Option<Uuid>,
+        bytes: &[u8],
+    ) -> Result<(Command, serde_json::Value), Refusal> {
+        fn parsed<B: DeserializeOwned, C: TryFrom<B, Error = Refusal>>(
+            bytes: &[u8],
+        ) -> Result<(C, serde_json::Value), Refusal> {
+            let (body, value) = parse_json::<B>(bytes)?;
+            Ok((C::try_from(body)?, value))
+        }
+        let entity = || id.ok_or_else(|| Refusal::field("id", "the entity's id is required"));
+        Ok(match self {
+            Self::UserCreate => {
+                let (c, v) = parsed::<CreateUserBody, _>(bytes)?;
+                (Command::CreateUser(c), v)
+            }
+            Self::BookingCreate => {
+                let (c, v) = parsed::<CreateBookingBody, _>(bytes)?;
+                (Command::CreateBooking(c), v)
+            }
+            Self::BookingCancel => {
+                let (c, v) = parsed::<CancelBookingBody, _>(bytes)?;
+                (Command::CancelBooking(entity()?, c), v)
+            }
+            Self::PaymentCreate => {
+                let (c, v) = parsed::<CreatePaymentBody, _>(bytes)?;
+                (Command::CreatePayment(c), v)
+            }
+            Self::PaymentResult => {
+                let (c, v) = parsed::<PaymentResultBody, _>(bytes)?;
+                (Command::RecordPaymentResult(entity()?, c), v)
+            }
+            Self::ApprovalCreate => {
+                let (c, v) = parsed::<CreateApprovalBody, _>(bytes)?;
+                (Command::CreateApproval(c), v)
+            }
+            Self::ApprovalDecision => {
+                let (c, v) = parsed::<DecisionBody, _>(bytes)?;
+                (Command::DecideApproval(entity()?, c), v)
+            }
+        })
     }
 }

@@ -3,50 +3,58 @@
 
 use axum::{
     extract::State,
-    http::{HeaderValue, Uri},
+    http::{HeaderValue, StatusCode, Uri},
     response::{IntoResponse, Response},
 };
 use serde_json::json;
 use tracing::Instrument;
+use uuid::Uuid;
 
 use entrip_common::store::{approvals, bookings, payments, settlements, users};
 
 use crate::{
     App,
-    commands::Command,
     error::ApiError,
-    extract::{PathId, Post, Submission},
-    requests::{
-        CancelBookingBody, CreateApprovalBody, CreateBookingBody, CreatePaymentBody,
-        CreateUserBody, DecisionBody, PaymentResultBody,
-    },
+    extract::{PathId, Post},
+    idempotency::Fingerprint,
+    requests::CommandType,
     submit::submit,
 };
 
 /// The header that marks a replayed answer.
 pub(crate) const REPLAYED: &str = "idempotent-replayed";
 
-/// Submits the command and answers with its outcome; a replay carries
-/// `Idempotent-Replayed: true`.
-async fn respond(app: &App, post: Submission, command: Command) -> Result<Response, ApiError> {
+/// Validates the body as a command of type `kind` (on entity `id`),
+/// submits it under its idempotency key and answers with its outcome; a
+/// replay carries `Idempotent-Replayed: true`.
+async fn run(
+    app: &App,
+    kind: CommandType,
+    id: Option<Uuid>,
+    post: Post,
+) -> Result<Response, ApiError> {
     let span = tracing::info_span!(
         "command",
         idempotency_key = %post.key,
         booking_id = tracing::field::Empty
     );
+    let (command, body) = kind.command(id, &post.bytes)?;
+    let fingerprint = Fingerprint::new("POST", &kind.path(id), &body);
     let outcome = submit(
         &app.pool,
         app.idempotency_ttl(),
         &post.key,
-        &post.fingerprint,
+        &fingerprint,
         command,
         &post.context,
     )
     .instrument(span)
     .await?;
-    let mut response = (outcome.status, axum::Json(outcome.body)).into_response();
+    let status =
+        StatusCode::from_u16(outcome.status).map_err(|_| ApiError::BadStatus(outcome.status))?;
+    let mut response = (status, axum::Json(outcome.body)).into_response();
     if outcome.replayed {
-        app.metrics.replays.with_label_values(&[post.route]).inc();
+        app.metrics.replays.with_label_values(&[&post.route]).inc();
         response
             .headers_mut()
             .insert(REPLAYED, HeaderValue::from_static("true"));
@@ -54,63 +62,53 @@ async fn respond(app: &App, post: Submission, command: Command) -> Result<Respon
     Ok(response)
 }
 
-pub(crate) async fn create_user(
-    State(app): State<App>,
-    post: Post<CreateUserBody>,
-) -> Result<Response, ApiError> {
-    let command = Command::CreateUser(post.body.try_into()?);
-    respond(&app, post.submission, command).await
+pub(crate) async fn create_user(State(app): State<App>, post: Post) -> Result<Response, ApiError> {
+    run(&app, CommandType::UserCreate, None, post).await
 }
 
 pub(crate) async fn create_booking(
     State(app): State<App>,
-    post: Post<CreateBookingBody>,
+    post: Post,
 ) -> Result<Response, ApiError> {
-    let command = Command::CreateBooking(post.body.try_into()?);
-    respond(&app, post.submission, command).await
+    run(&app, CommandType::BookingCreate, None, post).await
 }
 
 pub(crate) async fn cancel_booking(
     State(app): State<App>,
     PathId(id): PathId,
-    post: Post<CancelBookingBody>,
+    post: Post,
 ) -> Result<Response, ApiError> {
-    let command = Command::CancelBooking(id, post.body.try_into()?);
-    respond(&app, post.submission, command).await
+    run(&app, CommandType::BookingCancel, Some(id), post).await
 }
 
 pub(crate) async fn create_payment(
     State(app): State<App>,
-    post: Post<CreatePaymentBody>,
+    post: Post,
 ) -> Result<Response, ApiError> {
-    let command = Command::CreatePayment(post.body.try_into()?);
-    respond(&app, post.submission, command).await
+    run(&app, CommandType::PaymentCreate, None, post).await
 }
 
 pub(crate) async fn payment_result(
     State(app): State<App>,
     PathId(id): PathId,
-    post: Post<PaymentResultBody>,
+    post: Post,
 ) -> Result<Response, ApiError> {
-    let command = Command::RecordPaymentResult(id, post.body.try_into()?);
-    respond(&app, post.submission, command).await
+    run(&app, CommandType::PaymentResult, Some(id), post).await
 }
 
 pub(crate) async fn create_approval(
     State(app): State<App>,
-    post: Post<CreateApprovalBody>,
+    post: Post,
 ) -> Result<Response, ApiError> {
-    let command = Command::CreateApproval(post.body.try_into()?);
-    respond(&app, post.submission, command).await
+    run(&app, CommandType::ApprovalCreate, None, post).await
 }
 
 pub(crate) async fn decide_approval(
     State(app): State<App>,
     PathId(id): PathId,
-    post: Post<DecisionBody>,
+    post: Post,
 ) -> Result<Response, ApiError> {
-    let command = Command::DecideApproval(id, post.body.try_into()?);
-    respond(&app, post.submission, command).await
+    run(&app, CommandType::ApprovalDecision, Some(id), post).await
 }
 
 pub(crate) async fn get_user(

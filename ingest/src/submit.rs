@@ -4,20 +4,18 @@
 
 use std::time::Duration;
 
-use axum::http::StatusCode;
 use entrip_common::domain::IdempotencyKey;
 use sqlx::PgPool;
 
 use crate::{
-    commands::{self, Command, Context},
-    error::ApiError,
+    commands::{self, Command, CommandError, Context},
     idempotency::{self, Claim, Fingerprint, StoredResponse},
 };
 
 /// The answer to a submitted command.
 #[derive(Debug)]
 pub(crate) struct Outcome {
-    pub(crate) status: StatusCode,
+    pub(crate) status: u16,
     pub(crate) body: serde_json::Value,
     /// True when the answer was stored by an earlier request with the key.
     pub(crate) replayed: bool,
@@ -31,7 +29,7 @@ pub(crate) async fn submit(
     fingerprint: &Fingerprint,
     command: Command,
     ctx: &Context,
-) -> Result<Outcome, ApiError> {
+) -> Result<Outcome, CommandError> {
     if let Some(claim) = idempotency::replay_committed(pool, &ctx.client, key, fingerprint).await?
         && let Some(answer) = earlier_answer(claim, key)
     {
@@ -47,7 +45,7 @@ pub(crate) async fn submit(
                 };
                 let reply = commands::execute(&mut tx, command, ctx).await?;
                 let stored = StoredResponse {
-                    status: reply.status.as_u16(),
+                    status: reply.status,
                     body: reply.body,
                 };
                 idempotency::complete(&mut tx, &ctx.client, key, &stored).await?;
@@ -66,22 +64,22 @@ pub(crate) async fn submit(
             }
         }
     }
-    Err(ApiError::Contended)
+    Err(CommandError::Contended)
 }
 
 /// What an earlier use of the key answers: its stored response replayed,
 /// or a misuse error. `None` when the claim leaves the key to this request.
-fn earlier_answer(claim: Claim, key: &IdempotencyKey) -> Option<Result<Outcome, ApiError>> {
+fn earlier_answer(claim: Claim, key: &IdempotencyKey) -> Option<Result<Outcome, CommandError>> {
     match claim {
         Claim::Replay(stored) => {
             tracing::info!(idempotency_key = %key, "replaying the stored response");
             Some(Ok(Outcome {
-                status: StatusCode::from_u16(stored.status).unwrap_or(StatusCode::OK),
+                status: stored.status,
                 body: stored.body,
                 replayed: true,
             }))
         }
-        Claim::Mismatch(detail) => Some(Err(ApiError::IdempotencyMisuse(detail.to_owned()))),
+        Claim::Mismatch(detail) => Some(Err(CommandError::IdempotencyMisuse(detail.to_owned()))),
         Claim::Claimed | Claim::Retry => None,
     }
 }

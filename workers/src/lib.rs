@@ -10,5 +10,8 @@ mod inbox;
 pub mod integrity;
 pub mod metrics;
 pub mod notifications;
-pub mod runtime;
+/// The consumer runtime, shared with ingest's AMQP requests.
+pub mod runtime {
+    pub use entrip_common::consumer::*;
+}
 pub mod settlement;

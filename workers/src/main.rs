@@ -80,14 +80,14 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     let settlement = Consumer::new(
         Settlement::new(pool.clone()),
         settings.amqp.clone(),
-        settings.workers.clone(),
-        metrics.clone(),
+        settings.workers.consumer(),
+        metrics.consumer(),
     );
     let notifications = Consumer::new(
         Notifications::new(pool.clone(), &settings.notifications)?,
         settings.amqp.clone(),
-        settings.workers.clone(),
-        metrics.clone(),
+        settings.workers.consumer(),
+        metrics.consumer(),
     );
     let checker = Checker::new(pool.clone(), settings.integrity.clone(), metrics.clone());
     let side = [

@@ -53,6 +53,14 @@ impl WorkerMetrics {
         Ok(m)
     }
 
+    /// The consumers' share of these metrics.
+    pub fn consumer(&self) -> entrip_common::consumer::ConsumerMetrics {
+        entrip_common::consumer::ConsumerMetrics {
+            messages: self.messages.clone(),
+            duration: self.processing_duration.clone(),
+        }
+    }
+
     /// `entrip_worker_messages_total{consumer, outcome}` now.
     pub fn messages_total(&self, consumer: &str, outcome: &str) -> u64 {
         self.messages.with_label_values(&[consumer, outcome]).get()

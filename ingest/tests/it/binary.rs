@@ -61,6 +61,9 @@ fn spawn_with(db: &TestDb, port: u16, settings: &[(&str, &str)]) -> Process {
             .env("DATABASE_URL", &db.url)
             .env("ENTRIP__INGEST__LISTEN", format!("127.0.0.1:{port}"))
             .env("ENTRIP__LOG__FORMAT", "json")
+            // These tests are the HTTP API's; the AMQP requests have their
+            // own, each on a vhost of its own.
+            .env("ENTRIP__INGEST__AMQP__ENABLED", "false")
             .envs(settings.iter().copied()),
     )
 }

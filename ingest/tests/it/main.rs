@@ -1,9 +1,10 @@
-//! Ingest's integration tests, one binary: the HTTP API over a real server
-//! and each test's own database (`#[sqlx::test]`) — validation, state
+//! Ingest's integration tests, one binary: the HTTP API over a real server,
+//! the AMQP requests on a vhost of each test's own, and each test's own database (`#[sqlx::test]`) — validation, state
 //! rules, idempotency, atomicity, authentication, overload — the schema's own constraints, and the
 //! `ingest` binary as a process.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod amqp;
 mod atomicity;
 mod auth;
 mod binary;
@@ -12,4 +13,5 @@ mod overload;
 mod schema;
 mod state_rules;
 mod support;
+mod upstream;
 mod validation;

@@ -7,7 +7,7 @@ use std::{
     sync::atomic::{AtomicU64, Ordering},
 };
 
-use entrip_common::config::IngestSettings;
+use entrip_common::config::{AmqpSettings, IngestSettings};
 use entrip_ingest::{
     App,
     clients::{self, ClientName, Scope},
@@ -96,6 +96,20 @@ impl Server {
     }
 
     pub async fn start_with(pool: PgPool, settings: IngestSettings) -> Self {
+        Self::launch(pool, settings, None).await
+    }
+
+    /// The HTTP API and the AMQP consumer on `amqp` (a test's vhost); the
+    /// client `test-all` is also broker user `guest`'s.
+    pub async fn start_with_amqp(
+        pool: PgPool,
+        settings: IngestSettings,
+        amqp: AmqpSettings,
+    ) -> Self {
+        Self::launch(pool, settings, Some(amqp)).await
+    }
+
+    async fn launch(pool: PgPool, settings: IngestSettings, amqp: Option<AmqpSettings>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let app = App::new(
@@ -104,12 +118,29 @@ impl Server {
             entrip_common::metrics::new_registry(),
         )
         .unwrap();
-        let api_key = issue_key(&pool, "test-all", &[Scope::All]).await;
+        let amqp_user = amqp.as_ref().map(|_| "guest");
+        let api_key = clients::create(
+            &pool,
+            &ClientName::parse("test-all").unwrap(),
+            &[Scope::All],
+            amqp_user,
+        )
+        .await
+        .unwrap()
+        .reveal();
         let shutdown = CancellationToken::new();
+        let consumer = amqp.map(|amqp| entrip_ingest::amqp::consumer(&app, amqp));
         let handle = tokio::spawn({
             let shutdown = shutdown.clone();
             async move {
-                entrip_ingest::serve(listener, app, shutdown).await.unwrap();
+                let http = entrip_ingest::serve(listener, app, shutdown.clone());
+                match consumer {
+                    Some(consumer) => {
+                        let (served, ()) = tokio::join!(http, consumer.run(shutdown));
+                        served.unwrap();
+                    }
+                    None => http.await.unwrap(),
+                }
             }
         });
         Self {

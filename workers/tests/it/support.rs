@@ -88,7 +88,12 @@ impl Running {
 
 pub fn start<H: Handler>(handler: H, url: &str, settings: WorkersSettings) -> Running {
     let metrics = WorkerMetrics::register(&new_registry()).unwrap();
-    let consumer = Consumer::new(handler, amqp_settings(url), settings, metrics.clone());
+    let consumer = Consumer::new(
+        handler,
+        amqp_settings(url),
+        settings.consumer(),
+        metrics.consumer(),
+    );
     let token = CancellationToken::new();
     let handle = tokio::spawn(consumer.run(token.clone()));
     Running {

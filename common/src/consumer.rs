@@ -1,5 +1,5 @@
-//! The consumer runtime shared by the workers: bounded prefetch, a bounded
-//! number of messages in flight, acknowledgement only after the handler's
+//! The consumer runtime shared by the workers and ingest's AMQP requests:
+//! bounded prefetch, a bounded number of messages in flight, acknowledgement only after the handler's
 //! transaction committed, transient failures sent to the retry path with
 //! growing delay, poison messages dead-lettered at once with the reason in
 //! `x-entrip-error`, reconnects with backoff, and graceful shutdown.
@@ -10,11 +10,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use backon::BackoffBuilder;
-use entrip_common::{
+use crate::{
     amqp::{self, ERROR_HEADER},
-    config::{AmqpSettings, WorkersSettings},
+    config::AmqpSettings,
 };
+use backon::BackoffBuilder;
 use futures::{FutureExt, StreamExt, future::BoxFuture};
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection,
@@ -29,10 +29,18 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::metrics::WorkerMetrics;
+use prometheus::{HistogramVec, IntCounterVec};
 
 /// Header counting how often a message went through the retry path.
 pub const ATTEMPT_HEADER: &str = "x-entrip-attempt";
+/// Header keeping a forwarded message's publisher (its `user_id`).
+///
+/// RabbitMQ refuses a publish whose `user_id` is not the connection's own
+/// user, so a forward (retry path, DLQ) cannot keep the original's. It sets
+/// `user_id` to the consumer's own broker user and moves the original here;
+/// [`Message::publisher`] trusts this header only on a message whose
+/// validated `user_id` is that own user: no one else can forge it.
+pub const PUBLISHER_HEADER: &str = "x-entrip-user-id";
 
 /// What a handler made of a message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,18 +53,65 @@ pub enum Outcome {
     Retry(String),
     /// Can never succeed: dead-letter now.
     Poison(String),
+    /// Answered without an effect (a request refused by a business rule):
+    /// acknowledged, and counted apart from the processed ones.
+    Refused,
+}
+
+/// What became of a message, for the outcome label of its counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    Processed,
+    Duplicate,
+    Refused,
+    Retried,
+    DeadLettered,
+}
+
+impl Disposition {
+    /// The workers' labels (`entrip_worker_messages_total`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Processed => "processed",
+            Self::Duplicate => "duplicate",
+            Self::Refused => "refused",
+            Self::Retried => "retried",
+            Self::DeadLettered => "dead_lettered",
+        }
+    }
+}
+
+/// How much a consumer takes on at once, and how often it retries.
+#[derive(Debug, Clone, Copy)]
+pub struct ConsumerSettings {
+    /// Unacknowledged messages the broker hands the consumer.
+    pub prefetch: u16,
+    /// Messages processed at once.
+    pub concurrency: usize,
+    /// Retries of a transient failure before the message is dead-lettered.
+    pub max_retries: u32,
+}
+
+/// The consumer's counter by (label, outcome) and its duration histogram
+/// by label; the handler chooses the label (see [`Handler::label`]).
+#[derive(Clone)]
+pub struct ConsumerMetrics {
+    pub messages: IntCounterVec,
+    pub duration: HistogramVec,
 }
 
 /// A delivered message as handlers see it.
 #[derive(Debug, Clone)]
 pub struct Message {
-    pub(crate) message_id: Option<String>,
+    pub message_id: Option<String>,
     /// The `type` property.
-    pub(crate) kind: Option<String>,
-    pub(crate) routing_key: String,
-    pub(crate) body: Vec<u8>,
+    pub kind: Option<String>,
+    pub routing_key: String,
+    pub body: Vec<u8>,
     /// How many times it went through the retry path before.
-    pub(crate) attempt: u32,
+    pub attempt: u32,
+    /// All of its properties (user id, reply-to, headers, …).
+    pub properties: BasicProperties,
 }
 
 impl Message {
@@ -74,6 +129,30 @@ impl Message {
             routing_key,
             body,
             attempt: 0,
+            properties: BasicProperties::default(),
+        }
+    }
+
+    /// The broker user that published the message (`user_id`, which
+    /// RabbitMQ validated), seen through the fleet's own forwards: `own` is
+    /// the consumer's broker user (see [`PUBLISHER_HEADER`]).
+    pub fn publisher(&self, own: &str) -> Option<String> {
+        let user = self.properties.user_id().as_ref()?.as_str();
+        if user == own
+            && let Some(original) = self.header_text(PUBLISHER_HEADER)
+        {
+            return Some(original).filter(|u| !u.is_empty());
+        }
+        Some(user.to_owned())
+    }
+
+    /// Header `name` as text, if it is a string.
+    pub fn header_text(&self, name: &str) -> Option<String> {
+        let headers = self.properties.headers().as_ref()?;
+        match headers.inner().iter().find(|(k, _)| k.as_str() == name)?.1 {
+            AMQPValue::LongString(s) => String::from_utf8(s.as_bytes().to_vec()).ok(),
+            AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+            _ => None,
         }
     }
 
@@ -104,15 +183,25 @@ impl Message {
             routing_key: d.routing_key.as_str().to_owned(),
             body: d.data.clone(),
             attempt,
+            properties: d.properties.clone(),
         }
     }
 }
 
 /// A consumer of one queue.
 pub trait Handler: Send + Sync + 'static {
-    /// The consumer's name: metrics label and inbox consumer.
+    /// The consumer's name: its connection's, its logs' and, by default,
+    /// its metrics label.
     fn name(&self) -> &'static str;
     fn queue(&self) -> &'static str;
+    /// The first label of the consumer's metrics for `msg`.
+    fn label(&self, _msg: &Message) -> &'static str {
+        self.name()
+    }
+    /// The outcome label of the consumer's counter.
+    fn outcome(&self, disposition: Disposition) -> &'static str {
+        disposition.as_str()
+    }
     fn handle<'a>(&'a self, msg: &'a Message) -> BoxFuture<'a, Outcome>;
     /// Told when a message is dead-lettered (after its retries or as poison).
     fn dead_lettered<'a>(&'a self, _msg: &'a Message, _reason: &'a str) -> BoxFuture<'a, ()> {
@@ -124,16 +213,16 @@ pub trait Handler: Send + Sync + 'static {
 pub struct Consumer<H: Handler> {
     handler: Arc<H>,
     amqp: AmqpSettings,
-    settings: WorkersSettings,
-    metrics: WorkerMetrics,
+    settings: ConsumerSettings,
+    metrics: ConsumerMetrics,
 }
 
 impl<H: Handler> Consumer<H> {
     pub fn new(
         handler: H,
         amqp: AmqpSettings,
-        settings: WorkersSettings,
-        metrics: WorkerMetrics,
+        settings: ConsumerSettings,
+        metrics: ConsumerMetrics,
     ) -> Self {
         Self {
             handler: Arc::new(handler),
@@ -146,11 +235,7 @@ impl<H: Handler> Consumer<H> {
     /// Consumes until `shutdown`, reconnecting with backoff when the
     /// connection is lost; returns once the messages in flight finished.
     pub async fn run(self, shutdown: CancellationToken) {
-        let name = format!(
-            "entrip-workers-{}-{}",
-            self.handler.name(),
-            std::process::id()
-        );
+        let name = format!("entrip-{}-{}", self.handler.name(), std::process::id());
         let mut backoff = amqp::reconnect_backoff().build();
         while !shutdown.is_cancelled() {
             let Some(conn) = amqp::connect_with_retry(&self.amqp.url, &name, &shutdown).await
@@ -209,6 +294,7 @@ impl<H: Handler> Consumer<H> {
             queue = self.handler.queue(),
             "consuming"
         );
+        let own_user: Arc<str> = amqp::user_of(&self.amqp.url).into();
         let mut in_flight: JoinSet<Result<(), lapin::Error>> = JoinSet::new();
         loop {
             tokio::select! {
@@ -236,6 +322,7 @@ impl<H: Handler> Consumer<H> {
                             let task = MessageTask {
                                 handler: self.handler.clone(),
                                 publisher: publisher.clone(),
+                                own_user: own_user.clone(),
                                 amqp: self.amqp.clone(),
                                 max_retries: self.settings.max_retries,
                                 metrics: self.metrics.clone(),
@@ -303,9 +390,11 @@ fn log_finished(done: Result<Result<(), lapin::Error>, tokio::task::JoinError>) 
 struct MessageTask<H: Handler> {
     handler: Arc<H>,
     publisher: Channel,
+    /// The broker user the consumer connects as.
+    own_user: Arc<str>,
     amqp: AmqpSettings,
     max_retries: u32,
-    metrics: WorkerMetrics,
+    metrics: ConsumerMetrics,
 }
 
 impl<H: Handler> MessageTask<H> {
@@ -336,14 +425,18 @@ impl<H: Handler> MessageTask<H> {
                     return Ok(());
                 }
             };
-            let label = match &outcome {
+            let disposition = match &outcome {
                 Outcome::Processed => {
                     delivery.ack(BasicAckOptions::default()).await?;
-                    "processed"
+                    Disposition::Processed
                 }
                 Outcome::Duplicate => {
                     delivery.ack(BasicAckOptions::default()).await?;
-                    "duplicate"
+                    Disposition::Duplicate
+                }
+                Outcome::Refused => {
+                    delivery.ack(BasicAckOptions::default()).await?;
+                    Disposition::Refused
                 }
                 Outcome::Retry(reason) if msg.attempt < self.max_retries => {
                     let delays = &self.amqp.retry_delays_ms;
@@ -351,7 +444,7 @@ impl<H: Handler> MessageTask<H> {
                     let queue = amqp::retry_queue_name(self.handler.queue(), delays[index]);
                     tracing::warn!(%reason, retry_queue = %queue, "transient failure; retrying later");
                     self.forward(&delivery, &queue, msg.attempt + 1, reason).await?;
-                    "retried"
+                    Disposition::Retried
                 }
                 Outcome::Retry(reason) | Outcome::Poison(reason) => {
                     let dlq = amqp::dlq_name(self.handler.queue());
@@ -360,13 +453,17 @@ impl<H: Handler> MessageTask<H> {
                     // the handler's bookkeeping (undelivered counts) behind.
                     self.handler.dead_lettered(&msg, reason).await;
                     self.forward(&delivery, &dlq, msg.attempt, reason).await?;
-                    "dead_lettered"
+                    Disposition::DeadLettered
                 }
             };
-            self.metrics.messages.with_label_values(&[consumer, label]).inc();
+            let label = self.handler.label(&msg);
             self.metrics
-                .processing_duration
-                .with_label_values(&[consumer])
+                .messages
+                .with_label_values(&[label, self.handler.outcome(disposition)])
+                .inc();
+            self.metrics
+                .duration
+                .with_label_values(&[label])
                 .observe(start.elapsed().as_secs_f64());
             Ok(())
         }
@@ -393,7 +490,7 @@ impl<H: Handler> MessageTask<H> {
                         ..BasicPublishOptions::default()
                     },
                     &delivery.data,
-                    forwarded_properties(&delivery.properties, attempt, reason),
+                    forwarded_properties(&delivery.properties, &self.own_user, attempt, reason),
                 )
                 .await?
                 .await
@@ -422,8 +519,24 @@ impl<H: Handler> MessageTask<H> {
 }
 
 /// The original properties with the attempt count and the failure reason.
-fn forwarded_properties(props: &BasicProperties, attempt: u32, reason: &str) -> BasicProperties {
+/// A `user_id` other than `own_user` moves to [`PUBLISHER_HEADER`].
+fn forwarded_properties(
+    props: &BasicProperties,
+    own_user: &str,
+    attempt: u32,
+    reason: &str,
+) -> BasicProperties {
     let mut headers = props.headers().clone().unwrap_or_default();
+    let mut props = props.clone();
+    if let Some(user) = props.user_id().as_ref().map(|u| u.as_str().to_owned())
+        && user != own_user
+    {
+        headers.insert(
+            ShortString::from(PUBLISHER_HEADER),
+            AMQPValue::LongString(LongString::from(user.as_str())),
+        );
+        props = props.with_user_id(own_user.into());
+    }
     headers.insert(
         ShortString::from(ATTEMPT_HEADER),
         AMQPValue::LongLongInt(i64::from(attempt)),
@@ -433,5 +546,56 @@ fn forwarded_properties(props: &BasicProperties, attempt: u32, reason: &str) -> 
         ShortString::from(ERROR_HEADER),
         AMQPValue::LongString(LongString::from(reason.as_str())),
     );
-    props.clone().with_headers(headers)
+    props.with_headers(headers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(props: BasicProperties) -> Message {
+        Message {
+            properties: props,
+            ..Message::new(None, None, "k".into(), Vec::new())
+        }
+    }
+
+    /// A forward keeps the publisher: by header, under the consumer's own
+    /// validated user; a header under any other user is not trusted.
+    #[test]
+    fn forwards_keep_the_publisher_and_no_one_else_can_claim_one() {
+        let original = BasicProperties::default().with_user_id("upstream".into());
+        assert_eq!(
+            message(original.clone()).publisher("fleet").as_deref(),
+            Some("upstream")
+        );
+        let once = forwarded_properties(&original, "fleet", 1, "503 database unavailable");
+        assert_eq!(once.user_id().as_ref().map(|u| u.as_str()), Some("fleet"));
+        assert_eq!(
+            message(once.clone()).publisher("fleet").as_deref(),
+            Some("upstream")
+        );
+        let twice = forwarded_properties(&once, "fleet", 2, "again");
+        assert_eq!(
+            message(twice).publisher("fleet").as_deref(),
+            Some("upstream")
+        );
+
+        let mut forged = FieldTable::default();
+        forged.insert(
+            PUBLISHER_HEADER.into(),
+            AMQPValue::LongString("victim".into()),
+        );
+        let forged = BasicProperties::default()
+            .with_user_id("mallory".into())
+            .with_headers(forged);
+        assert_eq!(
+            message(forged).publisher("fleet").as_deref(),
+            Some("mallory")
+        );
+        assert_eq!(message(BasicProperties::default()).publisher("fleet"), None);
+        // A message the fleet's user published itself, without the header.
+        let own = BasicProperties::default().with_user_id("fleet".into());
+        assert_eq!(message(own).publisher("fleet").as_deref(), Some("fleet"));
+    }
 }

@@ -1,0 +1,1086 @@
+//! Requests over AMQP (DESIGN.md "AMQP ingest"): each command stored with
+//! its audit row and outbox event and answered as over HTTP, one effect per
+//! `message_id` also across transports, refusals replied and acked, poison
+//! dead-lettered with its reason, a database outage through the retry path.
+
+use std::time::Duration;
+
+use entrip_common::amqp::INGEST_QUEUE;
+use entrip_testkit::{Proxy, Vhost};
+use serde_json::{Value, json};
+use sqlx::{
+    PgPool,
+    postgres::{PgConnectOptions, PgPoolOptions},
+};
+
+use crate::{
+    support::{Server, booking_body, key, payment_body, settings, unique_code},
+    upstream::{Reply, ReplyTo, Req, Upstream, amqp_settings},
+};
+
+/// Ingest with its consumer on a vhost of the test's own, and an upstream.
+async fn start(pool: PgPool) -> (Server, Upstream, Vhost) {
+    let vhost = Vhost::new();
+    let server = Server::start_with_amqp(pool, settings(), amqp_settings(&vhost.url())).await;
+    let upstream = Upstream::connect(&vhost.url()).await;
+    (server, upstream, vhost)
+}
+
+fn user_body() -> Value {
+    json!({
+        "name": "Kim Minji",
+        "email": format!("kim-{}@example.com", uuid::Uuid::new_v4().simple()),
+        "phone": "+82 10 1234 5678",
+    })
+}
+
+/// The rows a command stored, by the key it came with: (audit rows that
+/// name the AMQP channel, outbox events of the entity).
+async fn stored(server: &Server, key: &str, entity: &str) -> (i64, i64) {
+    let audit: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM audit_log WHERE idempotency_key = $1 AND detail->>'channel' = 'amqp'
+            AND detail->>'client' = 'test-all' AND entity_id = $2::uuid",
+    )
+    .bind(key)
+    .bind(entity)
+    .fetch_one(&server.pool)
+    .await
+    .unwrap();
+    let events: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM outbox o JOIN audit_log a ON a.event_id = o.id
+          WHERE a.idempotency_key = $1 AND o.aggregate_id = $2::uuid",
+    )
+    .bind(key)
+    .bind(entity)
+    .fetch_one(&server.pool)
+    .await
+    .unwrap();
+    (audit, events)
+}
+
+/// Sends `req`, checks the reply is a first answer with `status`, that
+/// the same key over HTTP (same client) replays exactly that answer, and
+/// that the effect is stored once with its audit row and event.
+async fn accepted(
+    server: &Server,
+    upstream: &mut Upstream,
+    req: &Req,
+    path: &str,
+    status: i64,
+) -> Value {
+    let reply = upstream.request(req).await;
+    assert_eq!(reply.status, status, "{:?}", reply.body);
+    assert!(!reply.replayed);
+    assert_eq!(reply.content_type, "application/json");
+    assert_eq!(
+        reply.correlation_id, req.key,
+        "correlation id defaults to the key"
+    );
+    let key = req.key.as_deref().unwrap();
+    let body: Value = serde_json::from_slice(&req.body).unwrap();
+    let http = server.post(path, Some(key), &body).await;
+    assert_eq!(i64::from(http.status.as_u16()), status);
+    assert_eq!(
+        http.headers.get("idempotent-replayed").unwrap(),
+        "true",
+        "HTTP replays the AMQP answer"
+    );
+    assert_eq!(
+        http.body, reply.body,
+        "the same answer over both transports"
+    );
+    let entity = req
+        .entity
+        .clone()
+        .unwrap_or_else(|| reply.body["id"].as_str().unwrap().to_owned());
+    assert_eq!(stored(server, key, &entity).await, (1, 1), "{path}");
+    reply.body
+}
+
+#[sqlx::test(migrator = "entrip_common::db::MIGRATOR")]
+async fn every_command_over_amqp_is_stored_once_and_answered_as_over_http(pool: PgPool) {
+    let (server, mut up, _vhost) = start(pool).await;
+
+    let user = accepted(
+        &server,
+        &mut up,
+        &Req::new("user.create", &key(), &user_body()),
+        "/v1/users",
+        201,
+    )
+    .await;
+    let user_id = user["id"].as_str().unwrap().to_owned();
+
+    let booking_json = booking_body(&user_id, &unique_code(), true);
+    let booking = accepted(
+        &server,
+        &mut up,
+        &Req::new("booking.create", &key(), &booking_json),
+        "/v1/bookings",
+        201,
+    )
+    .await;
+    assert_eq!(booking["status"], "PENDING");
+    let booking_id = booking["id"].as_str().unwrap().to_owned();
+
+    let payment = accepted(
+        &server,
+        &mut up,
+        &Req::new("payment.create", &key(), &payment_body(&booking)),
+        "/v1/payments",
+        201,
+    )
+    .await;
+    let payment_id = payment["id"].as_str().unwrap().to_owned();
+    let result = accepted(
+        &server,
+        &mut up,
+        &Req::new(
+            "payment.result",
+            &key(),
+            &json!({"status": "APPROVED", "approvalId": "GW-1"}),
+        )
+        .on(&payment_id),
+        &format!("/v1/payments/{payment_id}/result"),
+        200,
+    )
+    .await;
+    assert_eq!(result["status"], "APPROVED");
+
+    let approval = accepted(
+        &server,
+        &mut up,
+        &Req::new(
+            "approval.create",
+            &key(),
+            &json!({"bookingId": booking_id, "requesterId": user_id, "title": "Trip", "reason": "Meeting"}),
+        ),
+        "/v1/approvals",
+        201,
+    )
+    .await;
+    let approval_id = approval["id"].as_str().unwrap().to_owned();
+    let decided = accepted(
+        &server,
+        &mut up,
+        &Req::new(
+            "approval.decision",
+            &key(),
+            &json!({"approverId": user_id, "decision": "APPROVED"}),
+        )
+        .on(&approval_id),
+        &format!("/v1/approvals/{approval_id}/decision"),
+        200,
+    )
+    .await;
+    assert_eq!(decided["status"], "APPROVED");
+
+    let other = server.create_booking(&user_id, false).await;
+    let other_id = other["id"].as_str().unwrap().to_owned();
+    let canceled = accepted(
+        &server,
+        &mut up,
+        &Req::new(
+            "booking.cancel",
+            &key(),
+            &json!({"reason": "plans changed"}),
+        )
+        .on(&other_id),
+        &format!("/v1/bookings/{other_id}/cancel"),
+        200,
+    )
+    .await;
+    assert_eq!(canceled["status"], "CANCELED");
+
+    assert_eq!(
+        server
+            .metric(r#"entrip_ingest_messages_total{outcome="accepted",type="booking.create"}"#)
+            .await,
+        1.0
+    );
+    assert!(
+        server
+            .metric(r#"entrip_ingest_message_duration_seconds_count{type="payment.result"}"#)
+            .await
+            >= 1.0
+    );
+    server.stop().await;
+}
+
+#[sqlx::test(migrator = "entrip_common::db::MIGRATOR")]
+async fn a_message_delivered_again_or_fifty_times_at_once_has_one_effect(pool: PgPool) {
+    let (server, mut up, _vhost) = start(pool).await;
+    let user_id = server.create_user().await;
+
+    // The same message three times, one after the other.
+    let req = Req::new(
+        "booking.create",
+        &key(),
+        &booking_body(&user_id, &unique_code(), false),
+    );
+    let first = up.request(&req).await;
+    assert_eq!((first.status, first.replayed), (201, false));
+    for _ in 0..2 {
+        let again = up.request(&req).await;
+        assert_eq!((again.status, again.replayed), (201, true));
+        assert_eq!(again.body, first.body);
+    }
+
+    // Fifty copies of another one, published at once.
+    let req = Req::new(
+        "booking.create",
+        &key(),
+        &booking_body(&user_id, &unique_code(), false),
+    );
+    for _ in 0..50 {
+        up.publish(&req).await;
+    }
+    let mut replies: Vec<Reply> = Vec::new();
+    for _ in 0..50 {
+        replies.push(up.reply().await);
+    }
+    assert!(replies.iter().all(|r| r.status == 201), "{replies:?}");
+    assert_eq!(replies.iter().filter(|r| !r.replayed).count(), 1);
+    assert!(replies.iter().all(|r| r.body == replies[0].body));
+    assert_eq!(server.count("bookings").await, 2);
+    assert_eq!(
+        server
+            .metric(r#"entrip_ingest_messages_total{outcome="replayed",type="booking.create"}"#)
+            .await,
+        51.0
+    );
+    server.stop().await;
+}
+
+#[sqlx::test(migrator = "entrip_common::db::MIGRATOR")]
+async fn one_key_over_http_and_amqp_is_one_request_either_way(pool: PgPool) {
+    let (server, mut up, _vhost) = start(pool).await;
+    let user_id = server.create_user().await;
+
+    // HTTP first, then the same over AMQP.
+    let body = booking_body(&user_id, &unique_code(), false);
+    let k = key();
+    let http = server.post("/v1/bookings", Some(&k), &body).await;
+    assert_eq!(http.status.as_u16(), 201);
+    let reply = up.request(&Req::new("booking.create", &k, &body)).await;
+    assert_eq!((reply.status, reply.replayed), (201, true));
+    assert_eq!(reply.body, http.body);
+
+    // AMQP first, then HTTP: `accepted` checks the HTTP replay.
+    let body = booking_body(&user_id, &unique_code(), false);
+    accepted(
+        &server,
+        &mut up,
+        &Req::new("booking.create", &key(), &body),
+        "/v1/bookings",
+        201,
+    )
+    .await;
+
+    // A command on an entity: the id in the header is the one in the path.
+    let booking = server.create_booking(&user_id, false).await;
+    let id = booking["id"].as_str().unwrap();
+    let k = key();
+    let cancel = json!({"reason": "plans changed"});
+    let http = server
+        .post(&format!("/v1/bookings/{id}/cancel"), Some(&k), &cancel)
+        .await;
+    assert_eq!(http.status.as_u16(), 200);
+    let reply = up
+        .request(&Req::new("booking.cancel", &k, &cancel).on(id))
+        .await;
+    assert_eq!((reply.status, reply.replayed), (200, true));
+    assert_eq!(reply.body, http.body);
+    assert_eq!(server.count("bookings").await, 3);
+    server.stop().await;
+}
+
+#[sqlx::test(migrator = "entrip_common::db::MIGRATOR")]
+async fn a_message_id_reused_for_another_request_is_answered_422_and_stores_nothing(pool: PgPool) {
+    let (server, mut up, _vhost) = start(pool).await;
+    let user_id = server.create_user().await;
+    let k = key();
+    let first = up
+        .request(&Req::new(
+            "booking.create",
+            &k,
+            &booking_body(&user_id, &unique_code(), false),
+        ))
+        .await;
+    assert_eq!(first.status, 201);
+    let audit_before = server.count("audit_log").await;
+    let outbox_before = server.count("outbox").await;
+
+    // Another body, then another command, under the same key.
+    let other_body = up
+        .request(&Req::new(
+            "booking.create",
+            &k,
+            &booking_body(&user_id, &unique_code(), false),
+        ))
+        .await;
+    let other_command = up.request(&Req::new("user.create", &k, &user_body())).await;
+    for reply in [&other_body, &other_command] {
+        assert_eq!(reply.status, 422, "{:?}", reply.body);
+        assert_eq!(reply.content_type, "application/problem+json");
+        assert_eq!(reply.body["status"], 422);
+    }
+    assert_eq!(server.count("bookings").await, 1);
+    assert_eq!(server.count("audit_log").await, audit_before);
+    assert_eq!(server.count("outbox").await, outbox_before);
+    // Answered, not poison: acked, nothing in the DLQ.
+    assert_eq!(up.depth("entrip.ingest.dlq").await, 0);
+    assert_eq!(
+        server
+            .metric(r#"entrip_ingest_messages_total{outcome="rejected",type="booking.create"}"#)
+            .await,
+        1.0
+    );
+    server.stop().await;
+}
+
+#[sqlx::test(migrator = "entrip_common::db::MIGRATOR")]
+async fn answers_404_409_422_are_replied_and_acked_not_dead_lettered(pool: PgPool) {
+    let (server, mut up, _vhost) = start(pool).await;
+    let user_id = server.create_user().await;
+    let unknown = uuid::Uuid::now_v7().to_string();
+    let missing = up
+        .request(&Req::new("booking.cancel", &key(), &json!({"reason": "x"})).on(&unknown))
+        .await;
+    assert_eq!(missing.status, 404, "{:?}", missing.body);
+
+    let booking = server.create_booking(&user_id, false).await;
+    let id = booking["id"].as_str().unwrap();
+    let cancel =
+        |k: &str| Req::new("booking.cancel", k, &json!({"reason": "plans changed"})).on(id);
+    assert_eq!(up.request(&cancel(&key())).await.status, 200);
+    let again = up.request(&cancel(&key())).await;
+    assert_eq!(again.status, 409, "{:?}", again.body);
+
+    // A rule across fields: arriveAt before departAt.
+    let mut body = booking_body(&user_id, &unique_code(), false);
+    body["arriveAt"] = json!("2026-12-24T08:00:00+09:00");
+    let rule = up.request(&Req::new("booking.create", &key(), &body)).await;
+    assert_eq!(rule.status, 422, "{:?}", rule.body);
+    assert_eq!(rule.body["errors"][0]["field"], "arriveAt");
+
+    for reply in [&missing, &again, &rule] {
+        assert_eq!(reply.content_type, "application/problem+json");
+    }
+    assert_eq!(up.depth("entrip.ingest.dlq").await, 0);
+    assert_eq!(up.depth(INGEST_QUEUE).await, 0);
+    server.stop().await;
+}
+
+#[sqlx::test(migrator = "entrip_common::db::MIGRATOR")]
+async fn poison_goes_to_the_dlq_with_its_reason_and_the_consumer_keeps_going(pool: PgPool) {
+    let (server, mut up, _vhost) = start(pool).await;
+    let user_id = server.create_user().await;
+    let booking = |k: &str| {
+        Req::new(
+            "booking.create",
+            k,
+            &booking_body(&user_id, &unique_code(), false),
+        )
+    };
+    let big = json!({"reason": "x".repeat(70 * 1024)});
+    let cases: Vec<(&str, Req, i64, &str)> = vec![
+        (
+            "not JSON",
+            {
+                let mut r = booking(&key());
+                r.body = b"{not json".to_vec();
+                r
+            },
+            400,
+            "JSON",
+        ),
+        (
+            "bad UTF-8",
+            {
+                let mut r = booking(&key());
+                r.body = vec![b'{', b'"', 0xff, 0xfe, b'"', b':', b'1', b'}'];
+                r
+            },
+            400,
+            "JSON",
+        ),
+        (
+            "unknown type",
+            {
+                let mut r = booking(&key());
+                r.kind = Some("booking.teleport".into());
+                r
+            },
+            400,
+            "booking.teleport",
+        ),
+        (
+            "no type",
+            {
+                let mut r = booking(&key());
+                r.kind = None;
+                r
+            },
+            400,
+            "unknown command type",
+        ),
+        (
+            "no message_id",
+            {
+                let mut r = booking(&key());
+                r.key = None;
+                r
+            },
+            400,
+            "message_id",
+        ),
+        ("short message_id", booking("too-short"), 400, "message_id"),
+        (
+            "invalid field",
+            {
+                let mut body = booking_body(&user_id, &unique_code(), false);
+                body["amount"] = json!("-5");
+                Req::new("booking.create", &key(), &body)
+            },
+            400,
+            "amount",
+        ),
+        (
+            "unknown field",
+            {
+                let mut body = booking_body(&user_id, &unique_code(), false);
+                body["colour"] = json!("red");
+                Req::new("booking.create", &key(), &body)
+            },
+            400,
+            "colour",
+        ),
+        (
+            "no entity id",
+            Req::new("booking.cancel", &key(), &json!({"reason": "x"})),
+            400,
+            "x-entrip-entity-id",
+        ),
+        (
+            "entity id not a UUID",
+            Req::new("booking.cancel", &key(), &json!({"reason": "x"})).on("12"),
+            400,
+            "x-entrip-entity-id",
+        ),
+        (
+            "body over the limit",
+            Req::new("booking.cancel", &key(), &big).on(&uuid::Uuid::now_v7().to_string()),
+            413,
+            "larger than",
+        ),
+        (
+            "not JSON content",
+            {
+                let mut r = booking(&key());
+                r.content_type = Some("text/plain".into());
+                r
+            },
+            415,
+            "text/plain",
+        ),
+        (
+            "no user_id",
+            {
+                let mut r = booking(&key());
+                r.user = None;
+                r
+            },
+            401,
+            "user_id",
+        ),
+    ];
+    let bookings_before = server.count("bookings").await;
+    for (what, req, status, _) in &cases {
+        let reply = up.request(req).await;
+        assert_eq!(reply.status, *status, "{what}: {:?}", reply.body);
+        assert_eq!(reply.content_type, "application/problem+json", "{what}");
+        assert_eq!(reply.body["status"], json!(status), "{what}");
+    }
+    let dead = up.dead(cases.len()).await;
+    for ((what, req, status, needle), dead) in cases.iter().zip(&dead) {
+        assert_eq!(dead.message_id, req.key, "{what}: in publish order");
+        assert!(
+            dead.reason.starts_with(&status.to_string()) && dead.reason.contains(needle),
+            "{what}: {}",
+            dead.reason
+        );
+    }
+    assert_eq!(server.count("bookings").await, bookings_before);
+    // And it keeps going.
+    let ok = up.request(&booking(&key())).await;
+    assert_eq!(ok.status, 201, "{:?}", ok.body);
+    assert_eq!(
+        server
+            .metric(
+                r#"entrip_ingest_messages_total{outcome="dead_lettered",type="booking.create"}"#
+            )
+            .await
+            + server
+                .metric(
+                    r#"entrip_ingest_messages_total{outcome="dead_lettered",type="booking.cancel"}"#
+                )
+                .await
+            + server
+                .metric(r#"entrip_ingest_messages_total{outcome="dead_lettered",type="unknown"}"#)
+                .await,
+        cases.len() as f64
+    );
+    assert_eq!(
+        server
+            .metric(r#"entrip_ingest_auth_failures_total{reason="missing"}"#)
+            .await,
+        1.0
+    );
+    server.stop().await;
+}
+
+#[sqlx::test(migrator = "entrip_common::db::MIGRATOR")]
+async fn a_thousand_requests_mixed_with_a_hundred_poison_ones_are_all_stored(pool: PgPool) {
+    let (server, up, _vhost) = start(pool).await;
+    let user_id = server.create_user().await;
+    let mut codes = Vec::new();
+    for i in 0..1100 {
+        if i % 11 == 5 {
+            let mut r = Req::new("booking.create", &key(), &json!({}));
+            r.body = b"\x00poison".to_vec();
+            r.reply_to = ReplyTo::None;
+            up.publish(&r).await;
+        } else {
+            let code = unique_code();
+            let mut r = Req::new(
+                "booking.create",
+                &key(),
+                &booking_body(&user_id, &code, false),
+            );
+            r.reply_to = ReplyTo::None;
+            up.publish(&r).await;
+            codes.push(code);
+        }
+    }
+    assert_eq!(codes.len(), 1000);
+    let dead = up.dead(100).await;
+    assert!(dead.iter().all(|d| d.reason.starts_with("400")));
+    entrip_testkit::eventually("all 1,000 bookings stored", || async {
+        server.count("bookings").await == 1000
+    })
+    .await;
+    let stored: i64 =
+        sqlx::query_scalar("SELECT count(DISTINCT code) FROM bookings WHERE code = ANY($1)")
+            .bind(&codes)
+            .fetch_one(&server.pool)
+            .await
+            .unwrap();
+    assert_eq!(stored, 1000);
+    server.stop().await;
+}
+
+#[sqlx::test(migrator = "entrip_common::db::MIGRATOR")]
+async fn a_reply_to_a_missing_queue_is_counted_and_the_request_stands(pool: PgPool) {
+    let (server, mut up, _vhost) = start(pool).await;
+    let user_id = server.create_user().await;
+    let mut req = Req::new(
+        "booking.create",
+        &key(),
+        &booking_body(&user_id, &unique_code(), false),
+    );
+    req.reply_to = ReplyTo::Queue("no-such-queue".into());
+    up.publish(&req).await;
+    entrip_testkit::eventually("the reply failure counted", || async {
+        server
+            .metric(r#"entrip_ingest_reply_failures_total{reason="unroutable"}"#)
+            .await
+            == 1.0
+    })
+    .await;
+    assert_eq!(server.count("bookings").await, 1);
+    assert_eq!(up.depth(INGEST_QUEUE).await, 0, "acked");
+    // A resend with a reply queue that exists gets the stored answer.
+    req.reply_to = ReplyTo::Own;
+    req.correlation_id = Some("corr-1".into());
+    let reply = up.request(&req).await;
+    assert_eq!((reply.status, reply.replayed), (201, true));
+    assert_eq!(reply.correlation_id.as_deref(), Some("corr-1"));
+    assert_eq!(server.count("bookings").await, 1);
+    server.stop().await;
+}
+
+/// Publishes `n` bookings of `user_id` without reply queues, as broker
+/// user `guest`; their codes.
+async fn publish_bookings(up: &Upstream, user_id: &str, n: usize) -> Vec<String> {
+    publish_bookings_as(up, "guest", user_id, n).await
+}
+
+async fn publish_bookings_as(
+    up: &Upstream,
+    broker_user: &str,
+    user_id: &str,
+    n: usize,
+) -> Vec<String> {
+    let mut codes = Vec::new();
+    for _ in 0..n {
+        let code = unique_code();
+        let mut r = Req::new(
+            "booking.create",
+            &key(),
+            &booking_body(user_id, &code, false),
+        );
+        r.reply_to = ReplyTo::None;
+        r.user = Some(broker_user.to_owned());
+        up.publish(&r).await;
+        codes.push(code);
+    }
+    codes
+}
+
+/// How many of `codes` are stored, each once (the code is unique).
+async fn stored_codes(pool: &PgPool, codes: &[String]) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM bookings WHERE code = ANY($1)")
+        .bind(codes)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+#[sqlx::test(migrator = "entrip_common::db::MIGRATOR")]
+async fn a_database_outage_sends_requests_through_the_retry_path_not_to_the_dlq(
+    _pool_opts: PgPoolOptions,
+    connect_opts: PgConnectOptions,
+) {
+    let direct = PgPoolOptions::new()
+        .max_connections(2)
+        .connect_with(connect_opts.clone())
+        .await
+        .unwrap();
+    let proxy = Proxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    let pool = PgPoolOptions::new()
+        .max_connections(10)
+        .acquire_timeout(Duration::from_millis(500))
+        .connect_with(connect_opts.host("127.0.0.1").port(proxy.addr.port()))
+        .await
+        .unwrap();
+    let vhost = Vhost::new();
+    let mut ingest = settings();
+    // The outage outlasts the test's short retry delays many times over.
+    ingest.amqp.max_retries = 10_000;
+    let server = Server::start_with_amqp(pool, ingest, amqp_settings(&vhost.url())).await;
+    // Published by a broker user other than ingest's own: through the retry
+    // path (forwards by ingest's user) the request keeps its client.
+    let publisher = BrokerUser::new(&vhost, [".*", ".*", ".*"]);
+    entrip_ingest::clients::create(
+        &server.pool,
+        &entrip_ingest::clients::ClientName::parse("booking-front").unwrap(),
+        &[entrip_ingest::clients::Scope::BookingsWrite],
+        Some(&publisher.name),
+    )
+    .await
+    .unwrap();
+    let up = Upstream::connect(&publisher.url(&vhost)).await;
+    let user_id = server.create_user().await;
+
+    proxy.cut();
+    let codes = publish_bookings_as(&up, &publisher.name, &user_id, 500).await;
+    entrip_testkit::eventually("requests retried during the outage", || async {
+        server
+            .metric(r#"entrip_ingest_messages_total{outcome="retried",type="booking.create"}"#)
+            .await
+            >= 50.0
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(stored_codes(&direct, &codes).await, 0);
+    proxy.restore();
+    entrip_testkit::progress("all 500 stored after the outage", || async {
+        let n = stored_codes(&direct, &codes).await;
+        (n, n == 500)
+    })
+    .await;
+    assert_eq!(stored_codes(&direct, &codes).await, 500);
+    let actors: Vec<String> =
+        sqlx::query_scalar("SELECT DISTINCT actor FROM audit_log WHERE action = 'booking.create'")
+            .fetch_all(&direct)
+            .await
+            .unwrap();
+    assert_eq!(actors, ["client:booking-front"]);
+    assert_eq!(up.depth("entrip.ingest.dlq").await, 0, "none dead-lettered");
+    assert_eq!(
+        server
+            .metric(
+                r#"entrip_ingest_messages_total{outcome="dead_lettered",type="booking.create"}"#
+            )
+            .await,
+        0.0
+    );
+    server.stop().await;
+}
+
+#[sqlx::test(migrator = "entrip_common::db::MIGRATOR")]
+async fn a_cut_broker_connection_loses_and_doubles_nothing(pool: PgPool) {
+    let vhost = Vhost::new();
+    let proxy = Proxy::start(entrip_testkit::amqp_addr()).await;
+    let server = Server::start_with_amqp(
+        pool.clone(),
+        settings(),
+        amqp_settings(&vhost.url_via(proxy.addr)),
+    )
+    .await;
+    // The upstream publishes straight to the broker.
+    let up = Upstream::connect(&vhost.url()).await;
+    let user_id = server.create_user().await;
+    let mut codes = publish_bookings(&up, &user_id, 250).await;
+    entrip_testkit::eventually("some stored before the cut", || async {
+        stored_codes(&pool, &codes).await > 0
+    })
+    .await;
+    proxy.cut();
+    codes.extend(publish_bookings(&up, &user_id, 250).await);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    proxy.restore();
+    entrip_testkit::progress("all 500 stored after the cut", || async {
+        let n = stored_codes(&pool, &codes).await;
+        (n, n == 500)
+    })
+    .await;
+    assert_eq!(stored_codes(&pool, &codes).await, 500);
+    assert_eq!(server.count("bookings").await, 500, "none twice");
+    let outbox: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM outbox WHERE topic = 'booking.created'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(outbox, 500);
+    assert_eq!(up.depth("entrip.ingest.dlq").await, 0);
+    entrip_testkit::eventually("the queue drained", || async {
+        up.depth(INGEST_QUEUE).await == 0
+    })
+    .await;
+    server.stop().await;
+}
+
+/// A broker user of the test's own on `vhost`, deleted when dropped.
+struct BrokerUser {
+    name: String,
+}
+
+impl BrokerUser {
+    /// With permissions (configure, write, read) on `vhost`.
+    fn new(vhost: &Vhost, perms: [&str; 3]) -> Self {
+        let name = format!("upstream-{}", uuid::Uuid::new_v4().simple());
+        rabbitmqctl(&["add_user", &name, "secret-password"]);
+        rabbitmqctl(&[
+            "set_permissions",
+            "-p",
+            &vhost.name,
+            &name,
+            perms[0],
+            perms[1],
+            perms[2],
+        ]);
+        Self { name }
+    }
+
+    fn url(&self, vhost: &Vhost) -> String {
+        format!(
+            "amqp://{}:secret-password@{}/{}",
+            self.name,
+            entrip_testkit::amqp_addr(),
+            vhost.name
+        )
+    }
+}
+
+impl Drop for BrokerUser {
+    fn drop(&mut self) {
+        rabbitmqctl(&["delete_user", &self.name]);
+    }
+}
+
+fn rabbitmqctl(args: &[&str]) {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "rabbitmqctl {args:?}: {out:?}");
+}
+
+/// The permission set the README documents for an upstream publisher:
+/// write on the `entrip.ingest` exchange, nothing else (direct reply-to
+/// needs no permission).
+const PUBLISHER: [&str; 3] = ["^$", r"^entrip\.ingest$", "^$"];
+
+/// Publishes `body` as `booking.create` on `channel` and waits for the
+/// broker's answer: `Ok` when it took it, `Err` when it refused.
+async fn try_publish(
+    channel: &lapin::Channel,
+    exchange: &str,
+    routing_key: &str,
+    user: &str,
+    body: &[u8],
+) -> Result<(), lapin::Error> {
+    let props = lapin::BasicProperties::default()
+        .with_type("booking.create".into())
+        .with_message_id(key().as_str().into())
+        .with_user_id(user.into())
+        .with_content_type("application/json".into())
+        .with_reply_to("amq.rabbitmq.reply-to".into());
+    channel
+        .basic_publish(
+            exchange.into(),
+            routing_key.into(),
+            lapin::options::BasicPublishOptions::default(),
+            body,
+            props,
+        )
+        .await?
+        .await?;
+    Ok(())
+}
+
+#[sqlx::test(migrator = "entrip_common::db::MIGRATOR")]
+async fn an_upstream_with_the_documented_permissions_publishes_requests_and_nothing_else(
+    pool: PgPool,
+) {
+    use futures::StreamExt;
+    use lapin::options::{BasicConsumeOptions, ConfirmSelectOptions};
+
+    let (server, up, vhost) = start(pool).await;
+    let user_id = server.create_user().await;
+    let publisher = BrokerUser::new(&vhost, PUBLISHER);
+    entrip_ingest::clients::create(
+        &server.pool,
+        &entrip_ingest::clients::ClientName::parse("booking-front").unwrap(),
+        &[entrip_ingest::clients::Scope::BookingsWrite],
+        Some(&publisher.name),
+    )
+    .await
+    .unwrap();
+    let conn = entrip_common::amqp::connect(&publisher.url(&vhost), "test-publisher")
+        .await
+        .unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    // Direct reply-to: consume the pseudo-queue, publish on the same channel.
+    let mut replies = channel
+        .basic_consume(
+            "amq.rabbitmq.reply-to".into(),
+            "replies".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let body = booking_body(&user_id, &unique_code(), false).to_string();
+    try_publish(
+        &channel,
+        "entrip.ingest",
+        "booking.create",
+        &publisher.name,
+        body.as_bytes(),
+    )
+    .await
+    .unwrap();
+    let reply = tokio::time::timeout(Duration::from_secs(30), replies.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let reply: Value = serde_json::from_slice(&reply.data).unwrap();
+    assert_eq!(reply["status"], "PENDING", "{reply}");
+    let actor: String = sqlx::query_scalar(
+        "SELECT actor FROM audit_log WHERE entity_id = $1::uuid AND action = 'booking.create'",
+    )
+    .bind(reply["id"].as_str().unwrap())
+    .fetch_one(&server.pool)
+    .await
+    .unwrap();
+    assert_eq!(actor, "client:booking-front");
+
+    // Refused by the broker: the events exchange, the default exchange (to
+    // a worker queue, or to the ingest queue past its exchange).
+    for (exchange, routing_key) in [
+        ("entrip.events", "payment.approved"),
+        ("", "entrip.settlement"),
+        ("", "entrip.ingest"),
+    ] {
+        let channel = conn.create_channel().await.unwrap();
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        let err = try_publish(&channel, exchange, routing_key, &publisher.name, b"{}")
+            .await
+            .expect_err(&format!("publishing to {exchange:?} is refused"));
+        assert!(
+            err.to_string().contains("ACCESS_REFUSED") || err.to_string().contains("access"),
+            "{err}"
+        );
+    }
+    // Nor may it read a worker queue.
+    let channel = conn.create_channel().await.unwrap();
+    let err = channel
+        .basic_consume(
+            "entrip.settlement".into(),
+            "peek".into(),
+            BasicConsumeOptions::default(),
+            Default::default(),
+        )
+        .await
+        .expect_err("reading a worker queue is refused");
+    assert!(
+        err.to_string().contains("ACCESS_REFUSED") || err.to_string().contains("access"),
+        "{err}"
+    );
+    assert_eq!(up.depth("entrip.settlement").await, 0);
+    server.stop().await;
+}
+
+#[sqlx::test(migrator = "entrip_common::db::MIGRATOR")]
+async fn a_broker_user_of_no_client_or_without_the_scope_is_dead_lettered(pool: PgPool) {
+    let (server, up, vhost) = start(pool).await;
+    let user_id = server.create_user().await;
+    let stranger = BrokerUser::new(&vhost, [".*", ".*", ".*"]);
+    let reader = BrokerUser::new(&vhost, [".*", ".*", ".*"]);
+    entrip_ingest::clients::create(
+        &server.pool,
+        &entrip_ingest::clients::ClientName::parse("dashboard").unwrap(),
+        &[entrip_ingest::clients::Scope::Read],
+        Some(&reader.name),
+    )
+    .await
+    .unwrap();
+    for (user, status, needle) in [
+        (&stranger, 401, "belongs to no API client"),
+        (&reader, 403, "bookings:write"),
+    ] {
+        let mut other = Upstream::connect(&user.url(&vhost)).await;
+        let mut req = Req::new(
+            "booking.create",
+            &key(),
+            &booking_body(&user_id, &unique_code(), false),
+        );
+        req.user = Some(user.name.clone());
+        let reply = other.request(&req).await;
+        assert_eq!(reply.status, status, "{:?}", reply.body);
+        let dead = up.dead(1).await;
+        assert_eq!(dead[0].message_id, req.key);
+        assert!(
+            dead[0].reason.starts_with(&status.to_string()),
+            "{}",
+            dead[0].reason
+        );
+        assert!(dead[0].reason.contains(needle), "{}", dead[0].reason);
+    }
+    assert_eq!(server.count("bookings").await, 0);
+    // A user_id that is not the connection's own is refused by the broker.
+    let mut req = Req::new(
+        "booking.create",
+        &key(),
+        &booking_body(&user_id, &unique_code(), false),
+    );
+    req.user = Some(reader.name.clone());
+    let channel = up.conn.create_channel().await.unwrap();
+    channel
+        .confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let err = try_publish(
+        &channel,
+        "entrip.ingest",
+        "booking.create",
+        &reader.name,
+        &req.body,
+    )
+    .await
+    .expect_err("a forged user_id is refused");
+    assert!(
+        err.to_string().contains("PRECONDITION_FAILED") || err.to_string().contains("user_id"),
+        "{err}"
+    );
+    server.stop().await;
+}
+
+#[sqlx::test(migrator = "entrip_common::db::MIGRATOR")]
+async fn a_refused_request_replayed_from_the_dlq_goes_back_to_ingest_and_keeps_its_publisher(
+    pool: PgPool,
+) {
+    let (server, up, vhost) = start(pool).await;
+    let user_id = server.create_user().await;
+    let front = BrokerUser::new(&vhost, [".*", ".*", ".*"]);
+    let mut other = Upstream::connect(&front.url(&vhost)).await;
+    let mut req = Req::new(
+        "booking.create",
+        &key(),
+        &booking_body(&user_id, &unique_code(), false),
+    );
+    req.user = Some(front.name.clone());
+    // Sent before its client exists: 401, dead-lettered.
+    assert_eq!(other.request(&req).await.status, 401);
+    entrip_testkit::eventually("the request in the DLQ", || async {
+        up.depth("entrip.ingest.dlq").await == 1
+    })
+    .await;
+    let listed = entrip_dispatcher::dlq::list(
+        &up.conn.create_channel().await.unwrap(),
+        "entrip.ingest.dlq",
+        10,
+    )
+    .await
+    .unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].routing_key.as_deref(), Some("booking.create"));
+    assert!(
+        listed[0]
+            .reason
+            .as_deref()
+            .unwrap_or_default()
+            .starts_with("401")
+    );
+
+    // The operator fixes the cause, then replays: as the client's request.
+    entrip_ingest::clients::create(
+        &server.pool,
+        &entrip_ingest::clients::ClientName::parse("booking-front").unwrap(),
+        &[entrip_ingest::clients::Scope::BookingsWrite],
+        Some(&front.name),
+    )
+    .await
+    .unwrap();
+    let replayed = entrip_dispatcher::dlq::replay(
+        &up.conn.create_channel().await.unwrap(),
+        "entrip.ingest.dlq",
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(replayed, 1);
+    let reply = other.reply().await;
+    assert_eq!(
+        (reply.status, reply.replayed),
+        (201, false),
+        "{:?}",
+        reply.body
+    );
+    let actor: String = sqlx::query_scalar(
+        "SELECT actor FROM audit_log WHERE entity_id = $1::uuid AND action = 'booking.create'",
+    )
+    .bind(reply.body["id"].as_str().unwrap())
+    .fetch_one(&server.pool)
+    .await
+    .unwrap();
+    assert_eq!(actor, "client:booking-front");
+    assert_eq!(up.depth("entrip.ingest.dlq").await, 0);
+    // Nothing went to the events exchange's queues.
+    assert_eq!(up.depth("entrip.settlement").await, 0);
+    server.stop().await;
+}
