@@ -9,7 +9,7 @@ use lapin::{
     message::BasicGetMessage,
     options::{
         BasicAckOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
-        ConfirmSelectOptions,
+        ConfirmSelectOptions, QueueDeclareOptions,
     },
     types::{AMQPValue, FieldTable},
 };
@@ -138,8 +138,11 @@ pub enum ReplayError {
     NotConfirmed { message_id: Option<String> },
 }
 
-/// Moves up to `limit` messages (all when `None`) from `queue` back to the
-/// exchange its queue is fed from. Returns how many were replayed.
+/// Moves up to `limit` messages (when `None`, as many as the DLQ holds when
+/// the replay starts) from `queue` back to the exchange its queue is fed
+/// from. Returns how many were replayed. The bound is what stops a message
+/// that fails again at once (poison not fixed yet) from circling between
+/// the DLQ and its queue for as long as the replay runs.
 pub async fn replay(
     channel: &Channel,
     queue: &str,
@@ -149,8 +152,21 @@ pub async fn replay(
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
     let exchange = amqp::replay_exchange(queue);
+    let held = channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?
+        .message_count();
+    let held = usize::try_from(held).unwrap_or(usize::MAX);
+    let limit = limit.map_or(held, |l| l.min(held));
     let mut replayed = 0;
-    while limit.is_none_or(|l| replayed < l) {
+    while replayed < limit {
         let Some(msg) = channel
             .basic_get(queue.into(), BasicGetOptions { no_ack: false })
             .await?

@@ -134,7 +134,7 @@ async fn main() -> anyhow::Result<()> {
                     let n = dlq::replay(&channel, &queue, limit).await?;
                     println!(
                         "{n} message(s) replayed from {queue} to {}",
-                        amqp::EVENTS_EXCHANGE
+                        amqp::replay_exchange(&queue)
                     );
                 }
             }

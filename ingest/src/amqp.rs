@@ -13,9 +13,10 @@
 //!   in `x-entrip-error` (a message that can never be a request);
 //! - 5xx (the database away): the retry path, the DLQ only after it.
 //!
-//! Replies go out on a connection of their own, with confirms; one that
-//! cannot be routed is logged and counted, and the request is acked all
-//! the same (a resend with the same `message_id` replays the answer).
+//! Replies go out on a connection of their own, with confirms, before the
+//! request is acked; the confirm is awaited aside. A reply that cannot be
+//! routed is logged and counted, and the request is acked all the same (a
+//! resend with the same `message_id` replays the answer).
 
 use std::{
     collections::HashMap,
@@ -380,37 +381,59 @@ impl Replier {
             props = props.with_correlation_id(correlation);
         }
         let body = answer.body.to_string();
-        let result = tokio::time::timeout(REPLY_TIMEOUT, self.publish(reply_to, body, props)).await;
-        let reason = match result {
-            Ok(Ok(Confirmation::Ack(None))) => return,
-            Ok(Ok(Confirmation::Ack(Some(_)))) => {
-                tracing::warn!(%reply_to, "reply could not be routed (no such queue); the request stands");
-                "unroutable"
-            }
-            Ok(Ok(other)) => {
-                tracing::warn!(%reply_to, ?other, "reply not confirmed by the broker; the request stands");
-                "broker"
-            }
+        let published =
+            tokio::time::timeout(REPLY_TIMEOUT, self.publish(reply_to, body, props)).await;
+        let confirm = match published {
+            Ok(Ok(confirm)) => confirm,
             Ok(Err(err)) => {
                 tracing::warn!(%reply_to, %err, "reply failed; the request stands");
                 *self.channel.lock().await = None;
-                "broker"
+                self.failures.with_label_values(&["broker"]).inc();
+                return;
             }
             Err(_) => {
-                tracing::warn!(%reply_to, "reply not confirmed in time; the request stands");
+                tracing::warn!(%reply_to, "reply not sent in time; the request stands");
                 *self.channel.lock().await = None;
-                "broker"
+                self.failures.with_label_values(&["broker"]).inc();
+                return;
             }
         };
-        self.failures.with_label_values(&[reason]).inc();
+        // The confirm is awaited aside: the request is acked meanwhile (it
+        // is stored whatever becomes of its reply), so that the broker's
+        // round trip is not on every request's path.
+        let failures = self.failures.clone();
+        let reply_to = reply_to.to_owned();
+        tokio::spawn(async move {
+            let reason = match tokio::time::timeout(REPLY_TIMEOUT, confirm).await {
+                Ok(Ok(Confirmation::Ack(None))) => return,
+                Ok(Ok(Confirmation::Ack(Some(_)))) => {
+                    tracing::warn!(%reply_to, "reply could not be routed (no such queue); the request stands");
+                    "unroutable"
+                }
+                Ok(Ok(other)) => {
+                    tracing::warn!(%reply_to, ?other, "reply not confirmed by the broker; the request stands");
+                    "broker"
+                }
+                Ok(Err(err)) => {
+                    tracing::warn!(%reply_to, %err, "reply failed; the request stands");
+                    "broker"
+                }
+                Err(_) => {
+                    tracing::warn!(%reply_to, "reply not confirmed in time; the request stands");
+                    "broker"
+                }
+            };
+            failures.with_label_values(&[reason]).inc();
+        });
     }
 
+    /// Hands the reply to the broker; the confirm follows.
     async fn publish(
         &self,
         reply_to: &str,
         body: String,
         props: BasicProperties,
-    ) -> Result<Confirmation, lapin::Error> {
+    ) -> Result<lapin::PublisherConfirm, lapin::Error> {
         let channel = self.channel().await?;
         channel
             .basic_publish(
@@ -423,7 +446,6 @@ impl Replier {
                 body.as_bytes(),
                 props,
             )
-            .await?
             .await
     }
 

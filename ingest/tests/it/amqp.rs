@@ -1047,6 +1047,22 @@ async fn a_refused_request_replayed_from_the_dlq_goes_back_to_ingest_and_keeps_i
             .starts_with("401")
     );
 
+    // Replayed before the cause is fixed, it fails again, and the replay
+    // stops: it takes what the DLQ held when it began, not its own returns.
+    let replayed = entrip_dispatcher::dlq::replay(
+        &up.conn.create_channel().await.unwrap(),
+        "entrip.ingest.dlq",
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(replayed, 1);
+    assert_eq!(other.reply().await.status, 401);
+    entrip_testkit::eventually("the request back in the DLQ", || async {
+        up.depth("entrip.ingest.dlq").await == 1
+    })
+    .await;
+
     // The operator fixes the cause, then replays: as the client's request.
     entrip_ingest::clients::create(
         &server.pool,

@@ -482,3 +482,120 @@ async fn metrics_pass_promtool_check() {
     assert!(ingest.wait_exit().await.success());
     db.drop_db().await;
 }
+
+/// AMQP requests survive ingest's death: SIGKILLed while 2,000 wait, the
+/// restarted process stores every one exactly once (counted by booking
+/// code), and none is dead-lettered.
+#[tokio::test]
+async fn ingest_sigkilled_in_the_middle_of_amqp_requests_stores_each_exactly_once() {
+    use crate::upstream::{ReplyTo, Req, Upstream};
+
+    const N: usize = 2000;
+    let db = TestDb::new();
+    let vhost = entrip_testkit::Vhost::new();
+    let out = cli(
+        &db,
+        &[
+            "clients",
+            "create",
+            "amqp-kill",
+            "--scopes",
+            "*",
+            "--amqp-user",
+            "guest",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let amqp = [
+        ("AMQP_URL", vhost.url()),
+        ("ENTRIP__INGEST__AMQP__ENABLED", "true".to_owned()),
+    ];
+    let start = || {
+        let mut cmd = Command::new(BIN);
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("DATABASE_URL", &db.url)
+            .env(
+                "ENTRIP__INGEST__LISTEN",
+                format!("127.0.0.1:{}", free_port()),
+            )
+            .env("ENTRIP__LOG__FORMAT", "json")
+            .envs(amqp.iter().map(|(k, v)| (*k, v.as_str())));
+        Process::spawn(&mut cmd)
+    };
+    let mut conn = PgConnection::connect(&db.url).await.unwrap();
+    let up = Upstream::connect(&vhost.url()).await;
+    let user: String = {
+        let mut ingest = start();
+        // A user to book for, over AMQP too.
+        let mut up = Upstream::connect(&vhost.url()).await;
+        let reply = up
+            .request(&Req::new(
+                "user.create",
+                &crate::support::key(),
+                &json!({"name": "Kim", "email": "kim@example.com", "phone": "+82 10 1234 5678"}),
+            ))
+            .await;
+        assert_eq!(reply.status, 201, "{:?}", reply.body);
+        ingest.signal("-KILL");
+        ingest.wait_exit().await;
+        reply.body["id"].as_str().unwrap().to_owned()
+    };
+    let mut codes = Vec::new();
+    for _ in 0..N {
+        let code = crate::support::unique_code();
+        let mut r = Req::new(
+            "booking.create",
+            &crate::support::key(),
+            &crate::support::booking_body(&user, &code, false),
+        );
+        r.reply_to = ReplyTo::None;
+        up.publish(&r).await;
+        codes.push(code);
+    }
+    let url = db.url.clone();
+    let stored = || {
+        let (codes, url) = (codes.clone(), url.clone());
+        async move {
+            let mut conn = PgConnection::connect(&url).await.unwrap();
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM bookings WHERE code = ANY($1)")
+                .bind(codes)
+                .fetch_one(&mut conn)
+                .await
+                .unwrap()
+        }
+    };
+    let mut ingest = start();
+    entrip_testkit::eventually("some requests stored", || async { stored().await >= 200 }).await;
+    ingest.signal("-KILL");
+    ingest.wait_exit().await;
+    let at_kill = stored().await;
+    assert!(
+        at_kill < N as i64,
+        "killed in the middle ({at_kill} stored)"
+    );
+    let mut ingest = start();
+    entrip_testkit::progress("every request stored after the restart", || async {
+        let n = stored().await;
+        (n, n == N as i64)
+    })
+    .await;
+    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM bookings")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(total, N as i64, "none stored twice");
+    assert_eq!(up.depth("entrip.ingest.dlq").await, 0);
+    entrip_testkit::eventually("the queue drained", || async {
+        up.depth(entrip_common::amqp::INGEST_QUEUE).await == 0
+    })
+    .await;
+    ingest.signal("-TERM");
+    assert!(ingest.wait_exit().await.success());
+    drop(conn);
+    db.drop_db().await;
+}
