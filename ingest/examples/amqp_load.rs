@@ -108,6 +108,9 @@ fn nanos() -> u32 {
         .map_or(0, |d| d.subsec_nanos())
 }
 
+/// When a request was due, and whom to tell when its reply arrives.
+type Pending = (Instant, Option<tokio::sync::oneshot::Sender<()>>);
+
 #[derive(Clone)]
 struct Load {
     channel: Channel,
@@ -115,7 +118,7 @@ struct Load {
     tag: String,
     /// Requests awaiting their reply: correlation id → when it was due,
     /// and what to tell when it arrives.
-    pending: Arc<Mutex<HashMap<String, (Instant, Option<tokio::sync::oneshot::Sender<()>>)>>>,
+    pending: Arc<Mutex<HashMap<String, Pending>>>,
     /// Microseconds from the (scheduled) publish to the reply, per 201.
     latencies: Arc<Mutex<Vec<u64>>>,
     errors: Arc<Mutex<u64>>,
