@@ -29,23 +29,10 @@ pub(crate) enum ApiError {
     PayloadTooLarge { limit: usize },
     #[error("unsupported content type: {0}")]
     UnsupportedMediaType(String),
-    #[error("{entity} {id} not found")]
-    NotFound { entity: &'static str, id: String },
     #[error("no route for {0}")]
     NoRoute(String),
     #[error("method not allowed")]
     MethodNotAllowed,
-    #[error("{0}")]
-    Conflict(String),
-    /// A rule across fields or entities (e.g. a payment's amount differs
-    /// from its booking's).
-    #[error("{detail}")]
-    Unprocessable {
-        detail: String,
-        errors: Vec<FieldError>,
-    },
-    #[error("{0}")]
-    IdempotencyMisuse(String),
     #[error("request refused: {}", .0.reason())]
     Refused(Refused),
     /// An AMQP request whose broker user is no API client's (401).
@@ -60,18 +47,13 @@ pub(crate) enum ApiError {
     Overloaded,
     #[error("request ran past {secs} s")]
     TimedOut { secs: u64 },
-    #[error("database unavailable")]
-    Unavailable(#[source] sqlx::Error),
-    #[error("the idempotency key kept changing under this request")]
-    Contended,
-    #[error("database error")]
-    Database(#[source] sqlx::Error),
-    #[error("cannot render the response")]
-    Render(#[source] serde_json::Error),
     #[error("handler panicked: {0}")]
     Panicked(String),
     #[error("stored status {0} is not an HTTP status")]
     BadStatus(u16),
+    /// What the command layer answered (404, 409, 422, 503, …).
+    #[error(transparent)]
+    Command(#[from] CommandError),
 }
 
 /// `err` and its sources, `: `-separated, for the log line.
@@ -101,21 +83,27 @@ impl ApiError {
             Self::Validation(_) | Self::BadJson(_) | Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Self::NotFound { .. } | Self::NoRoute(_) => StatusCode::NOT_FOUND,
+            Self::NoRoute(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Self::Conflict(_) => StatusCode::CONFLICT,
-            Self::Unprocessable { .. } | Self::IdempotencyMisuse(_) => {
-                StatusCode::UNPROCESSABLE_ENTITY
-            }
             Self::Refused(Refused::Scope(_)) | Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::Refused(_) | Self::Unidentified(_) => StatusCode::UNAUTHORIZED,
             Self::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
-            Self::Overloaded | Self::TimedOut { .. } | Self::Unavailable(_) | Self::Contended => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
-            Self::Database(_) | Self::Render(_) | Self::Panicked(_) | Self::BadStatus(_) => {
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
+            Self::Overloaded | Self::TimedOut { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Panicked(_) | Self::BadStatus(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Command(err) => match err {
+                CommandError::NotFound { .. } => StatusCode::NOT_FOUND,
+                CommandError::Conflict(_) => StatusCode::CONFLICT,
+                CommandError::Unprocessable { .. } | CommandError::IdempotencyMisuse(_) => {
+                    StatusCode::UNPROCESSABLE_ENTITY
+                }
+                CommandError::Refused(_) => StatusCode::BAD_REQUEST,
+                CommandError::Unavailable(_) | CommandError::Contended => {
+                    StatusCode::SERVICE_UNAVAILABLE
+                }
+                CommandError::Database(_) | CommandError::Render(_) => {
+                    StatusCode::INTERNAL_SERVER_ERROR
+                }
+            },
         }
     }
 
@@ -126,23 +114,31 @@ impl ApiError {
             Self::BadRequest(_) => ("bad-request", "Bad request"),
             Self::PayloadTooLarge { .. } => ("payload-too-large", "Request body too large"),
             Self::UnsupportedMediaType(_) => ("unsupported-media-type", "Unsupported media type"),
-            Self::NotFound { .. } => ("not-found", "Resource not found"),
             Self::NoRoute(_) => ("no-route", "No such endpoint"),
             Self::MethodNotAllowed => ("method-not-allowed", "Method not allowed"),
-            Self::Conflict(_) => ("conflict", "State conflict"),
-            Self::Unprocessable { .. } => ("unprocessable", "Request breaks a business rule"),
-            Self::IdempotencyMisuse(_) => ("idempotency-key-reused", "Idempotency-Key misuse"),
             Self::Refused(Refused::Scope(_)) | Self::Forbidden(_) => ("forbidden", "Scope missing"),
             Self::Refused(_) | Self::Unidentified(_) => ("unauthorized", "Authentication required"),
             Self::UriTooLong { .. } => ("uri-too-long", "Request URI too long"),
             Self::Overloaded => ("overloaded", "Too many requests in flight"),
             Self::TimedOut { .. } => ("timeout", "Request timed out"),
-            Self::Unavailable(_) | Self::Contended => {
-                ("unavailable", "Service temporarily unavailable")
-            }
-            Self::Database(_) | Self::Render(_) | Self::Panicked(_) | Self::BadStatus(_) => {
-                ("internal", "Internal error")
-            }
+            Self::Panicked(_) | Self::BadStatus(_) => ("internal", "Internal error"),
+            Self::Command(err) => match err {
+                CommandError::NotFound { .. } => ("not-found", "Resource not found"),
+                CommandError::Conflict(_) => ("conflict", "State conflict"),
+                CommandError::Unprocessable { .. } => {
+                    ("unprocessable", "Request breaks a business rule")
+                }
+                CommandError::IdempotencyMisuse(_) => {
+                    ("idempotency-key-reused", "Idempotency-Key misuse")
+                }
+                CommandError::Refused(_) => ("bad-request", "Bad request"),
+                CommandError::Unavailable(_) | CommandError::Contended => {
+                    ("unavailable", "Service temporarily unavailable")
+                }
+                CommandError::Database(_) | CommandError::Render(_) => {
+                    ("internal", "Internal error")
+                }
+            },
         }
     }
 
@@ -157,11 +153,17 @@ impl ApiError {
                 .collect::<Vec<_>>()
                 .join("; "),
             // Internals and database details stay in the logs.
-            Self::Database(_) | Self::Render(_) | Self::Panicked(_) | Self::BadStatus(_) => {
+            Self::Panicked(_)
+            | Self::BadStatus(_)
+            | Self::Command(CommandError::Database(_) | CommandError::Render(_)) => {
                 "an unexpected error occurred; it has been logged".to_owned()
             }
-            Self::Unavailable(_) => "the database is unavailable; retry later".to_owned(),
-            Self::Contended => "the request collided with another one; retry".to_owned(),
+            Self::Command(CommandError::Unavailable(_)) => {
+                "the database is unavailable; retry later".to_owned()
+            }
+            Self::Command(CommandError::Contended) => {
+                "the request collided with another one; retry".to_owned()
+            }
             Self::Overloaded => "too many requests are in flight; retry later".to_owned(),
             Self::TimedOut { secs } => {
                 format!(
@@ -184,7 +186,8 @@ impl ApiError {
             "status": status,
             "detail": detail,
         });
-        if let Self::Validation(errors) | Self::Unprocessable { errors, .. } = self
+        if let Self::Validation(errors) | Self::Command(CommandError::Unprocessable { errors, .. }) =
+            self
             && !errors.is_empty()
         {
             body["errors"] = serde_json::json!(errors);
@@ -199,24 +202,6 @@ impl From<Refusal> for ApiError {
             Refusal::Malformed(detail) => Self::BadJson(detail),
             Refusal::Fields(errors) => Self::Validation(errors),
             Refusal::Rule { field, detail } => Self::rule(field, detail),
-        }
-    }
-}
-
-impl From<CommandError> for ApiError {
-    fn from(err: CommandError) -> Self {
-        match err {
-            CommandError::NotFound { entity, id } => Self::NotFound { entity, id },
-            CommandError::Conflict(detail) => Self::Conflict(detail),
-            CommandError::Unprocessable { detail, errors } => {
-                Self::Unprocessable { detail, errors }
-            }
-            CommandError::IdempotencyMisuse(detail) => Self::IdempotencyMisuse(detail),
-            CommandError::Refused(detail) => Self::BadRequest(detail),
-            CommandError::Unavailable(err) => Self::Unavailable(err),
-            CommandError::Contended => Self::Contended,
-            CommandError::Database(err) => Self::Database(err),
-            CommandError::Render(err) => Self::Render(err),
         }
     }
 }

@@ -383,55 +383,41 @@ async fn poison_goes_to_the_dlq_with_its_reason_and_the_consumer_keeps_going(poo
             &booking_body(&user_id, &unique_code(), false),
         )
     };
+    // A valid booking with one thing changed.
+    let changed = |change: fn(&mut Req)| {
+        let mut r = booking(&key());
+        change(&mut r);
+        r
+    };
     let big = json!({"reason": "x".repeat(70 * 1024)});
     let cases: Vec<(&str, Req, i64, &str)> = vec![
         (
             "not JSON",
-            {
-                let mut r = booking(&key());
-                r.body = b"{not json".to_vec();
-                r
-            },
+            changed(|r| r.body = b"{not json".to_vec()),
             400,
             "JSON",
         ),
         (
             "bad UTF-8",
-            {
-                let mut r = booking(&key());
-                r.body = vec![b'{', b'"', 0xff, 0xfe, b'"', b':', b'1', b'}'];
-                r
-            },
+            changed(|r| r.body = vec![b'{', b'"', 0xff, 0xfe, b'"', b':', b'1', b'}']),
             400,
             "JSON",
         ),
         (
             "unknown type",
-            {
-                let mut r = booking(&key());
-                r.kind = Some("booking.teleport".into());
-                r
-            },
+            changed(|r| r.kind = Some("booking.teleport".into())),
             400,
             "booking.teleport",
         ),
         (
             "no type",
-            {
-                let mut r = booking(&key());
-                r.kind = None;
-                r
-            },
+            changed(|r| r.kind = None),
             400,
             "unknown command type",
         ),
         (
             "no message_id",
-            {
-                let mut r = booking(&key());
-                r.key = None;
-                r
-            },
+            changed(|r| r.key = None),
             400,
             "message_id",
         ),
@@ -476,24 +462,11 @@ async fn poison_goes_to_the_dlq_with_its_reason_and_the_consumer_keeps_going(poo
         ),
         (
             "not JSON content",
-            {
-                let mut r = booking(&key());
-                r.content_type = Some("text/plain".into());
-                r
-            },
+            changed(|r| r.content_type = Some("text/plain".into())),
             415,
             "text/plain",
         ),
-        (
-            "no user_id",
-            {
-                let mut r = booking(&key());
-                r.user = None;
-                r
-            },
-            401,
-            "user_id",
-        ),
+        ("no user_id", changed(|r| r.user = None), 401, "user_id"),
     ];
     let bookings_before = server.count("bookings").await;
     for (what, req, status, _) in &cases {
