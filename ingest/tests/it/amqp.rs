@@ -26,6 +26,15 @@ async fn start(pool: PgPool) -> (Server, Upstream, Vhost) {
     (server, upstream, vhost)
 }
 
+/// `entrip_ingest_messages_total{outcome, type}` now.
+async fn messages(server: &Server, outcome: &str, kind: &str) -> f64 {
+    server
+        .metric(&format!(
+            r#"entrip_ingest_messages_total{{outcome="{outcome}",type="{kind}"}}"#
+        ))
+        .await
+}
+
 fn user_body() -> Value {
     json!({
         "name": "Kim Minji",
@@ -192,12 +201,7 @@ async fn every_command_over_amqp_is_stored_once_and_answered_as_over_http(pool: 
     .await;
     assert_eq!(canceled["status"], "CANCELED");
 
-    assert_eq!(
-        server
-            .metric(r#"entrip_ingest_messages_total{outcome="accepted",type="booking.create"}"#)
-            .await,
-        1.0
-    );
+    assert_eq!(messages(&server, "accepted", "booking.create").await, 1.0);
     assert!(
         server
             .metric(r#"entrip_ingest_message_duration_seconds_count{type="payment.result"}"#)
@@ -243,12 +247,7 @@ async fn a_message_delivered_again_or_fifty_times_at_once_has_one_effect(pool: P
     assert_eq!(replies.iter().filter(|r| !r.replayed).count(), 1);
     assert!(replies.iter().all(|r| r.body == replies[0].body));
     assert_eq!(server.count("bookings").await, 2);
-    assert_eq!(
-        server
-            .metric(r#"entrip_ingest_messages_total{outcome="replayed",type="booking.create"}"#)
-            .await,
-        51.0
-    );
+    assert_eq!(messages(&server, "replayed", "booking.create").await, 51.0);
     server.stop().await;
 }
 
@@ -330,12 +329,7 @@ async fn a_message_id_reused_for_another_request_is_answered_422_and_stores_noth
     assert_eq!(server.count("outbox").await, outbox_before);
     // Answered, not poison: acked, nothing in the DLQ.
     assert_eq!(up.depth("entrip.ingest.dlq").await, 0);
-    assert_eq!(
-        server
-            .metric(r#"entrip_ingest_messages_total{outcome="rejected",type="booking.create"}"#)
-            .await,
-        1.0
-    );
+    assert_eq!(messages(&server, "rejected", "booking.create").await, 1.0);
     server.stop().await;
 }
 
@@ -499,9 +493,7 @@ async fn poison_goes_to_the_dlq_with_its_reason_and_the_consumer_keeps_going(poo
                     r#"entrip_ingest_messages_total{outcome="dead_lettered",type="booking.cancel"}"#
                 )
                 .await
-            + server
-                .metric(r#"entrip_ingest_messages_total{outcome="dead_lettered",type="unknown"}"#)
-                .await,
+            + messages(&server, "dead_lettered", "unknown").await,
         cases.len() as f64
     );
     assert_eq!(
@@ -659,10 +651,7 @@ async fn a_database_outage_sends_requests_through_the_retry_path_not_to_the_dlq(
     proxy.cut();
     let codes = publish_bookings_as(&up, &publisher.name, &user_id, 500).await;
     entrip_testkit::eventually("requests retried during the outage", || async {
-        server
-            .metric(r#"entrip_ingest_messages_total{outcome="retried",type="booking.create"}"#)
-            .await
-            >= 50.0
+        messages(&server, "retried", "booking.create").await >= 50.0
     })
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
