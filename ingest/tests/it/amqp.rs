@@ -1009,6 +1009,11 @@ async fn a_refused_request_replayed_from_the_dlq_goes_back_to_ingest_and_keeps_i
             .starts_with("401")
     );
 
+    // Listing fetched it unacknowledged; it is back once the broker has it.
+    entrip_testkit::eventually("the listed request back in the DLQ", || async {
+        up.depth("entrip.ingest.dlq").await == 1
+    })
+    .await;
     // Replayed before the cause is fixed, it fails again, and the replay
     // stops: it takes what the DLQ held when it began, not its own returns.
     let replayed = entrip_dispatcher::dlq::replay(
