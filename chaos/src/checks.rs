@@ -1,8 +1,9 @@
 //! After the load: waiting for the fleet to drain, then checking the end
-//! state (database, broker queues, the chaos-owned tap queue, webhook
-//! receiver, `workers integrity --once`) against what the load generator was
-//! told and what the broker carried. Table and column names are those of
-//! `migrations/`.
+//! state (database, broker queues, the chaos-owned tap queue,
+//! `entrip.ingest.dlq`, ingest's AMQP counters, webhook receiver, `workers
+//! integrity --once`) against what the load generator was told, over HTTP
+//! and over AMQP, and what the broker carried. Table and column names are
+//! those of `migrations/`.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -17,10 +18,12 @@ use uuid::Uuid;
 use crate::{
     Error,
     faults::{Fault, Hit, rabbitmqctl},
-    load::{BookingOutcome, Journey, LoadResult, Response, Stats, Step},
+    ingest_metrics::IngestCounts,
+    load::{BookingOutcome, Journey, LoadResult, Response, Stats, Step, Told, Transport},
     receiver::{Receiver, Snapshot, topic_matches},
     report::Check,
     tap::TapLog,
+    upstream::IngestDlq,
 };
 
 /// The settlement consumer's name in table `inbox` (`CONSUMER` in
@@ -54,6 +57,11 @@ pub async fn queue_depths(vhost: &str) -> Result<BTreeMap<String, i64>, String> 
 
 fn is_dlq(name: &str) -> bool {
     name.ends_with(".dlq")
+}
+
+/// Ingest's DLQ: planted poison belongs there (its own check judges it).
+fn is_ingest_dlq(name: &str) -> bool {
+    name == entrip_common::amqp::dlq_name(entrip_common::amqp::INGEST_QUEUE)
 }
 
 /// Worker queues and their retry queues: what must drain to zero.
@@ -324,6 +332,16 @@ pub struct Inputs<'a> {
     /// What the chaos-owned tap queue held after the drain, or why it could
     /// not be read.
     pub tap: Result<&'a TapLog, &'a String>,
+    /// The API client the load sent as (its idempotency keys' scope).
+    pub api_client: &'a str,
+    /// What `entrip.ingest.dlq` held after the drain, or why it could not
+    /// be read.
+    pub ingest_dlq: Result<&'a IngestDlq, &'a String>,
+    /// Ingest's AMQP counters summed over its lives (see
+    /// [`crate::ingest_metrics`]).
+    pub ingest_counts: &'a IngestCounts,
+    /// Lives of ingest whose counters could not be scraped.
+    pub ingest_scrape_missing: u64,
 }
 
 /// Runs every check; fills `totals` with the figures.
@@ -487,6 +505,192 @@ pub async fn run_checks(
         format!(
             "{internal} answers 500, {} answers 503",
             by_status.get(&Response::Status(503)).copied().unwrap_or(0)
+        ),
+    ));
+
+    // ---- 3b. AMQP: every copy of a reply the same answer
+    let extra = Stats::get(&st.amqp_extra_replies);
+    let reply_mismatches = Stats::get(&st.amqp_reply_mismatches);
+    let unknown_replies = Stats::get(&st.amqp_unknown_replies);
+    checks.push(check(
+        "AMQP: later replies (to resends, redeliveries) equal the first; none unknown",
+        reply_mismatches == 0 && unknown_replies == 0,
+        format!(
+            "{} logical requests, {} messages published ({} resends after no reply within the patience window), {} replies ({} replayed); {extra} later replies, {reply_mismatches} of them different from the first; {unknown_replies} replies to no request or without a status",
+            Stats::get(&st.amqp_requests),
+            Stats::get(&st.amqp_published),
+            Stats::get(&st.amqp_resends),
+            Stats::get(&st.amqp_replies),
+            Stats::get(&st.amqp_replies_replayed),
+        ),
+    ));
+
+    // ---- 3c. every request told 201/200 stored once, over its transport,
+    // with the answer the client got
+    let told: Vec<&Told> = journeys.iter().flat_map(|j| j.told.iter()).collect();
+    let answered_keys: Vec<String> = told.iter().map(|t| t.key.clone()).collect();
+    let stored_answers: HashMap<String, (i16, serde_json::Value)> =
+        sqlx::query_as::<_, (String, Option<i16>, Option<serde_json::Value>)>(
+            "SELECT key, response_status, response_body FROM idempotency_keys
+          WHERE client = $1 AND key = ANY($2)",
+        )
+        .bind(inp.api_client)
+        .bind(&answered_keys)
+        .fetch_all(pool)
+        .await?
+        .into_iter()
+        .filter_map(|(k, s, b)| Some((k, (s?, b?))))
+        .collect();
+    // Per key: (entity, channel, client) of each audit row.
+    type AuditRow = (Uuid, Option<String>, Option<String>);
+    let mut audit_of: HashMap<String, Vec<AuditRow>> = HashMap::new();
+    let audit_rows: Vec<(String, Uuid, Option<String>, Option<String>)> = sqlx::query_as(
+        "SELECT idempotency_key, entity_id, detail->>'channel', detail->>'client'
+           FROM audit_log WHERE idempotency_key = ANY($1)",
+    )
+    .bind(&answered_keys)
+    .fetch_all(pool)
+    .await?;
+    for (key, entity, channel, client) in audit_rows {
+        audit_of
+            .entry(key)
+            .or_default()
+            .push((entity, channel, client));
+    }
+    for via in [Transport::Amqp, Transport::Http] {
+        let mine: Vec<&&Told> = told.iter().filter(|t| t.via == via).collect();
+        let mut wrong = Vec::new();
+        for t in &mine {
+            let what = format!("{:?} {} {}", t.step, t.key, t.status);
+            match stored_answers.get(&t.key) {
+                None => wrong.push(format!("{what}: no stored answer")),
+                Some((status, body))
+                    if i32::from(*status) != i32::from(t.status) || *body != t.body =>
+                {
+                    wrong.push(format!("{what}: stored {status} {body}, told {}", t.body));
+                }
+                Some(_) => {}
+            }
+            let rows = audit_of.get(&t.key).map(Vec::as_slice).unwrap_or_default();
+            match rows {
+                [(entity, channel, client)] => {
+                    if Some(*entity) != t.id() {
+                        wrong.push(format!("{what}: audit row of {entity}, told {:?}", t.id()));
+                    }
+                    if channel.as_deref() != Some(via.channel()) {
+                        wrong.push(format!("{what}: audit row over {channel:?}"));
+                    }
+                    if client.as_deref() != Some(inp.api_client) {
+                        wrong.push(format!("{what}: audit row of client {client:?}"));
+                    }
+                }
+                rows => wrong.push(format!("{what}: {} audit rows", rows.len())),
+            }
+        }
+        let mut by_step: BTreeMap<Step, u64> = BTreeMap::new();
+        for t in &mine {
+            *by_step.entry(t.step).or_default() += 1;
+        }
+        let (name, answer) = match via {
+            Transport::Amqp => (
+                "AMQP requests told 201/200 stored exactly once, over AMQP, as replied",
+                "replied",
+            ),
+            Transport::Http => (
+                "HTTP requests told 201/200 stored exactly once, over HTTP, as answered",
+                "answered",
+            ),
+        };
+        checks.push(check(
+            name,
+            wrong.is_empty(),
+            format!(
+                "{} requests {by_step:?}: each must have its stored answer equal to the one {answer} and one audit row (channel {:?}, client {:?}, the entity of the answer); {} wrong [{}]",
+                mine.len(),
+                via.channel(),
+                inp.api_client,
+                wrong.len(),
+                sample(&wrong)
+            ),
+        ));
+    }
+
+    // ---- 3d. AMQP: entrip.ingest.dlq holds the planted poison, nothing else
+    let poison = &inp.load.poison;
+    let dlq_name = entrip_common::amqp::dlq_name(entrip_common::amqp::INGEST_QUEUE);
+    let mut dlq_messages = 0u64;
+    match inp.ingest_dlq {
+        Ok(dlq) => {
+            dlq_messages = dlq.messages.len() as u64;
+            let planted: HashSet<&str> = poison.iter().map(|p| p.key.as_str()).collect();
+            let mut copies: HashMap<&str, Vec<&str>> = HashMap::new();
+            let mut strangers = Vec::new();
+            for (id, reason) in &dlq.messages {
+                if planted.contains(id.as_str()) {
+                    copies.entry(id.as_str()).or_default().push(reason.as_str());
+                } else {
+                    strangers.push(format!("{id:?}: {reason}"));
+                }
+            }
+            let mut wrong = Vec::new();
+            for p in poison {
+                if p.told != Some(400) {
+                    wrong.push(format!("{} told {:?}, not 400", p.key, p.told));
+                }
+                match copies.get(p.key.as_str()) {
+                    None => wrong.push(format!("{} not in the DLQ", p.key)),
+                    Some(reasons) => {
+                        if let Some(r) = reasons.iter().find(|r| !r.starts_with("400 ")) {
+                            wrong.push(format!("{}: x-entrip-error {r:?}", p.key));
+                        }
+                    }
+                }
+            }
+            let extra_copies: usize = copies.values().map(|c| c.len().saturating_sub(1)).sum();
+            checks.push(check(
+                "AMQP: entrip.ingest.dlq holds the planted poison (told 400) and nothing else",
+                wrong.is_empty() && strangers.is_empty(),
+                format!(
+                    "{} poison messages planted; {dlq_name} holds {} messages ({extra_copies} extra copies of poison, allowed: a redelivery dead-letters again); {} poison wrong [{}]; {} other messages [{}]",
+                    poison.len(),
+                    dlq.messages.len(),
+                    wrong.len(),
+                    sample(&wrong),
+                    strangers.len(),
+                    sample(&strangers)
+                ),
+            ));
+        }
+        Err(e) => checks.push(check(
+            "AMQP: entrip.ingest.dlq holds the planted poison (told 400) and nothing else",
+            false,
+            format!("{dlq_name} could not be read: {e}"),
+        )),
+    }
+
+    // ---- 3e. ingest's AMQP counters against the end state. Counts of a
+    // life cut short after its last scrape are lost, so the sums are lower
+    // bounds: each commit is counted `accepted` at most once, each dead
+    // letter is in the DLQ.
+    let amqp_commits: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM audit_log WHERE detail->>'channel' = 'amqp' AND detail->>'client' = $1",
+    )
+    .bind(inp.api_client)
+    .fetch_one(pool)
+    .await?;
+    let amqp_commits = amqp_commits.max(0) as u64;
+    let counts = inp.ingest_counts;
+    let accepted = counts.outcome("accepted");
+    let dead_lettered = counts.outcome("dead_lettered");
+    let amqp_stored = told.iter().filter(|t| t.via == Transport::Amqp).count();
+    checks.push(check(
+        "ingest metrics: AMQP outcomes consistent with the end state",
+        accepted <= amqp_commits
+            && (accepted > 0 || amqp_stored == 0)
+            && (inp.ingest_dlq.is_err() || dead_lettered <= dlq_messages),
+        format!(
+            "entrip_ingest_messages_total summed over ingest's lives ({} of them not scraped): {:?}; accepted {accepted} ≤ {amqp_commits} AMQP commits (audit rows over amqp), and > 0 when any AMQP request was stored ({amqp_stored}); dead_lettered {dead_lettered} ≤ {dlq_messages} in the DLQ; reply failures {:?}",
+            inp.ingest_scrape_missing, counts.messages, counts.reply_failures
         ),
     ));
 
@@ -895,7 +1099,7 @@ pub async fn run_checks(
         Ok(depths) => {
             let dlq: Vec<String> = depths
                 .iter()
-                .filter(|(k, v)| is_dlq(k) && **v != 0)
+                .filter(|(k, v)| is_dlq(k) && !is_ingest_dlq(k) && **v != 0)
                 .map(|(k, v)| format!("{k}={v}"))
                 .collect();
             let queued: Vec<String> = depths
@@ -908,7 +1112,7 @@ pub async fn run_checks(
                 "broker: worker queues and DLQs empty",
                 dlq.is_empty() && queued.is_empty() && !dlq_names.is_empty(),
                 format!(
-                    "{} queues; non-empty DLQs [{}]; non-empty work queues [{}]",
+                    "{} queues (entrip.ingest and its retry queues among the work queues; entrip.ingest.dlq judged above); non-empty DLQs [{}]; non-empty work queues [{}]",
                     depths.len(),
                     dlq.join(", "),
                     queued.join(", ")
@@ -1032,6 +1236,49 @@ pub async fn run_checks(
         "inbox rows of the settlement consumer",
         applied.len() as u64,
     );
+    put("AMQP: logical requests", Stats::get(&st.amqp_requests));
+    put(
+        "AMQP: messages published (with resends, replays, poison)",
+        Stats::get(&st.amqp_published),
+    );
+    put(
+        "AMQP: resends (no reply within the patience window)",
+        Stats::get(&st.amqp_resends),
+    );
+    put(
+        "AMQP: first sends with a planted few-ms patience",
+        Stats::get(&st.amqp_planted_short_patience),
+    );
+    put(
+        "AMQP: publishes failed and sent again",
+        Stats::get(&st.amqp_publish_failures),
+    );
+    put(
+        "AMQP: connections opened by the load",
+        Stats::get(&st.amqp_connects),
+    );
+    put("AMQP: replies read", Stats::get(&st.amqp_replies));
+    put(
+        "AMQP: replies marked replayed",
+        Stats::get(&st.amqp_replies_replayed),
+    );
+    put(
+        "AMQP: later replies to one request",
+        Stats::get(&st.amqp_extra_replies),
+    );
+    put("AMQP: requests told 201/200", amqp_stored as u64);
+    put(
+        "replays over the other transport",
+        Stats::get(&st.cross_replays),
+    );
+    put("AMQP: poison planted", Stats::get(&st.planted_poison));
+    put("AMQP: messages in entrip.ingest.dlq", dlq_messages);
+    for (outcome, n) in &counts.messages {
+        put(&format!("ingest metrics: AMQP {outcome}"), *n);
+    }
+    for (reason, n) in &counts.reply_failures {
+        put(&format!("ingest metrics: reply failures {reason}"), *n);
+    }
     put("webhook answers 500 (fault window)", seen.answered_500);
     put("webhook requests held (hang window)", seen.hung);
     Ok(checks)
@@ -1188,9 +1435,12 @@ pub fn explain_duplicate(
             Fault::KillWorkers => within(h.from, h.to, window, Duration::ZERO),
             Fault::TerminateBackends | Fault::DatabaseOutage => within(h.from, h.to, window, slack),
             // None of these can lose the worker's record of a 2xx: the AMQP
-            // close (see above), and the rest reach no worker transaction.
+            // close (see above), and the rest reach no worker transaction
+            // (ingest's kill ends its own transactions, which write the
+            // outbox, never a delivery record).
             Fault::AmqpClose
             | Fault::KillDispatcher
+            | Fault::KillIngest
             | Fault::WebhookFailures
             | Fault::WebhookHang
             | Fault::BrokerRestart => false,

@@ -1,6 +1,8 @@
 //! The fault injector: during the load phase, at seeded random moments, it
-//! closes the vhost's AMQP connections, SIGKILLs a dispatcher or the workers
-//! and restarts them after a short delay (two dispatchers stay the norm),
+//! closes the vhost's AMQP connections, SIGKILLs a dispatcher, the workers or
+//! ingest and restarts them after a short delay (two dispatchers stay the
+//! norm; ingest's AMQP counters are scraped just before its kill, see
+//! [`crate::ingest_metrics`]),
 //! terminates the database's PostgreSQL backends, opens 500 and hang windows
 //! on the webhook receiver and, only when asked (never in tests, it is
 //! broker-wide), stops and starts the RabbitMQ application. Every injected
@@ -23,6 +25,7 @@ use tokio::{sync::watch, task::JoinHandle};
 use crate::{
     Error,
     fleet::{self, Fleet},
+    ingest_metrics::{self, IngestCounts},
     receiver::Receiver,
     rng::Rng,
 };
@@ -60,6 +63,11 @@ pub enum Fault {
     KillDispatcher,
     /// SIGKILL of the workers, restarted 0.3–3 s later.
     KillWorkers,
+    /// SIGKILL of ingest (only while it runs), restarted 0.3–3 s later on
+    /// the same port: HTTP requests in flight see their connection fail and
+    /// are retried with the same key; AMQP requests it had not acknowledged
+    /// are redelivered to the next ingest.
+    KillIngest,
     /// `pg_terminate_backend` of every backend of the run's database.
     TerminateBackends,
     /// The database refusing connections for 0.5–2.5 s
@@ -83,6 +91,7 @@ impl Fault {
             Self::AmqpClose => "AMQP connections closed (vhost)",
             Self::KillDispatcher => "SIGKILL dispatcher",
             Self::KillWorkers => "SIGKILL workers",
+            Self::KillIngest => "SIGKILL ingest",
             Self::TerminateBackends => "pg_terminate_backend rounds",
             Self::DatabaseOutage => "PostgreSQL outage windows (connections refused)",
             Self::WebhookFailures => "webhook 500 windows",
@@ -104,10 +113,11 @@ impl Fault {
 /// run that completes one round has seen them all) while the cheap, frequent
 /// faults of real life come up more often. The broker restart is not in it
 /// (see [`Fault::BrokerRestart`]).
-pub const MIX: [(Fault, usize); 7] = [
+pub const MIX: [(Fault, usize); 8] = [
     (Fault::AmqpClose, 2),
     (Fault::KillDispatcher, 1),
     (Fault::KillWorkers, 1),
+    (Fault::KillIngest, 1),
     (Fault::TerminateBackends, 2),
     (Fault::DatabaseOutage, 1),
     (Fault::WebhookFailures, 1),
@@ -149,6 +159,11 @@ pub struct FaultLog {
     /// Faults that may reach the workers' work in flight, for matching
     /// duplicate webhooks against.
     pub hits: Vec<Hit>,
+    /// Ingest's AMQP counters, scraped just before each of its kills and
+    /// summed (each process starts from zero).
+    pub ingest_counts: IngestCounts,
+    /// Kills of ingest whose scrape failed (their counters are lost).
+    pub ingest_scrapes_failed: u64,
     pub errors: Vec<String>,
 }
 
@@ -334,7 +349,12 @@ async fn broker_restart(log: &Shared<FaultLog>, down: Duration) {
     tracing::warn!("fault: broker application started again");
 }
 
-/// Kills `slot` (counted as `fault`), waits `down`, starts it again.
+/// How long the scrape of ingest's counters before its kill may take.
+const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Kills `slot` (counted as `fault`), waits `down`, starts it again. Before
+/// a kill of ingest, its AMQP counters are scraped (the process takes them
+/// with it).
 fn kill_and_restart(
     fleet: Shared<Fleet>,
     log: Shared<FaultLog>,
@@ -343,6 +363,16 @@ fn kill_and_restart(
     down: Duration,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
+        if slot == fleet::INGEST {
+            let url = lock(&fleet).ingest_url();
+            match ingest_metrics::scrape(&url, SCRAPE_TIMEOUT).await {
+                Ok(counts) => lock(&log).ingest_counts.add(&counts),
+                Err(e) => {
+                    lock(&log).ingest_scrapes_failed += 1;
+                    tracing::warn!("fault: scraping ingest before its kill: {e}");
+                }
+            }
+        }
         let name = {
             let mut f = lock(&fleet);
             if !f.kill(slot) {
@@ -433,6 +463,17 @@ impl Injector {
                     kill_and_restart(self.fleet.clone(), log.clone(), fault, fleet::WORKERS, down);
                 self.pending.push((self.round, kill));
             }
+            Fault::KillIngest => {
+                // Only while it runs (it may be restarting after an exit of
+                // its own): a kill that finds it down would not count.
+                if !lock(&self.fleet).services[fleet::INGEST].is_running() {
+                    return false;
+                }
+                let down = rng.between(Duration::from_millis(300), Duration::from_secs(3));
+                let kill =
+                    kill_and_restart(self.fleet.clone(), log.clone(), fault, fleet::INGEST, down);
+                self.pending.push((self.round, kill));
+            }
             Fault::TerminateBackends => {
                 let from = Instant::now();
                 let s = &self.settings;
@@ -488,18 +529,25 @@ impl Injector {
     }
 }
 
-/// Injects faults until `stop` turns true; returns what it did once every
-/// restart it began is done. `rounds` is told how many rounds of [`MIX`]
-/// were injected to the end, so that the load can go on until every kind
-/// came up.
+/// Injects faults from when `begin` turns true (the load's first journey)
+/// until `stop` turns true; returns what it did once every restart it began
+/// is done. `rounds` is told how many rounds of [`MIX`] were injected to the
+/// end, so that the load can go on until every kind came up.
 pub async fn run(
     settings: FaultSettings,
     fleet: Shared<Fleet>,
     receiver: Arc<Receiver>,
     mut rng: Rng,
+    mut begin: watch::Receiver<bool>,
     mut stop: watch::Receiver<bool>,
     rounds: watch::Sender<u32>,
 ) -> FaultLog {
+    // A load that ended before its first journey (its sender gone) leaves
+    // the stop to end this.
+    tokio::select! {
+        _ = begin.wait_for(|b| *b) => {}
+        _ = stop.wait_for(|s| *s) => return FaultLog::default(),
+    }
     // Broker restarts at about a third and two thirds of the load.
     let mut broker_at: Vec<Duration> = if settings.broker_restart {
         vec![
@@ -621,6 +669,7 @@ mod tests {
                 "broker_restart",
                 "database_outage",
                 "kill_dispatcher",
+                "kill_ingest",
                 "kill_workers",
                 "terminate_backends",
                 "webhook_failures",

@@ -8,8 +8,9 @@
 //! workers therefore get a fresh port at every start, and a service that
 //! exits because its port is taken (exit status `EXIT_CANNOT_LISTEN`) is
 //! started again on a fresh port instead of being counted as an exit of its
-//! own. Ingest keeps its port across restarts
-//! (the load client was given its URL; the injector never kills it).
+//! own. Ingest keeps its port across the injector's restarts, and moves only
+//! after such a bind failure: the load reads its URL from [`IngestUrl`],
+//! which the fleet keeps current.
 
 use std::{
     fs::OpenOptions,
@@ -17,6 +18,7 @@ use std::{
     net::TcpListener,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
+    sync::{Arc, RwLock},
     time::{Duration, Instant},
 };
 
@@ -115,6 +117,26 @@ impl Service {
     }
 }
 
+/// Ingest's base URL as it is now, shared with the load: ingest moves to a
+/// fresh port when its own was taken while it was down (see the module
+/// documentation).
+#[derive(Debug, Clone)]
+pub struct IngestUrl(Arc<RwLock<String>>);
+
+impl IngestUrl {
+    pub fn new(url: String) -> Self {
+        Self(Arc::new(RwLock::new(url)))
+    }
+
+    pub fn get(&self) -> String {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn set(&self, url: String) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = url;
+    }
+}
+
 /// The running fleet: slot 0 ingest, 1 and 2 dispatchers, 3 workers.
 #[derive(Debug)]
 pub struct Fleet {
@@ -122,6 +144,7 @@ pub struct Fleet {
     pub services: Vec<Service>,
     /// Services that exited without being killed by the injector.
     pub unexpected_exits: Vec<String>,
+    shared_url: IngestUrl,
 }
 
 pub const INGEST: usize = 0;
@@ -160,15 +183,22 @@ impl Fleet {
                 bind_retries: 0,
             });
         }
+        let shared_url = IngestUrl::new(format!("http://127.0.0.1:{}", services[INGEST].port));
         Ok(Self {
             cfg,
             services,
             unexpected_exits: Vec::new(),
+            shared_url,
         })
     }
 
     pub fn ingest_url(&self) -> String {
         format!("http://127.0.0.1:{}", self.services[INGEST].port)
+    }
+
+    /// Ingest's URL, kept current when it moves to a fresh port.
+    pub fn shared_ingest_url(&self) -> IngestUrl {
+        self.shared_url.clone()
     }
 
     /// A command for one of the fleet's binaries with the fleet's
@@ -266,6 +296,9 @@ impl Fleet {
                 let fresh = if slot == INGEST { free_port() } else { Ok(old) };
                 match fresh.and_then(|port| {
                     self.services[slot].port = port;
+                    if slot == INGEST {
+                        self.shared_url.set(self.ingest_url());
+                    }
                     self.start(slot)
                 }) {
                     Ok(()) => {

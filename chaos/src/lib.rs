@@ -1,19 +1,22 @@
 //! The Entrip chaos suite: runs the real fleet (one ingest, two dispatchers,
 //! one workers) against a database and a RabbitMQ vhost, drives journeys
-//! through it while faults are injected, lets it drain, and checks the end
-//! state against what the client was told and against what the broker
-//! carried (a queue of the suite's own, see [`tap`]). [`run`] is the whole
-//! driver; the `chaos` binary and the short CI run (`tests/it/short.rs`)
-//! call it.
+//! through it (over ingest's HTTP API and, for a share of the requests, over
+//! AMQP: see [`upstream`]) while faults are injected, lets it drain, and
+//! checks the end state against what the client was told and against what
+//! the broker carried (a queue of the suite's own, see [`tap`]). [`run`] is
+//! the whole driver; the `chaos` binary and the short CI run
+//! (`tests/it/short.rs`) call it.
 
 pub mod checks;
 pub mod faults;
 pub mod fleet;
+pub mod ingest_metrics;
 pub mod load;
 pub mod receiver;
 pub mod report;
 pub mod rng;
 pub mod tap;
+pub mod upstream;
 
 use std::{
     path::PathBuf,
@@ -69,7 +72,9 @@ pub struct Options {
     /// The run's own vhost (created beforehand), its name and URL.
     pub vhost: String,
     pub amqp_url: String,
-    /// How long journeys are started (at least; see `min_fault_rounds`).
+    /// How long journeys are started (at least; see `min_fault_rounds`),
+    /// counted from the first journey (the load's users are created before,
+    /// and the faults begin with the journeys).
     pub duration: Duration,
     /// Journeys started per second.
     pub rate: f64,
@@ -98,6 +103,11 @@ pub struct Options {
     pub worker_concurrency: u32,
     /// Where the service logs go; a fresh temporary directory when `None`.
     pub log_dir: Option<PathBuf>,
+    /// Share of the requests sent over AMQP (0 to 1; 0: HTTP only).
+    pub amqp_share: f64,
+    /// How long an AMQP request waits for its reply before the client sends
+    /// it again (see [`load::AmqpLoadSettings::patience`]).
+    pub amqp_patience: Duration,
 }
 
 impl Options {
@@ -119,6 +129,8 @@ impl Options {
             max_connections: 16,
             worker_concurrency: 6,
             log_dir: None,
+            amqp_share: DEFAULT_AMQP_SHARE,
+            amqp_patience: DEFAULT_AMQP_PATIENCE,
         }
     }
 }
@@ -147,6 +159,18 @@ pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(INGEST_REQUEST_TIMEOUT.
 
 /// The journey rates a run accepts (journeys per second).
 pub const RATE_RANGE: std::ops::RangeInclusive<f64> = 0.1..=10_000.0;
+
+/// The share of requests sent over AMQP unless told otherwise.
+pub const DEFAULT_AMQP_SHARE: f64 = 0.3;
+
+/// How long an AMQP request waits for its reply before it is sent again,
+/// unless told otherwise: replies take milliseconds, so only a lost reply (or
+/// a request held up in ingest's retry path by a database fault) waits
+/// this long, and a short run's tail stays short.
+pub const DEFAULT_AMQP_PATIENCE: Duration = Duration::from_secs(4);
+
+/// The API client the load sends as, over both transports.
+pub const API_CLIENT: &str = "chaos-load";
 
 const SUBSCRIBERS: [(&str, &str, &[&str]); 2] = [
     (
@@ -224,6 +248,12 @@ async fn start_all_healthy(fleet: &Mutex<Fleet>, deadline: Duration) -> Result<(
 /// Runs the whole suite; `Ok` carries the report whether or not its checks
 /// passed, `Err` means the run itself could not be carried out.
 pub async fn run(opts: Options) -> Result<Report, Error> {
+    if !(opts.amqp_share.is_finite() && (0.0..=1.0).contains(&opts.amqp_share)) {
+        return Err(Error::Setup(format!(
+            "AMQP share {} out of range: it must be between 0 and 1",
+            opts.amqp_share
+        )));
+    }
     if !(opts.rate.is_finite() && RATE_RANGE.contains(&opts.rate)) {
         return Err(Error::Setup(format!(
             "rate {} journeys/s out of range: it must be between {} and {}",
@@ -334,12 +364,16 @@ pub async fn run(opts: Options) -> Result<Report, Error> {
             String::from_utf8_lossy(&migrate.stderr)
         )));
     }
-    // The load's API client (`ingest clients create` prints the key alone).
+    // The load's API client (`ingest clients create` prints the key alone),
+    // also the client of the run's broker user: its AMQP requests share the
+    // HTTP requests' idempotency scope.
+    let broker_user = entrip_common::amqp::user_of(&opts.amqp_url);
     let issued = fleet
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .command("ingest")
-        .args(["clients", "create", "chaos-load", "--scopes", "*"])
+        .args(["clients", "create", API_CLIENT, "--scopes", "*"])
+        .args(["--amqp-user", &broker_user])
         .output()?;
     if !issued.status.success() {
         return Err(Error::Setup(format!(
@@ -352,8 +386,11 @@ pub async fn run(opts: Options) -> Result<Report, Error> {
     start_all_healthy(&fleet, Duration::from_secs(60))
         .await
         .map_err(|e| with_logs(e.to_string()))?;
-    let ingest_url = fleet.lock().unwrap_or_else(|e| e.into_inner()).ingest_url();
-    tracing::info!(%ingest_url, "fleet up: 1 ingest, 2 dispatchers, 1 workers");
+    let ingest_url = fleet
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .shared_ingest_url();
+    tracing::info!(ingest_url = %ingest_url.get(), "fleet up: 1 ingest, 2 dispatchers, 1 workers");
 
     let pool = PgPoolOptions::new()
         .max_connections(4)
@@ -363,14 +400,18 @@ pub async fn run(opts: Options) -> Result<Report, Error> {
         )
         .await?;
 
-    // Faults while journeys are started: for `duration`, and on until the
-    // injector has completed its rounds. Then the started journeys end with
-    // the fleet left alone (every service up again), and the client gives a
-    // request up as lost only from then on: while faults go on, any request
-    // may be held up for as long as they last.
+    // Faults while journeys are started (from the first one): for
+    // `duration`, and on until the injector has completed its rounds. Then
+    // the started journeys end with the fleet left alone (every service up
+    // again), and the client gives a request up as lost only from then on:
+    // while faults go on, any request may be held up for as long as they
+    // last.
     let (stop_tx, stop_rx) = watch::channel(false);
     let (calm_tx, calm_rx) = watch::channel(false);
     let (rounds_tx, mut rounds_rx) = watch::channel(0u32);
+    // True once the load's users exist and its first journey starts: the
+    // faults and the schedule begin then.
+    let (journeys_tx, mut journeys_rx) = watch::channel(false);
     let faults = tokio::spawn(faults::run(
         faults::FaultSettings {
             vhost: opts.vhost.clone(),
@@ -384,6 +425,7 @@ pub async fn run(opts: Options) -> Result<Report, Error> {
         fleet.clone(),
         receiver.clone(),
         rng.fork(1),
+        journeys_rx.clone(),
         stop_rx.clone(),
         rounds_tx,
     ));
@@ -395,13 +437,24 @@ pub async fn run(opts: Options) -> Result<Report, Error> {
             client_timeout: CLIENT_TIMEOUT,
             give_up_after: opts.give_up_after,
             abandon_fraction: 0.25,
+            amqp: (opts.amqp_share > 0.0).then(|| load::AmqpLoadSettings {
+                url: opts.amqp_url.clone(),
+                share: opts.amqp_share,
+                patience: opts.amqp_patience,
+                poison_fraction: 0.01,
+            }),
         },
         rng.fork(2),
         stop_rx,
         calm_rx,
+        journeys_tx,
     ));
     let min_rounds = opts.min_fault_rounds;
     let schedule = async {
+        // A load that failed before (its sender gone) ends the select below.
+        if journeys_rx.wait_for(|j| *j).await.is_ok() {
+            tracing::info!("journeys starting; faults begin");
+        }
         tokio::time::sleep(opts.duration).await;
         if min_rounds > 0 {
             let rounds = rounds_rx.wait_for(|r| *r >= min_rounds);
@@ -461,6 +514,30 @@ pub async fn run(opts: Options) -> Result<Report, Error> {
         "drain over after {drain_seconds:.1} s; reading the tap queue"
     );
     let tap_log = tap::drain(&opts.amqp_url).await.map_err(|e| e.to_string());
+    // Late replies were compared with the first ones until now.
+    if let Some(upstream) = &load.upstream {
+        upstream.close().await;
+    }
+    let ingest_dlq = upstream::read_ingest_dlq(&opts.amqp_url)
+        .await
+        .map_err(|e| e.to_string());
+    // The counters of ingest's last life, added to those scraped before
+    // each kill.
+    let mut ingest_counts = fault_log.ingest_counts.clone();
+    let final_scrape = {
+        let url = fleet.lock().unwrap_or_else(|e| e.into_inner()).ingest_url();
+        ingest_metrics::scrape(&url, Duration::from_secs(5)).await
+    };
+    let ingest_scrape_missing = match &final_scrape {
+        Ok(c) => {
+            ingest_counts.add(c);
+            fault_log.ingest_scrapes_failed
+        }
+        Err(e) => {
+            tracing::warn!("scraping ingest after the drain: {e}");
+            fault_log.ingest_scrapes_failed + 1
+        }
+    };
     tracing::info!("checking");
 
     let integrity = {
@@ -497,6 +574,10 @@ pub async fn run(opts: Options) -> Result<Report, Error> {
             hits: &fault_log.hits,
             webhook_timeout: WEBHOOK_TIMEOUT,
             tap: tap_log.as_ref(),
+            api_client: API_CLIENT,
+            ingest_dlq: ingest_dlq.as_ref(),
+            ingest_counts: &ingest_counts,
+            ingest_scrape_missing,
         },
         &mut totals,
     )
@@ -552,6 +633,9 @@ pub async fn run(opts: Options) -> Result<Report, Error> {
         fault_errors: fault_log.errors,
         totals,
         responses_by_status: load.stats.by_status(),
+        amqp_share: opts.amqp_share,
+        amqp_patience_seconds: opts.amqp_patience.as_secs_f64(),
+        amqp_replies_by_status: load.stats.amqp_by_status(),
         client_problems: load.stats.problems(),
         service_exits,
         checks: all_checks,

@@ -9,7 +9,8 @@ use clap::Parser;
 use entrip_chaos::{Options, run};
 
 /// Drives bookings through the real fleet (1 ingest, 2 dispatchers, 1
-/// workers) while injecting faults, lets it drain, and checks the end state
+/// workers), over ingest's HTTP API and, for a share of the requests, over
+/// AMQP, while injecting faults, lets it drain, and checks the end state
 /// against what the client was told.
 #[derive(Parser)]
 #[command(version, about)]
@@ -68,9 +69,29 @@ struct Cli {
     /// Messages each worker consumer handles at once.
     #[arg(long, default_value_t = 12)]
     worker_concurrency: u32,
+    /// Share of the requests sent over AMQP (to `entrip.ingest`, as the
+    /// vhost's broker user) instead of HTTP, 0 to 1; 0: HTTP only.
+    #[arg(long, default_value_t = entrip_chaos::DEFAULT_AMQP_SHARE, value_parser = parse_share)]
+    amqp_share: f64,
+    /// Milliseconds an AMQP request waits for its reply before the client
+    /// sends the same message again.
+    #[arg(long, default_value_t = entrip_chaos::DEFAULT_AMQP_PATIENCE.as_millis() as u64)]
+    amqp_patience_ms: u64,
     /// Write the report to REPORT.md and REPORT.json.
     #[arg(long)]
     report: Option<PathBuf>,
+}
+
+/// A share between 0 and 1.
+fn parse_share(text: &str) -> Result<f64, String> {
+    let share: f64 = text
+        .parse()
+        .map_err(|e| format!("not a number between 0 and 1: {e}"))?;
+    if share.is_finite() && (0.0..=1.0).contains(&share) {
+        Ok(share)
+    } else {
+        Err("must be between 0 and 1".into())
+    }
 }
 
 /// A journey rate within `entrip_chaos::RATE_RANGE` (not `inf`, not `NaN`).
@@ -128,6 +149,8 @@ async fn main_inner() -> anyhow::Result<bool> {
     opts.log_dir = cli.log_dir;
     opts.max_connections = cli.max_connections;
     opts.worker_concurrency = cli.worker_concurrency;
+    opts.amqp_share = cli.amqp_share;
+    opts.amqp_patience = Duration::from_millis(cli.amqp_patience_ms.max(1));
     let report = tokio::select! {
         r = run(opts) => r.context("chaos run")?,
         _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted; the fleet's processes were stopped"),

@@ -39,9 +39,15 @@ pub struct Report {
     pub fault_errors: Vec<String>,
     /// Figures for people; no code looks them up.
     pub totals: BTreeMap<String, u64>,
-    /// The client's attempts by how they ended (JSON keys `"201"`,
+    /// The client's HTTP attempts by how they ended (JSON keys `"201"`,
     /// `"timeout"`, …).
     pub responses_by_status: BTreeMap<Response, u64>,
+    /// Share of the requests sent over AMQP.
+    pub amqp_share: f64,
+    /// How long an AMQP request waited for a reply before it was sent again.
+    pub amqp_patience_seconds: f64,
+    /// The AMQP replies the client read, by `x-entrip-status` (every copy).
+    pub amqp_replies_by_status: BTreeMap<Response, u64>,
     pub client_problems: Vec<String>,
     pub service_exits: Vec<String>,
     pub checks: Vec<Check>,
@@ -82,6 +88,12 @@ impl Report {
             "- broker-wide stop_app/start_app: {}",
             if self.broker_restart { "yes" } else { "no" }
         );
+        let _ = writeln!(
+            s,
+            "- requests over AMQP: {:.0} % (a reply awaited {:.1} s before the same message is sent again)",
+            self.amqp_share * 100.0,
+            self.amqp_patience_seconds
+        );
         let _ = writeln!(s, "- service logs: `{}`\n", self.log_dir);
 
         let _ = writeln!(
@@ -107,14 +119,20 @@ impl Report {
         for (k, v) in &self.totals {
             let _ = writeln!(s, "| {k} | {v} |");
         }
-        let _ = writeln!(s, "\nClient answers by status: {}", {
-            let parts: Vec<String> = self
-                .responses_by_status
-                .iter()
-                .map(|(k, v)| format!("{k}: {v}"))
-                .collect();
+        let by = |m: &BTreeMap<Response, u64>| {
+            let parts: Vec<String> = m.iter().map(|(k, v)| format!("{k}: {v}")).collect();
             parts.join(", ")
-        });
+        };
+        let _ = writeln!(
+            s,
+            "\nClient HTTP answers by status: {}",
+            by(&self.responses_by_status)
+        );
+        let _ = writeln!(
+            s,
+            "\nClient AMQP replies by status: {}",
+            by(&self.amqp_replies_by_status)
+        );
         let _ = writeln!(
             s,
             "\n## Checks\n\n| check | result | figures |\n|---|---|---|"

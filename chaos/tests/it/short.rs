@@ -2,10 +2,12 @@
 //! real binaries (found in target/debug: `cargo build --bins` first when
 //! running this test alone) in their own database and vhost, 12 s of
 //! journeys at 8 per second while every fault of the mix comes up at least
-//! once (AMQP connection closes, SIGKILLs of a dispatcher and of the workers,
-//! `pg_terminate_backend`, the database refusing connections, webhook 500
-//! and hang windows) — but no broker-wide stop, since other tests share the
-//! broker. Every check must pass.
+//! once (AMQP connection closes, SIGKILLs of a dispatcher, of the workers and
+//! of ingest, `pg_terminate_backend`, the database refusing connections,
+//! webhook 500 and hang windows) — but no broker-wide stop, since other tests
+//! share the broker. The default share of the requests (30 %) goes over AMQP
+//! instead of HTTP, with resends after lost replies and planted poison.
+//! Every check must pass.
 //!
 //! Why it is short and still proves the guarantees: the checks are the same
 //! as the long run's and look at every journey and every event, so what
@@ -115,6 +117,18 @@ async fn chaos_short_run_keeps_every_guarantee(_opts: PgPoolOptions, connect: Pg
     assert!(
         report.backends_terminated > 0,
         "pg_terminate_backend ended no backend"
+    );
+    // Requests went over AMQP too, and some were sent again.
+    let total = |name: &str| report.totals.get(name).copied().unwrap_or(0);
+    assert!(
+        total("AMQP: requests told 201/200") > 0,
+        "no AMQP request stored: {:?}",
+        report.totals
+    );
+    assert!(
+        total("AMQP: resends (no reply within the patience window)") > 0,
+        "no AMQP resend: {:?}",
+        report.totals
     );
     assert!(
         !report.faults.contains_key(&Fault::BrokerRestart),
