@@ -156,7 +156,16 @@ impl Message {
         }
     }
 
-    fn from_delivery(d: &Delivery) -> Self {
+    /// `own_user`: the consumer's broker user. The attempt count is the
+    /// fleet's own bookkeeping: a message an upstream user published (its
+    /// validated `user_id` another than ours) starts at 0 whatever header it
+    /// carries, so that no publisher can skip its retries.
+    fn from_delivery(d: &Delivery, own_user: &str) -> Self {
+        let ours = d
+            .properties
+            .user_id()
+            .as_ref()
+            .is_none_or(|u| u.as_str() == own_user);
         let attempt = d
             .properties
             .headers()
@@ -172,6 +181,7 @@ impl Message {
                 AMQPValue::LongInt(n) => u32::try_from(n).ok(),
                 _ => None,
             })
+            .filter(|_| ours)
             .unwrap_or(0);
         Self {
             message_id: d
@@ -399,7 +409,7 @@ struct MessageTask<H: Handler> {
 
 impl<H: Handler> MessageTask<H> {
     async fn process(self, delivery: Delivery) -> Result<(), lapin::Error> {
-        let msg = Message::from_delivery(&delivery);
+        let msg = Message::from_delivery(&delivery, &self.own_user);
         let consumer = self.handler.name();
         let span = tracing::info_span!(
             "message",
@@ -528,14 +538,25 @@ fn forwarded_properties(
 ) -> BasicProperties {
     let mut headers = props.headers().clone().unwrap_or_default();
     let mut props = props.clone();
-    if let Some(user) = props.user_id().as_ref().map(|u| u.as_str().to_owned())
-        && user != own_user
-    {
-        headers.insert(
-            ShortString::from(PUBLISHER_HEADER),
-            AMQPValue::LongString(LongString::from(user.as_str())),
-        );
-        props = props.with_user_id(own_user.into());
+    match props.user_id().as_ref().map(|u| u.as_str().to_owned()) {
+        Some(user) if user != own_user => {
+            headers.insert(
+                ShortString::from(PUBLISHER_HEADER),
+                AMQPValue::LongString(LongString::from(user.as_str())),
+            );
+            props = props.with_user_id(own_user.into());
+        }
+        Some(_) => {}
+        // No publisher: a header claiming one is no one's word.
+        None => {
+            let mut kept = FieldTable::default();
+            for (k, v) in headers.inner() {
+                if k.as_str() != PUBLISHER_HEADER {
+                    kept.insert(k.clone(), v.clone());
+                }
+            }
+            headers = kept;
+        }
     }
     headers.insert(
         ShortString::from(ATTEMPT_HEADER),

@@ -176,7 +176,10 @@ pub async fn replay(
         let tag = msg.delivery.delivery_tag;
         let props = msg.delivery.properties.clone();
         let message_id = props.message_id().as_ref().map(|s| s.as_str().to_owned());
-        let Some(routing_key) = original_routing_key(&props) else {
+        // A request of no type was refused by ingest's own forward (no
+        // x-death); its queue is bound with `#`, so any key takes it back.
+        let fallback = (exchange == amqp::INGEST_EXCHANGE).then(|| "untyped".to_owned());
+        let Some(routing_key) = original_routing_key(&props).or(fallback) else {
             requeue(channel, tag).await?;
             return Err(ReplayError::NoRoutingKey { message_id });
         };

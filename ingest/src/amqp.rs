@@ -206,6 +206,18 @@ impl AmqpIngest {
             .and_then(|id| {
                 IdempotencyKey::parse(id).map_err(|e| Refusal::field("message_id", e.0))
             })?;
+        if msg
+            .properties
+            .reply_to()
+            .as_ref()
+            .is_some_and(|r| forbidden_reply_to(r.as_str()))
+        {
+            return Err(Refusal::field(
+                "reply_to",
+                "must not name one of the fleet's queues (entrip.*)",
+            )
+            .into());
+        }
         let client = self.client(msg, kind).await?;
         if let Some(ct) = msg.properties.content_type() {
             let essence = ct.as_str().split(';').next().unwrap_or_default().trim();
@@ -292,6 +304,14 @@ impl AmqpIngest {
     }
 }
 
+/// A reply goes out as the fleet's broker user, which may write to every
+/// queue: a `reply_to` naming one of the fleet's own (`entrip.*`: the worker
+/// queues, their DLQs, the ingest queue) would let a publisher drop messages
+/// where it may not publish itself. Such a request is refused, unanswered.
+fn forbidden_reply_to(reply_to: &str) -> bool {
+    reply_to.starts_with("entrip.")
+}
+
 /// Broker users found to belong to a client, trusted for
 /// `ingest.auth_cache_secs` (as API keys are), so that a revocation takes
 /// effect within that time. Users not found are not cached.
@@ -353,7 +373,13 @@ impl Replier {
     /// Replies to `msg` when it asks for it (`reply_to`); a reply that fails
     /// is logged and counted, never retried here.
     async fn send(&self, msg: &Message, answer: &Answer) {
-        let Some(reply_to) = msg.properties.reply_to().as_ref().map(|r| r.as_str()) else {
+        let Some(reply_to) = msg
+            .properties
+            .reply_to()
+            .as_ref()
+            .map(|r| r.as_str())
+            .filter(|r| !forbidden_reply_to(r))
+        else {
             return;
         };
         let correlation = msg

@@ -1067,3 +1067,45 @@ async fn a_refused_request_replayed_from_the_dlq_goes_back_to_ingest_and_keeps_i
     assert_eq!(up.depth("entrip.settlement").await, 0);
     server.stop().await;
 }
+
+#[sqlx::test(migrator = "entrip_common::db::MIGRATOR")]
+async fn a_reply_to_one_of_the_fleets_queues_is_refused_and_not_sent_there(pool: PgPool) {
+    let (server, up, _vhost) = start(pool).await;
+    let user_id = server.create_user().await;
+    let mut req = Req::new(
+        "booking.create",
+        &key(),
+        &booking_body(&user_id, &unique_code(), false),
+    );
+    req.reply_to = ReplyTo::Queue("entrip.settlement".into());
+    up.publish(&req).await;
+    let dead = up.dead(1).await;
+    assert_eq!(dead[0].message_id, req.key);
+    assert!(
+        dead[0].reason.starts_with("400") && dead[0].reason.contains("reply_to"),
+        "{}",
+        dead[0].reason
+    );
+    assert_eq!(up.depth("entrip.settlement").await, 0, "nothing sent there");
+    assert_eq!(server.count("bookings").await, 0);
+    // A request of no type, dead-lettered by ingest itself, replays too.
+    let mut untyped = Req::new("booking.create", &key(), &json!({}));
+    untyped.kind = None;
+    untyped.reply_to = ReplyTo::None;
+    up.publish(&untyped).await;
+    assert_eq!(up.dead(1).await[0].message_id, untyped.key);
+    up.publish(&untyped).await;
+    entrip_testkit::eventually("the untyped request in the DLQ", || async {
+        up.depth("entrip.ingest.dlq").await == 1
+    })
+    .await;
+    let replayed = entrip_dispatcher::dlq::replay(
+        &up.conn.create_channel().await.unwrap(),
+        "entrip.ingest.dlq",
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(replayed, 1);
+    server.stop().await;
+}
