@@ -154,6 +154,21 @@ pub fn reconnect_backoff() -> ExponentialBuilder {
         .without_max_times()
 }
 
+/// How many messages wait (ready, not unacknowledged) in `queue` now.
+pub async fn queue_depth(channel: &Channel, queue: &str) -> Result<u32, lapin::Error> {
+    let q = channel
+        .queue_declare(
+            s(queue),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(q.message_count())
+}
+
 /// Declares the whole topology; safe to call concurrently and repeatedly.
 pub async fn declare_topology(
     channel: &Channel,

@@ -9,7 +9,7 @@ use lapin::{
     message::BasicGetMessage,
     options::{
         BasicAckOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
-        ConfirmSelectOptions, QueueDeclareOptions,
+        ConfirmSelectOptions,
     },
     types::{AMQPValue, FieldTable},
 };
@@ -152,17 +152,7 @@ pub async fn replay(
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
     let exchange = amqp::replay_exchange(queue);
-    let held = channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await?
-        .message_count();
+    let held = amqp::queue_depth(channel, queue).await?;
     let held = usize::try_from(held).unwrap_or(usize::MAX);
     let limit = limit.map_or(held, |l| l.min(held));
     let mut replayed = 0;

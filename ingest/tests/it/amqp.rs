@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use entrip_common::amqp::INGEST_QUEUE;
+use entrip_ingest::clients::{self, ClientName, Scope};
 use entrip_testkit::{Proxy, Vhost};
 use serde_json::{Value, json};
 use sqlx::{
@@ -637,14 +638,7 @@ async fn a_database_outage_sends_requests_through_the_retry_path_not_to_the_dlq(
     // Published by a broker user other than ingest's own: through the retry
     // path (forwards by ingest's user) the request keeps its client.
     let publisher = BrokerUser::new(&vhost, [".*", ".*", ".*"]);
-    entrip_ingest::clients::create(
-        &server.pool,
-        &entrip_ingest::clients::ClientName::parse("booking-front").unwrap(),
-        &[entrip_ingest::clients::Scope::BookingsWrite],
-        Some(&publisher.name),
-    )
-    .await
-    .unwrap();
+    client_of(&server, "booking-front", Scope::BookingsWrite, &publisher).await;
     let up = Upstream::connect(&publisher.url(&vhost)).await;
     let user_id = server.create_user().await;
 
@@ -722,6 +716,18 @@ async fn a_cut_broker_connection_loses_and_doubles_nothing(pool: PgPool) {
     })
     .await;
     server.stop().await;
+}
+
+/// Creates API client `name` with `scope`, acting for broker user `user`.
+async fn client_of(server: &Server, name: &str, scope: Scope, user: &BrokerUser) {
+    clients::create(
+        &server.pool,
+        &ClientName::parse(name).unwrap(),
+        &[scope],
+        Some(&user.name),
+    )
+    .await
+    .unwrap();
 }
 
 /// A broker user of the test's own on `vhost`, deleted when dropped.
@@ -813,14 +819,7 @@ async fn an_upstream_with_the_documented_permissions_publishes_requests_and_noth
     let (server, up, vhost) = start(pool).await;
     let user_id = server.create_user().await;
     let publisher = BrokerUser::new(&vhost, PUBLISHER);
-    entrip_ingest::clients::create(
-        &server.pool,
-        &entrip_ingest::clients::ClientName::parse("booking-front").unwrap(),
-        &[entrip_ingest::clients::Scope::BookingsWrite],
-        Some(&publisher.name),
-    )
-    .await
-    .unwrap();
+    client_of(&server, "booking-front", Scope::BookingsWrite, &publisher).await;
     let conn = entrip_common::amqp::connect(&publisher.url(&vhost), "test-publisher")
         .await
         .unwrap();
@@ -913,14 +912,7 @@ async fn a_broker_user_of_no_client_or_without_the_scope_is_dead_lettered(pool: 
     let user_id = server.create_user().await;
     let stranger = BrokerUser::new(&vhost, [".*", ".*", ".*"]);
     let reader = BrokerUser::new(&vhost, [".*", ".*", ".*"]);
-    entrip_ingest::clients::create(
-        &server.pool,
-        &entrip_ingest::clients::ClientName::parse("dashboard").unwrap(),
-        &[entrip_ingest::clients::Scope::Read],
-        Some(&reader.name),
-    )
-    .await
-    .unwrap();
+    client_of(&server, "dashboard", Scope::Read, &reader).await;
     for (user, status, needle) in [
         (&stranger, 401, "belongs to no API client"),
         (&reader, 403, "bookings:write"),
@@ -1031,14 +1023,7 @@ async fn a_refused_request_replayed_from_the_dlq_goes_back_to_ingest_and_keeps_i
     .await;
 
     // The operator fixes the cause, then replays: as the client's request.
-    entrip_ingest::clients::create(
-        &server.pool,
-        &entrip_ingest::clients::ClientName::parse("booking-front").unwrap(),
-        &[entrip_ingest::clients::Scope::BookingsWrite],
-        Some(&front.name),
-    )
-    .await
-    .unwrap();
+    client_of(&server, "booking-front", Scope::BookingsWrite, &front).await;
     let replayed = entrip_dispatcher::dlq::replay(
         &up.conn.create_channel().await.unwrap(),
         "entrip.ingest.dlq",

@@ -281,17 +281,6 @@ impl Upstream {
     /// How many messages wait in `queue` now.
     pub async fn depth(&self, queue: &str) -> u32 {
         let channel = self.conn.create_channel().await.unwrap();
-        let q = channel
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        q.message_count()
+        amqp::queue_depth(&channel, queue).await.unwrap()
     }
 }
