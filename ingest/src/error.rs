@@ -2,9 +2,11 @@
 //! bodies with `type`, `title`, `status`, `detail` and, for validation,
 //! `errors: [{field, message}]`. Each 5xx is logged here, once, with its
 //! source chain; `Retry-After` is added to every 503 by the router's
-//! layer (`lib.rs`), from the settings.
+//! layer (`lib.rs`), from the settings, except to the shed answer, which is
+//! built once with it ([`ShedAnswer`]).
 
 use axum::{
+    body::{Body, Bytes},
     http::{HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
@@ -257,6 +259,35 @@ impl IntoResponse for ApiError {
             }
             _ => {}
         }
+        response
+    }
+}
+
+/// The 503 of a shed request, built at start-up: under overload it is most
+/// of the answers, and each is taken from the CPU that the admitted
+/// requests (and PostgreSQL) need.
+pub(crate) struct ShedAnswer {
+    body: Bytes,
+    retry_after: HeaderValue,
+}
+
+impl ShedAnswer {
+    pub(crate) fn new(retry_after_secs: u64) -> Self {
+        Self {
+            body: Bytes::from(ApiError::Overloaded.body().to_string()),
+            retry_after: HeaderValue::from(retry_after_secs),
+        }
+    }
+
+    pub(crate) fn response(&self) -> Response {
+        let mut response = Response::new(Body::from(self.body.clone()));
+        *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        headers.insert(header::RETRY_AFTER, self.retry_after.clone());
         response
     }
 }

@@ -1,9 +1,10 @@
 //! The ingest metrics of DESIGN.md and the middleware that records them.
 
-use std::time::Instant;
+use std::{ops::Deref, sync::Arc, time::Instant};
 
 use axum::{
     extract::{MatchedPath, Request, State},
+    http::StatusCode,
     middleware::Next,
     response::Response,
 };
@@ -11,8 +12,11 @@ use prometheus::{
     HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
 };
 
+/// One `Arc`, cloned by each request's metrics layer.
 #[derive(Clone)]
-pub(crate) struct IngestMetrics {
+pub(crate) struct IngestMetrics(Arc<Metrics>);
+
+pub(crate) struct Metrics {
     requests: IntCounterVec,
     duration: HistogramVec,
     pub(crate) replays: IntCounterVec,
@@ -106,7 +110,7 @@ impl IngestMetrics {
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(replays.clone()))?;
-        Ok(Self {
+        Ok(Self(Arc::new(Metrics {
             requests,
             duration,
             replays,
@@ -116,7 +120,7 @@ impl IngestMetrics {
             messages,
             message_duration,
             reply_failures,
-        })
+        })))
     }
 
     /// The AMQP consumer's share.
@@ -128,11 +132,34 @@ impl IngestMetrics {
     }
 }
 
-/// The route template of a request (`/v1/bookings/{id}`), or `unmatched`.
-fn route_of(req: &Request) -> String {
-    req.extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned())
+impl Deref for IngestMetrics {
+    type Target = Metrics;
+
+    fn deref(&self) -> &Metrics {
+        &self.0
+    }
+}
+
+/// The route template of a request (`/v1/bookings/{id}`), if it matched one.
+fn route_of(req: &Request) -> Option<MatchedPath> {
+    req.extensions().get::<MatchedPath>().cloned()
+}
+
+impl Metrics {
+    /// Counts one answer by route and status, and times it from `start`.
+    pub(crate) fn record(&self, req: &Request, status: StatusCode, start: Instant) {
+        self.record_route(route_of(req).as_ref(), status, start);
+    }
+
+    fn record_route(&self, route: Option<&MatchedPath>, status: StatusCode, start: Instant) {
+        let route = route.map_or("unmatched", MatchedPath::as_str);
+        self.duration
+            .with_label_values(&[route])
+            .observe(start.elapsed().as_secs_f64());
+        self.requests
+            .with_label_values(&[route, status.as_str()])
+            .inc();
+    }
 }
 
 /// Counts every answer by route and status and times it.
@@ -144,13 +171,6 @@ pub(crate) async fn track(
     let route = route_of(&req);
     let start = Instant::now();
     let response = next.run(req).await;
-    metrics
-        .duration
-        .with_label_values(&[route.as_str()])
-        .observe(start.elapsed().as_secs_f64());
-    metrics
-        .requests
-        .with_label_values(&[route.as_str(), response.status().as_str()])
-        .inc();
+    metrics.record_route(route.as_ref(), response.status(), start);
     response
 }

@@ -154,6 +154,18 @@ async fn beyond_max_in_flight_requests_are_shed_at_once_and_the_accepted_complet
         s.metric("entrip_ingest_shed_total").await,
         (3 * limit) as f64 + probes as f64
     );
+    // The shed answers skip the metrics layer (shedding comes first) but are
+    // counted with the route's other answers all the same.
+    assert_eq!(
+        s.metric(r#"entrip_ingest_requests_total{route="/v1/users",status="503"}"#)
+            .await,
+        (3 * limit) as f64
+    );
+    assert_eq!(
+        s.metric(r#"entrip_ingest_requests_total{route="/v1/users/{id}",status="503"}"#)
+            .await,
+        probes as f64
+    );
     // Nothing half-stored: one user, one audit row, one event and one key
     // per accepted request.
     for table in ["users", "audit_log", "outbox", "idempotency_keys"] {
