@@ -1,4 +1,4 @@
--- Entrip schema: every table of DESIGN.md, with the constraints that make
+-- Entrip schema: every table of docs/DESIGN.md, with the constraints that make
 -- missing or impossible data unstorable. Money is numeric(18,2), times are
 -- timestamptz, history is protected by ON DELETE RESTRICT.
 

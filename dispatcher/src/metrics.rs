@@ -1,4 +1,4 @@
-//! The outbox metrics of DESIGN.md, plus publish latency.
+//! The outbox metrics of docs/DESIGN.md, plus publish latency.
 
 use prometheus::{
     Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,

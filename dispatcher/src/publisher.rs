@@ -151,7 +151,7 @@ fn outcome(confirmation: Confirmation) -> Outcome {
 }
 
 /// Persistent, with the event id, type, content type, time and trace
-/// context, as DESIGN.md fixes them.
+/// context, as docs/DESIGN.md fixes them.
 fn properties(row: &OutboxRow) -> BasicProperties {
     let mut props = BasicProperties::default()
         .with_delivery_mode(2)

@@ -1,5 +1,5 @@
 //! The AMQP side of ingest: requests that upstream systems publish to the
-//! exchange `entrip.ingest` (DESIGN.md "AMQP ingest"), consumed from the
+//! exchange `entrip.ingest` (docs/DESIGN.md "AMQP ingest"), consumed from the
 //! queue `entrip.ingest` by the shared consumer runtime
 //! (`entrip_common::consumer`: ack after commit, retry path, DLQ).
 //!

@@ -1,4 +1,4 @@
-//! The ingest metrics of DESIGN.md and the middleware that records them.
+//! The ingest metrics of docs/DESIGN.md and the middleware that records them.
 
 use std::{ops::Deref, sync::Arc, time::Instant};
 

@@ -1,4 +1,4 @@
-//! The worker metrics of DESIGN.md.
+//! The worker metrics of docs/DESIGN.md.
 
 use prometheus::{
     HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,

@@ -111,7 +111,7 @@ async fn sigterm_mid_backlog_leaves_no_claimed_row_behind(
     );
 
     // Started again, it drains the rest and exports the outbox metrics of
-    // DESIGN.md; the waiting row is the one undelivered.
+    // docs/DESIGN.md; the waiting row is the one undelivered.
     let port = free_port();
     let mut child = Process::spawn(
         command_on(&db_url, &vhost.url(), port).env("ENTRIP__DISPATCHER__STATS_INTERVAL_SECS", "1"),

@@ -1,4 +1,4 @@
-//! Requests over AMQP (DESIGN.md "AMQP ingest"): each command stored with
+//! Requests over AMQP (docs/DESIGN.md "AMQP ingest"): each command stored with
 //! its audit row and outbox event and answered as over HTTP, one effect per
 //! `message_id` also across transports, refusals replied and acked, poison
 //! dead-lettered with its reason, a database outage through the retry path.

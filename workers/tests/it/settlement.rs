@@ -136,7 +136,7 @@ fn krw(n: i64) -> Decimal {
     Decimal::from(n)
 }
 
-/// The booking is settled as DESIGN.md says: one settlement of the fixture's
+/// The booking is settled as docs/DESIGN.md says: one settlement of the fixture's
 /// payment (and approval), KRW 350000 - 31818 = 318182, the booking
 /// CONFIRMED with its time, and exactly one `settlement.recorded` and one
 /// `booking.confirmed` in the outbox.
