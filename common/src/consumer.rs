@@ -536,6 +536,27 @@ fn forwarded_properties(
     attempt: u32,
     reason: &str,
 ) -> BasicProperties {
+    let props = republished_properties(props, own_user);
+    let mut headers = props.headers().clone().unwrap_or_default();
+    headers.insert(
+        ShortString::from(ATTEMPT_HEADER),
+        AMQPValue::LongLongInt(i64::from(attempt)),
+    );
+    let reason: String = reason.chars().take(1000).collect();
+    headers.insert(
+        ShortString::from(ERROR_HEADER),
+        AMQPValue::LongString(LongString::from(reason.as_str())),
+    );
+    props.with_headers(headers)
+}
+
+/// The properties a fleet process republishes a message with, as broker
+/// user `own_user` (a retry, a dead-letter, a `dlq replay`). RabbitMQ
+/// refuses a `user_id` that is not the connection's own, so another
+/// publisher's moves to [`PUBLISHER_HEADER`], where [`Message::publisher`]
+/// finds it; without a `user_id`, a header claiming a publisher is no one's
+/// word and is dropped.
+pub fn republished_properties(props: &BasicProperties, own_user: &str) -> BasicProperties {
     let mut headers = props.headers().clone().unwrap_or_default();
     let mut props = props.clone();
     match props.user_id().as_ref().map(|u| u.as_str().to_owned()) {
@@ -558,15 +579,6 @@ fn forwarded_properties(
             headers = kept;
         }
     }
-    headers.insert(
-        ShortString::from(ATTEMPT_HEADER),
-        AMQPValue::LongLongInt(i64::from(attempt)),
-    );
-    let reason: String = reason.chars().take(1000).collect();
-    headers.insert(
-        ShortString::from(ERROR_HEADER),
-        AMQPValue::LongString(LongString::from(reason.as_str())),
-    );
     props.with_headers(headers)
 }
 

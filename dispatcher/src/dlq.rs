@@ -3,7 +3,10 @@
 //! `entrip.ingest` for requests) with their original routing key and properties,
 //! removing each from the DLQ only after the broker confirmed the replay.
 
-use entrip_common::amqp::{self, ERROR_HEADER};
+use entrip_common::{
+    amqp::{self, ERROR_HEADER},
+    consumer::republished_properties,
+};
 use lapin::{
     BasicProperties, Channel, Confirmation,
     message::BasicGetMessage,
@@ -140,13 +143,17 @@ pub enum ReplayError {
 
 /// Moves up to `limit` messages (when `None`, as many as the DLQ holds when
 /// the replay starts) from `queue` back to the exchange its queue is fed
-/// from. Returns how many were replayed. The bound is what stops a message
+/// from, published as broker user `own_user` (the channel's): a message the
+/// broker dead-lettered itself (`x-delivery-limit`) still carries its
+/// upstream publisher's `user_id`, which moves to `x-entrip-user-id` as on
+/// every forward. Returns how many were replayed. The bound is what stops a message
 /// that fails again at once (poison not fixed yet) from circling between
 /// the DLQ and its queue for as long as the replay runs.
 pub async fn replay(
     channel: &Channel,
     queue: &str,
     limit: Option<usize>,
+    own_user: &str,
 ) -> Result<usize, ReplayError> {
     channel
         .confirm_select(ConfirmSelectOptions::default())
@@ -182,7 +189,7 @@ pub async fn replay(
                     ..BasicPublishOptions::default()
                 },
                 &msg.delivery.data,
-                without_death_headers(props),
+                without_death_headers(republished_properties(&props, own_user)),
             )
             .await?
             .await?;

@@ -131,7 +131,8 @@ async fn main() -> anyhow::Result<()> {
                     }
                 }
                 DlqCmd::Replay { queue, limit } => {
-                    let n = dlq::replay(&channel, &queue, limit).await?;
+                    let own = amqp::user_of(&settings.amqp.url);
+                    let n = dlq::replay(&channel, &queue, limit, &own).await?;
                     println!(
                         "{n} message(s) replayed from {queue} to {}",
                         amqp::replay_exchange(&queue)

@@ -404,9 +404,14 @@ async fn dlq_replay_moves_messages_back_and_they_are_consumed(_pool: PgPool) {
     })
     .await;
 
-    let replayed = dlq::replay(&conn.create_channel().await.unwrap(), &dlq_name, None)
-        .await
-        .unwrap();
+    let replayed = dlq::replay(
+        &conn.create_channel().await.unwrap(),
+        &dlq_name,
+        None,
+        "guest",
+    )
+    .await
+    .unwrap();
     assert_eq!(replayed, 3);
     rec.received(3).await;
     let got = rec.snapshot().await;

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use entrip_common::amqp::INGEST_QUEUE;
+use entrip_common::amqp::{self, INGEST_QUEUE};
 use entrip_ingest::clients::{self, ClientName, Scope};
 use entrip_testkit::{Proxy, Vhost};
 use serde_json::{Value, json};
@@ -1012,6 +1012,7 @@ async fn a_refused_request_replayed_from_the_dlq_goes_back_to_ingest_and_keeps_i
         &up.conn.create_channel().await.unwrap(),
         "entrip.ingest.dlq",
         None,
+        &amqp::user_of(&vhost.url()),
     )
     .await
     .unwrap();
@@ -1028,6 +1029,7 @@ async fn a_refused_request_replayed_from_the_dlq_goes_back_to_ingest_and_keeps_i
         &up.conn.create_channel().await.unwrap(),
         "entrip.ingest.dlq",
         None,
+        &amqp::user_of(&vhost.url()),
     )
     .await
     .unwrap();
@@ -1053,9 +1055,56 @@ async fn a_refused_request_replayed_from_the_dlq_goes_back_to_ingest_and_keeps_i
     server.stop().await;
 }
 
+/// A message the broker dead-lettered itself (`x-delivery-limit`, after
+/// ingest crashed on it again and again) keeps its upstream's `user_id`;
+/// RabbitMQ would refuse that `user_id` from the replaying operator, so
+/// the replay moves it to `x-entrip-user-id`, and ingest stores the request
+/// as its client's.
+#[sqlx::test(migrator = "entrip_common::db::MIGRATOR")]
+async fn a_request_the_broker_dead_lettered_replays_as_its_publishers(pool: PgPool) {
+    let (server, up, vhost) = start(pool).await;
+    let user_id = server.create_user().await;
+    let front = BrokerUser::new(&vhost, [".*", ".*", ".*"]);
+    client_of(&server, "booking-front", Scope::BookingsWrite, &front).await;
+    let mut other = Upstream::connect(&front.url(&vhost)).await;
+    let mut req = Req::new(
+        "booking.create",
+        &key(),
+        &booking_body(&user_id, &unique_code(), false),
+    );
+    req.user = Some(front.name.clone());
+    // As the broker leaves it: the publisher's own properties, in the DLQ.
+    other.publish_to("", "entrip.ingest.dlq", &req).await;
+    entrip_testkit::eventually("the request in the DLQ", || async {
+        up.depth("entrip.ingest.dlq").await == 1
+    })
+    .await;
+    let replayed = entrip_dispatcher::dlq::replay(
+        &up.conn.create_channel().await.unwrap(),
+        "entrip.ingest.dlq",
+        None,
+        &amqp::user_of(&vhost.url()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(replayed, 1);
+    let reply = other.reply().await;
+    assert_eq!(reply.status, 201, "{:?}", reply.body);
+    let actor: String = sqlx::query_scalar(
+        "SELECT actor FROM audit_log WHERE entity_id = $1::uuid AND action = 'booking.create'",
+    )
+    .bind(reply.body["id"].as_str().unwrap())
+    .fetch_one(&server.pool)
+    .await
+    .unwrap();
+    assert_eq!(actor, "client:booking-front");
+    assert_eq!(up.depth("entrip.ingest.dlq").await, 0);
+    server.stop().await;
+}
+
 #[sqlx::test(migrator = "entrip_common::db::MIGRATOR")]
 async fn a_reply_to_one_of_the_fleets_queues_is_refused_and_not_sent_there(pool: PgPool) {
-    let (server, up, _vhost) = start(pool).await;
+    let (server, up, vhost) = start(pool).await;
     let user_id = server.create_user().await;
     let mut req = Req::new(
         "booking.create",
@@ -1088,6 +1137,7 @@ async fn a_reply_to_one_of_the_fleets_queues_is_refused_and_not_sent_there(pool:
         &up.conn.create_channel().await.unwrap(),
         "entrip.ingest.dlq",
         None,
+        &amqp::user_of(&vhost.url()),
     )
     .await
     .unwrap();

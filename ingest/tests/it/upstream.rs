@@ -156,6 +156,13 @@ impl Upstream {
     /// Publishes `req` to `entrip.ingest` (routing key = its type) and
     /// waits for the broker's confirm.
     pub async fn publish(&self, req: &Req) {
+        let routing_key = req.kind.clone().unwrap_or_else(|| "none".into());
+        self.publish_to(INGEST_EXCHANGE, &routing_key, req).await;
+    }
+
+    /// Publishes `req` to `exchange` with `routing_key` (the default
+    /// exchange, `""`, takes it straight to the queue of that name).
+    pub async fn publish_to(&self, exchange: &str, routing_key: &str, req: &Req) {
         let mut props = BasicProperties::default().with_delivery_mode(2);
         if let Some(kind) = &req.kind {
             props = props.with_type(kind.as_str().into());
@@ -185,12 +192,11 @@ impl Upstream {
             );
             props = props.with_headers(headers);
         }
-        let routing_key = req.kind.clone().unwrap_or_else(|| "none".into());
         let confirm = self
             .channel
             .basic_publish(
-                INGEST_EXCHANGE.into(),
-                routing_key.as_str().into(),
+                exchange.into(),
+                routing_key.into(),
                 BasicPublishOptions::default(),
                 &req.body,
                 props,
