@@ -44,7 +44,7 @@ use uuid::Uuid;
 
 use crate::{
     App,
-    clients::{self, Client},
+    clients::{self, AmqpUser, Client},
     commands::Context,
     error::ApiError,
     extract::valid_traceparent,
@@ -73,6 +73,7 @@ pub fn consumer(app: &App, amqp: AmqpSettings) -> Consumer<AmqpIngest> {
         replies: Replier::new(amqp.url.clone(), app.metrics.reply_failures.clone()),
         users: UserCache::new(Duration::from_secs(app.settings.auth_cache_secs)),
         auth_failures: app.metrics.auth_failures.clone(),
+        replays: app.metrics.replays.clone(),
         own_user: amqp::user_of(&amqp.url),
     };
     Consumer::new(handler, amqp, settings, metrics)
@@ -85,6 +86,9 @@ pub struct AmqpIngest {
     replies: Replier,
     users: UserCache,
     auth_failures: IntCounterVec,
+    /// `entrip_idempotency_replays_total`, shared with HTTP: labelled with
+    /// the command's HTTP route.
+    replays: IntCounterVec,
     /// The broker user ingest consumes as: its forwards carry the
     /// publisher in a header (`entrip_common::consumer::PUBLISHER_HEADER`).
     own_user: String,
@@ -178,6 +182,11 @@ impl Handler for AmqpIngest {
                 // will be.
                 if !matches!(answer.outcome, Outcome::Retry(_)) {
                     self.replies.send(msg, &answer).await;
+                }
+                if answer.replayed
+                    && let Some(kind) = msg.kind.as_deref().and_then(CommandType::parse)
+                {
+                    self.replays.with_label_values(&[kind.route()]).inc();
                 }
                 if let Outcome::Poison(reason) = &answer.outcome {
                     tracing::warn!(%reason, "request message refused");
@@ -274,11 +283,19 @@ impl AmqpIngest {
         let client = match self.users.get(user) {
             Some(client) => client,
             None => match clients::for_amqp_user(&self.pool, user).await {
-                Ok(Some(client)) => {
+                Ok(AmqpUser::Client(client)) => {
                     self.users.put(user, client.clone());
                     client
                 }
-                Ok(None) => {
+                Ok(AmqpUser::Revoked) => {
+                    return Err(refused(
+                        "revoked",
+                        ApiError::Unidentified(format!(
+                            "the API client of broker user {user:?} is revoked"
+                        )),
+                    ));
+                }
+                Ok(AmqpUser::Unknown) => {
                     return Err(refused(
                         "unknown",
                         ApiError::Unidentified(format!(

@@ -452,24 +452,35 @@ pub(crate) async fn lookup(pool: &PgPool, prefix: &str) -> sqlx::Result<Option<S
     .transpose()
 }
 
+/// What a broker user maps to.
+pub enum AmqpUser {
+    Client(Client),
+    /// Every key naming the user is revoked.
+    Revoked,
+    Unknown,
+}
+
 /// The client whose working keys name broker user `user`, for requests that
 /// arrive over AMQP (their `user_id` is validated by the broker).
-pub async fn for_amqp_user(pool: &PgPool, user: &str) -> sqlx::Result<Option<Client>> {
+pub async fn for_amqp_user(pool: &PgPool, user: &str) -> sqlx::Result<AmqpUser> {
     let row = sqlx::query(
-        "SELECT name, scopes FROM api_clients
-          WHERE amqp_user = $1 AND revoked_at IS NULL
-          ORDER BY created_at DESC LIMIT 1",
+        "SELECT name, scopes, revoked_at IS NOT NULL AS revoked FROM api_clients
+          WHERE amqp_user = $1
+          ORDER BY revoked_at IS NULL DESC, created_at DESC LIMIT 1",
     )
     .bind(user)
     .fetch_optional(pool)
     .await?;
-    row.map(|row| -> sqlx::Result<Client> {
-        Ok(Client {
-            name: row.try_get("name")?,
-            scopes: scopes_of(&row)?,
-        })
-    })
-    .transpose()
+    let Some(row) = row else {
+        return Ok(AmqpUser::Unknown);
+    };
+    if row.try_get::<bool, _>("revoked")? {
+        return Ok(AmqpUser::Revoked);
+    }
+    Ok(AmqpUser::Client(Client {
+        name: row.try_get("name")?,
+        scopes: scopes_of(&row)?,
+    }))
 }
 
 #[cfg(test)]

@@ -617,14 +617,20 @@ impl CommandType {
     /// replay from a misuse of the key, whichever transport it came by.
     pub(crate) fn path(self, id: Option<Uuid>) -> String {
         let id = id.map(|id| id.to_string()).unwrap_or_default();
+        self.route().replace("{id}", &id)
+    }
+
+    /// The HTTP route template of the command (the `route` label of the
+    /// ingest metrics).
+    pub(crate) fn route(self) -> &'static str {
         match self {
-            Self::UserCreate => "/v1/users".to_owned(),
-            Self::BookingCreate => "/v1/bookings".to_owned(),
-            Self::BookingCancel => format!("/v1/bookings/{id}/cancel"),
-            Self::PaymentCreate => "/v1/payments".to_owned(),
-            Self::PaymentResult => format!("/v1/payments/{id}/result"),
-            Self::ApprovalCreate => "/v1/approvals".to_owned(),
-            Self::ApprovalDecision => format!("/v1/approvals/{id}/decision"),
+            Self::UserCreate => "/v1/users",
+            Self::BookingCreate => "/v1/bookings",
+            Self::BookingCancel => "/v1/bookings/{id}/cancel",
+            Self::PaymentCreate => "/v1/payments",
+            Self::PaymentResult => "/v1/payments/{id}/result",
+            Self::ApprovalCreate => "/v1/approvals",
+            Self::ApprovalDecision => "/v1/approvals/{id}/decision",
         }
     }
 

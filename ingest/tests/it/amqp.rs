@@ -249,6 +249,13 @@ async fn a_message_delivered_again_or_fifty_times_at_once_has_one_effect(pool: P
     assert!(replies.iter().all(|r| r.body == replies[0].body));
     assert_eq!(server.count("bookings").await, 2);
     assert_eq!(messages(&server, "replayed", "booking.create").await, 51.0);
+    // Counted with the HTTP replays, under the command's route.
+    assert_eq!(
+        server
+            .metric(r#"entrip_idempotency_replays_total{route="/v1/bookings"}"#)
+            .await,
+        51.0
+    );
     server.stop().await;
 }
 
@@ -913,8 +920,19 @@ async fn a_broker_user_of_no_client_or_without_the_scope_is_dead_lettered(pool: 
     let stranger = BrokerUser::new(&vhost, [".*", ".*", ".*"]);
     let reader = BrokerUser::new(&vhost, [".*", ".*", ".*"]);
     client_of(&server, "dashboard", Scope::Read, &reader).await;
+    let gone = BrokerUser::new(&vhost, [".*", ".*", ".*"]);
+    client_of(&server, "old-importer", Scope::BookingsWrite, &gone).await;
+    let revoked = clients::revoke(
+        &server.pool,
+        &ClientName::parse("old-importer").unwrap(),
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(revoked, 1);
     for (user, status, needle) in [
         (&stranger, 401, "belongs to no API client"),
+        (&gone, 401, "is revoked"),
         (&reader, 403, "bookings:write"),
     ] {
         let mut other = Upstream::connect(&user.url(&vhost)).await;
@@ -936,6 +954,17 @@ async fn a_broker_user_of_no_client_or_without_the_scope_is_dead_lettered(pool: 
         assert!(dead[0].reason.contains(needle), "{}", dead[0].reason);
     }
     assert_eq!(server.count("bookings").await, 0);
+    for reason in ["unknown", "revoked", "scope"] {
+        assert_eq!(
+            server
+                .metric(&format!(
+                    r#"entrip_ingest_auth_failures_total{{reason="{reason}"}}"#
+                ))
+                .await,
+            1.0,
+            "{reason}"
+        );
+    }
     // A user_id that is not the connection's own is refused by the broker.
     let mut req = Req::new(
         "booking.create",
