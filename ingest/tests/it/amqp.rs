@@ -936,12 +936,7 @@ async fn a_broker_user_of_no_client_or_without_the_scope_is_dead_lettered(pool: 
         (&reader, 403, "bookings:write"),
     ] {
         let mut other = Upstream::connect(&user.url(&vhost)).await;
-        let mut req = Req::new(
-            "booking.create",
-            &key(),
-            &booking_body(&user_id, &unique_code(), false),
-        );
-        req.user = Some(user.name.clone());
+        let req = booking_as(user, &user_id);
         let reply = other.request(&req).await;
         assert_eq!(reply.status, status, "{:?}", reply.body);
         let dead = up.dead(1).await;
@@ -966,12 +961,7 @@ async fn a_broker_user_of_no_client_or_without_the_scope_is_dead_lettered(pool: 
         );
     }
     // A user_id that is not the connection's own is refused by the broker.
-    let mut req = Req::new(
-        "booking.create",
-        &key(),
-        &booking_body(&user_id, &unique_code(), false),
-    );
-    req.user = Some(reader.name.clone());
+    let req = booking_as(&reader, &user_id);
     let channel = up.conn.create_channel().await.unwrap();
     channel
         .confirm_select(lapin::options::ConfirmSelectOptions::default())
@@ -1001,12 +991,7 @@ async fn a_refused_request_replayed_from_the_dlq_goes_back_to_ingest_and_keeps_i
     let user_id = server.create_user().await;
     let front = BrokerUser::new(&vhost, [".*", ".*", ".*"]);
     let mut other = Upstream::connect(&front.url(&vhost)).await;
-    let mut req = Req::new(
-        "booking.create",
-        &key(),
-        &booking_body(&user_id, &unique_code(), false),
-    );
-    req.user = Some(front.name.clone());
+    let req = booking_as(&front, &user_id);
     // Sent before its client exists: 401, dead-lettered.
     assert_eq!(other.request(&req).await.status, 401);
     entrip_testkit::eventually("the request in the DLQ", || async {
@@ -1037,14 +1022,7 @@ async fn a_refused_request_replayed_from_the_dlq_goes_back_to_ingest_and_keeps_i
     .await;
     // Replayed before the cause is fixed, it fails again, and the replay
     // stops: it takes what the DLQ held when it began, not its own returns.
-    let replayed = entrip_dispatcher::dlq::replay(
-        &up.conn.create_channel().await.unwrap(),
-        "entrip.ingest.dlq",
-        None,
-        &amqp::user_of(&vhost.url()),
-    )
-    .await
-    .unwrap();
+    let replayed = replay_ingest_dlq(&up, &vhost).await;
     assert_eq!(replayed, 1);
     assert_eq!(other.reply().await.status, 401);
     entrip_testkit::eventually("the request back in the DLQ", || async {
@@ -1054,14 +1032,7 @@ async fn a_refused_request_replayed_from_the_dlq_goes_back_to_ingest_and_keeps_i
 
     // The operator fixes the cause, then replays: as the client's request.
     client_of(&server, "booking-front", Scope::BookingsWrite, &front).await;
-    let replayed = entrip_dispatcher::dlq::replay(
-        &up.conn.create_channel().await.unwrap(),
-        "entrip.ingest.dlq",
-        None,
-        &amqp::user_of(&vhost.url()),
-    )
-    .await
-    .unwrap();
+    let replayed = replay_ingest_dlq(&up, &vhost).await;
     assert_eq!(replayed, 1);
     let reply = other.reply().await;
     assert_eq!(
@@ -1070,18 +1041,45 @@ async fn a_refused_request_replayed_from_the_dlq_goes_back_to_ingest_and_keeps_i
         "{:?}",
         reply.body
     );
-    let actor: String = sqlx::query_scalar(
+    assert_eq!(creator(&server, &reply).await, "client:booking-front");
+    assert_eq!(up.depth("entrip.ingest.dlq").await, 0);
+    // Nothing went to the events exchange's queues.
+    assert_eq!(up.depth("entrip.settlement").await, 0);
+    server.stop().await;
+}
+
+/// A new booking published as broker user `user`.
+fn booking_as(user: &BrokerUser, user_id: &str) -> Req {
+    let mut req = Req::new(
+        "booking.create",
+        &key(),
+        &booking_body(user_id, &unique_code(), false),
+    );
+    req.user = Some(user.name.clone());
+    req
+}
+
+/// `dispatcher dlq replay entrip.ingest.dlq`, as the fleet's broker user.
+async fn replay_ingest_dlq(up: &Upstream, vhost: &Vhost) -> usize {
+    entrip_dispatcher::dlq::replay(
+        &up.conn.create_channel().await.unwrap(),
+        "entrip.ingest.dlq",
+        None,
+        &amqp::user_of(&vhost.url()),
+    )
+    .await
+    .unwrap()
+}
+
+/// The audit actor of the booking a reply names.
+async fn creator(server: &Server, reply: &Reply) -> String {
+    sqlx::query_scalar(
         "SELECT actor FROM audit_log WHERE entity_id = $1::uuid AND action = 'booking.create'",
     )
     .bind(reply.body["id"].as_str().unwrap())
     .fetch_one(&server.pool)
     .await
-    .unwrap();
-    assert_eq!(actor, "client:booking-front");
-    assert_eq!(up.depth("entrip.ingest.dlq").await, 0);
-    // Nothing went to the events exchange's queues.
-    assert_eq!(up.depth("entrip.settlement").await, 0);
-    server.stop().await;
+    .unwrap()
 }
 
 /// A message the broker dead-lettered itself (`x-delivery-limit`, after
@@ -1096,37 +1094,18 @@ async fn a_request_the_broker_dead_lettered_replays_as_its_publishers(pool: PgPo
     let front = BrokerUser::new(&vhost, [".*", ".*", ".*"]);
     client_of(&server, "booking-front", Scope::BookingsWrite, &front).await;
     let mut other = Upstream::connect(&front.url(&vhost)).await;
-    let mut req = Req::new(
-        "booking.create",
-        &key(),
-        &booking_body(&user_id, &unique_code(), false),
-    );
-    req.user = Some(front.name.clone());
+    let req = booking_as(&front, &user_id);
     // As the broker leaves it: the publisher's own properties, in the DLQ.
     other.publish_to("", "entrip.ingest.dlq", &req).await;
     entrip_testkit::eventually("the request in the DLQ", || async {
         up.depth("entrip.ingest.dlq").await == 1
     })
     .await;
-    let replayed = entrip_dispatcher::dlq::replay(
-        &up.conn.create_channel().await.unwrap(),
-        "entrip.ingest.dlq",
-        None,
-        &amqp::user_of(&vhost.url()),
-    )
-    .await
-    .unwrap();
+    let replayed = replay_ingest_dlq(&up, &vhost).await;
     assert_eq!(replayed, 1);
     let reply = other.reply().await;
     assert_eq!(reply.status, 201, "{:?}", reply.body);
-    let actor: String = sqlx::query_scalar(
-        "SELECT actor FROM audit_log WHERE entity_id = $1::uuid AND action = 'booking.create'",
-    )
-    .bind(reply.body["id"].as_str().unwrap())
-    .fetch_one(&server.pool)
-    .await
-    .unwrap();
-    assert_eq!(actor, "client:booking-front");
+    assert_eq!(creator(&server, &reply).await, "client:booking-front");
     assert_eq!(up.depth("entrip.ingest.dlq").await, 0);
     server.stop().await;
 }
@@ -1162,14 +1141,7 @@ async fn a_reply_to_one_of_the_fleets_queues_is_refused_and_not_sent_there(pool:
         up.depth("entrip.ingest.dlq").await == 1
     })
     .await;
-    let replayed = entrip_dispatcher::dlq::replay(
-        &up.conn.create_channel().await.unwrap(),
-        "entrip.ingest.dlq",
-        None,
-        &amqp::user_of(&vhost.url()),
-    )
-    .await
-    .unwrap();
+    let replayed = replay_ingest_dlq(&up, &vhost).await;
     assert_eq!(replayed, 1);
     server.stop().await;
 }
