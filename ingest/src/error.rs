@@ -218,7 +218,9 @@ impl From<sqlx::Error> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        if status.is_server_error() && !matches!(self, Self::Overloaded) {
+        // Shed requests never get here: their answer is `ShedAnswer`'s,
+        // without a log line (they are counted in entrip_ingest_shed_total).
+        if status.is_server_error() {
             let error = chain(&self);
             if status == StatusCode::SERVICE_UNAVAILABLE {
                 tracing::warn!(%error, "request not served");
@@ -226,8 +228,6 @@ impl IntoResponse for ApiError {
                 tracing::error!(%error, "request failed");
             }
         } else {
-            // Shed requests too: under overload a line each would cost more
-            // than the answer (they are counted in entrip_ingest_shed_total).
             tracing::debug!(error = %self, "request refused");
         }
         let mut response = (status, axum::Json(self.body())).into_response();

@@ -148,7 +148,7 @@ fn route_of(req: &Request) -> Option<MatchedPath> {
 impl Metrics {
     /// Counts one answer by route and status, and times it from `start`.
     pub(crate) fn record(&self, req: &Request, status: StatusCode, start: Instant) {
-        self.record_route(route_of(req).as_ref(), status, start);
+        self.record_route(req.extensions().get::<MatchedPath>(), status, start);
     }
 
     fn record_route(&self, route: Option<&MatchedPath>, status: StatusCode, start: Instant) {
