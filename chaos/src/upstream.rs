@@ -1,5 +1,5 @@
 //! The load's broker side: an upstream system that sends its requests to
-//! ingest over AMQP instead of HTTP (README "AMQP requests"). One
+//! ingest over AMQP instead of HTTP (docs/amqp.md). One
 //! connection, as the run's broker user (its `user_id`, which RabbitMQ
 //! checks, names the API client chaos created with `--amqp-user`), publishes
 //! to the exchange `entrip.ingest` with publisher confirms and reads the

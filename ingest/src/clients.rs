@@ -15,7 +15,7 @@ use sqlx::{PgPool, Row};
 use subtle::ConstantTimeEq;
 use uuid::Uuid;
 
-/// What a client may do; each route needs one (README "API keys").
+/// What a client may do; each route needs one (docs/http-api.md, "API keys").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Scope {
     UsersWrite,

@@ -2,7 +2,7 @@
 //! permit at once or is shed. The limit is fixed, or adapts (the default)
 //! between `ingest.min_in_flight` and `ingest.max_in_flight` to the latency
 //! the admitted requests see, so that overload is answered early instead of
-//! queued in front of the database (README, "Overload and slow clients").
+//! queued in front of the database (docs/http-api.md, "Overload and slow clients").
 //!
 //! The adaptation is TCP Vegas as `tower_acc::Vegas` implements it: the
 //! smallest latency seen is the no-load baseline, and a latency above it

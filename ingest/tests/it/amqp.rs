@@ -783,7 +783,7 @@ fn rabbitmqctl(args: &[&str]) {
     assert!(out.status.success(), "rabbitmqctl {args:?}: {out:?}");
 }
 
-/// The permission set the README documents for an upstream publisher:
+/// The permission set docs/amqp.md documents for an upstream publisher:
 /// write on the `entrip.ingest` exchange, nothing else (direct reply-to
 /// needs no permission).
 const PUBLISHER: [&str; 3] = ["^$", r"^entrip\.ingest$", "^$"];

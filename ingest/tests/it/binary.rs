@@ -178,7 +178,7 @@ async fn wait_ready(client: &reqwest::Client, base: &str) {
 /// The 2,000 requests in flight that once took ingest to 142 MB: with
 /// `ingest.max_in_flight` = 8, a crowd of slow clients is shed at once, the
 /// admitted ones complete, and the process's peak RSS stays under the
-/// 100 MB of the overload target (docs: README, Overload).
+/// 100 MB of the overload target (docs/http-api.md, "Overload and slow clients").
 #[tokio::test]
 async fn a_crowd_of_slow_clients_is_shed_and_memory_stays_bounded() {
     const LIMIT: usize = 8;
