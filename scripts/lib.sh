@@ -385,6 +385,23 @@ entrip_ensure_promtool() {
 	fi
 }
 
+# schemathesis (PyPI), pinned, in a virtual environment of its own under the
+# user's cache (shared by every clone); prints the path of its `st`.
+ENTRIP_SCHEMATHESIS_VERSION=4.32.5
+entrip_ensure_schemathesis() {
+	local venv=${ENTRIP_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/entrip/tools}/schemathesis-$ENTRIP_SCHEMATHESIS_VERSION
+	if [[ ! -x $venv/bin/st ]]; then
+		command -v python3 >/dev/null 2>&1 || entrip_apt_install python3 python3-venv
+		python3 -m venv --help >/dev/null 2>&1 || entrip_apt_install python3-venv
+		entrip_log "installing schemathesis $ENTRIP_SCHEMATHESIS_VERSION into $venv"
+		rm -rf "$venv"
+		python3 -m venv "$venv" >&2 || entrip_die "cannot create a virtual environment in $venv"
+		"$venv/bin/pip" install --quiet --disable-pip-version-check "schemathesis==$ENTRIP_SCHEMATHESIS_VERSION" >&2 ||
+			entrip_die "pip install schemathesis==$ENTRIP_SCHEMATHESIS_VERSION failed"
+	fi
+	printf '%s\n' "$venv/bin/st"
+}
+
 # ----------------------------------------------------------------------- all
 
 entrip_ensure_services() {

@@ -13,6 +13,7 @@ use std::{
 use crate::{
     amqp::{self, ERROR_HEADER},
     config::AmqpSettings,
+    trace::{TRACEPARENT_HEADER, TraceParent},
 };
 use backon::BackoffBuilder;
 use futures::{FutureExt, StreamExt, future::BoxFuture};
@@ -112,6 +113,8 @@ pub struct Message {
     pub attempt: u32,
     /// All of its properties (user id, reply-to, headers, …).
     pub properties: BasicProperties,
+    /// The trace of the request that caused it (header `traceparent`).
+    pub traceparent: Option<TraceParent>,
 }
 
 impl Message {
@@ -130,6 +133,7 @@ impl Message {
             body,
             attempt: 0,
             properties: BasicProperties::default(),
+            traceparent: None,
         }
     }
 
@@ -183,7 +187,7 @@ impl Message {
             })
             .filter(|_| ours)
             .unwrap_or(0);
-        Self {
+        let mut msg = Self {
             message_id: d
                 .properties
                 .message_id()
@@ -194,7 +198,12 @@ impl Message {
             body: d.data.clone(),
             attempt,
             properties: d.properties.clone(),
-        }
+            traceparent: None,
+        };
+        msg.traceparent = msg
+            .header_text(TRACEPARENT_HEADER)
+            .and_then(|v| TraceParent::parse(&v));
+        msg
     }
 }
 
@@ -416,7 +425,8 @@ impl<H: Handler> MessageTask<H> {
             consumer,
             event_id = msg.message_id.as_deref().unwrap_or("-"),
             routing_key = %msg.routing_key,
-            attempt = msg.attempt
+            attempt = msg.attempt,
+            trace_id = msg.traceparent.as_ref().map_or("-", TraceParent::trace_id),
         );
         async {
             let start = Instant::now();

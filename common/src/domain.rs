@@ -7,6 +7,12 @@ use std::{fmt, str::FromStr};
 
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
+use sqlx::{
+    Decode, Encode, Postgres, Type,
+    encode::IsNull,
+    error::BoxDynError,
+    postgres::{PgArgumentBuffer, PgTypeInfo, PgValueRef},
+};
 
 /// Why a value was refused; the caller attaches the field name.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -15,6 +21,37 @@ pub struct Invalid(pub String);
 
 fn invalid<T>(msg: impl Into<String>) -> Result<T, Invalid> {
     Err(Invalid(msg.into()))
+}
+
+/// Stores a closed type as a `text` column: written as its text, read back
+/// through its `parse`, so a row holding anything else fails to decode
+/// instead of reaching the code as a string.
+macro_rules! text_column {
+    ($name:ty, $render:expr) => {
+        impl Type<Postgres> for $name {
+            fn type_info() -> PgTypeInfo {
+                <&str as Type<Postgres>>::type_info()
+            }
+
+            fn compatible(ty: &PgTypeInfo) -> bool {
+                <&str as Type<Postgres>>::compatible(ty)
+            }
+        }
+
+        impl Encode<'_, Postgres> for $name {
+            fn encode_by_ref(&self, buf: &mut PgArgumentBuffer) -> Result<IsNull, BoxDynError> {
+                let render: fn(&$name) -> &'static str = $render;
+                <&str as Encode<Postgres>>::encode(render(self), buf)
+            }
+        }
+
+        impl<'r> Decode<'r, Postgres> for $name {
+            fn decode(value: PgValueRef<'r>) -> Result<Self, BoxDynError> {
+                let text = <&str as Decode<Postgres>>::decode(value)?;
+                Ok(<$name>::parse(text)?)
+            }
+        }
+    };
 }
 
 /// An ISO 4217 currency whose minor units fit the schema (at most 2).
@@ -55,6 +92,36 @@ impl fmt::Display for Currency {
         f.write_str(self.code())
     }
 }
+
+text_column!(Currency, |c| c.code());
+
+impl Serialize for Currency {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.code())
+    }
+}
+
+impl<'de> Deserialize<'de> for Currency {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let code = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        Currency::parse(&code).map_err(serde::de::Error::custom)
+    }
+}
+
+impl utoipa::PartialSchema for Currency {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::schema::Type::String)
+            .pattern(Some("^[A-Z]{3}$"))
+            .description(Some(
+                "ISO 4217 code of a currency with at most 2 minor units, e.g. KRW, USD",
+            ))
+            .examples(["KRW"])
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for Currency {}
 
 /// The largest amount `numeric(18,2)` holds.
 fn max_amount() -> Decimal {
@@ -107,7 +174,7 @@ impl Money {
     }
 
     /// Rebuilds a stored value (already validated when it was written).
-    fn from_stored(amount: Decimal, currency: Currency) -> Self {
+    pub fn from_stored(amount: Decimal, currency: Currency) -> Self {
         Self {
             amount: amount.normalize(),
             currency,
@@ -314,6 +381,25 @@ macro_rules! vocabulary {
                 f.write_str(self.as_str())
             }
         }
+
+        text_column!($name, |v| v.as_str());
+
+        // By hand: utoipa's derive does not see serde renames made by a
+        // macro, and would list the Rust names (`Pending`, not `PENDING`).
+        impl utoipa::PartialSchema for $name {
+            fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+                utoipa::openapi::ObjectBuilder::new()
+                    .schema_type(utoipa::openapi::schema::Type::String)
+                    .enum_values(Some([$($text),+]))
+                    .into()
+            }
+        }
+
+        impl utoipa::ToSchema for $name {
+            fn name() -> std::borrow::Cow<'static, str> {
+                std::borrow::Cow::Borrowed(stringify!($name))
+            }
+        }
     };
 }
 
@@ -373,13 +459,9 @@ vocabulary!(
     }
 );
 
-/// Renders a stored amount at its currency's scale (falls back to the plain
-/// decimal for a currency this build does not know).
-pub fn render_stored(amount: Decimal, currency: &str) -> String {
-    match Currency::parse(currency) {
-        Ok(c) => Money::from_stored(amount, c).to_string(),
-        Err(_) => amount.normalize().to_string(),
-    }
+/// Renders a stored amount at its currency's scale: `"350000"` KRW, `"129.90"` USD.
+pub fn render_stored(amount: Decimal, currency: Currency) -> String {
+    Money::from_stored(amount, currency).to_string()
 }
 
 #[cfg(test)]

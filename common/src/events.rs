@@ -8,7 +8,10 @@ use serde_json::Value;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::domain::{AggregateType, EventType};
+use crate::{
+    domain::{AggregateType, EventType},
+    views::EntityView,
+};
 
 /// `source` of events that ingest emits.
 pub const SOURCE_INGEST: &str = "/entrip/ingest";
@@ -32,7 +35,8 @@ pub struct CloudEvent<'a> {
     pub data: &'a Value,
 }
 
-/// An event to enqueue.
+/// An event to enqueue. Its `data` is already JSON: the services go through
+/// [`Change`], which takes the typed view.
 #[derive(Debug, Clone)]
 pub struct NewEvent {
     pub id: Uuid,
@@ -119,8 +123,8 @@ pub struct Change<'a> {
     pub id: Uuid,
     pub event: EventType,
     pub source: &'static str,
-    /// The entity after the change.
-    pub data: Value,
+    /// The entity after the change; its kind matches `event`'s.
+    pub data: EntityView,
     pub detail: Value,
     pub idempotency_key: Option<&'a str>,
     pub traceparent: Option<String>,
@@ -129,12 +133,14 @@ pub struct Change<'a> {
 /// Writes the audit row and enqueues the event of `change` in the caller's
 /// transaction; returns the event id.
 pub async fn record_change(conn: &mut PgConnection, change: Change<'_>) -> sqlx::Result<Uuid> {
+    debug_assert_eq!(change.data.aggregate(), change.event.aggregate());
+    let data = serde_json::to_value(&change.data).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
     let event = NewEvent::new(
         change.event,
         change.aggregate,
         change.id,
         change.source,
-        change.data,
+        data,
     )
     .with_traceparent(change.traceparent);
     crate::audit::record(

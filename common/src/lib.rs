@@ -16,3 +16,5 @@ pub mod shutdown;
 pub mod signing;
 pub mod store;
 pub mod telemetry;
+pub mod trace;
+pub mod views;

@@ -7,6 +7,7 @@ use entrip_common::{
     amqp::{self, EVENTS_EXCHANGE},
     config::AmqpSettings,
     events::CONTENT_TYPE,
+    trace::TRACEPARENT_HEADER,
 };
 use futures::future::join_all;
 use lapin::{
@@ -162,7 +163,7 @@ fn properties(row: &OutboxRow) -> BasicProperties {
     if let Some(tp) = &row.traceparent {
         let mut headers = FieldTable::default();
         headers.insert(
-            ShortString::from("traceparent"),
+            ShortString::from(TRACEPARENT_HEADER),
             AMQPValue::LongString(LongString::from(tp.as_str())),
         );
         props = props.with_headers(headers);

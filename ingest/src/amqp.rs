@@ -47,7 +47,6 @@ use crate::{
     clients::{self, AmqpUser, Client},
     commands::Context,
     error::ApiError,
-    extract::valid_traceparent,
     idempotency::Fingerprint,
     requests::{CommandType, Refusal},
     submit::{Outcome as Submitted, submit},
@@ -257,9 +256,7 @@ impl AmqpIngest {
             channel: "amqp",
             client: client.name,
             idempotency_key: key.as_str().to_owned(),
-            traceparent: msg
-                .header_text("traceparent")
-                .and_then(|v| valid_traceparent(&v)),
+            traceparent: msg.traceparent.as_ref().map(ToString::to_string),
         };
         let ttl = Duration::from_secs(self.settings.idempotency_ttl_secs);
         Ok(submit(&self.pool, ttl, &key, &fingerprint, command, &context).await?)

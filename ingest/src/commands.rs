@@ -11,6 +11,7 @@ use entrip_common::{
         PaymentStatus, Text,
     },
     events::{self, SOURCE_INGEST},
+    views::EntityView,
 };
 use serde_json::{Value, json};
 use sqlx::PgConnection;
@@ -85,15 +86,15 @@ impl Context {
 #[derive(Debug, Clone)]
 pub(crate) struct Reply {
     pub(crate) status: u16,
-    pub(crate) body: Value,
+    pub(crate) body: EntityView,
 }
 
 impl Reply {
-    fn created(body: Value) -> Self {
+    fn created(body: EntityView) -> Self {
         Self { status: 201, body }
     }
 
-    fn ok(body: Value) -> Self {
+    fn ok(body: EntityView) -> Self {
         Self { status: 200, body }
     }
 }
@@ -181,7 +182,7 @@ struct Change<'a> {
     aggregate: AggregateType,
     id: Uuid,
     event: EventType,
-    data: Value,
+    data: EntityView,
     detail: Value,
 }
 
@@ -252,7 +253,7 @@ async fn create_user(
             "a user with this email already exists",
         )
     })?;
-    let view = serde_json::to_value(&row).map_err(CommandError::Render)?;
+    let view = EntityView::User(row.view());
     record(
         conn,
         ctx,
@@ -287,7 +288,7 @@ async fn create_booking(
             "a booking with this code already exists",
         )
     })?;
-    let view = row.view();
+    let view = EntityView::Booking(row.view());
     record(
         conn,
         ctx,
@@ -315,14 +316,14 @@ async fn cancel_booking(
     let booking = bookings::lock(conn, id)
         .await?
         .ok_or_else(|| CommandError::not_found("booking", id))?;
-    match booking.status() {
-        Some(BookingStatus::Pending) => {}
-        Some(BookingStatus::Canceled) => {
+    match booking.status {
+        BookingStatus::Pending => {}
+        BookingStatus::Canceled => {
             return Err(CommandError::Conflict(
                 "the booking is already canceled".into(),
             ));
         }
-        _ => {
+        BookingStatus::Confirmed => {
             return Err(CommandError::Conflict(format!(
                 "a {} booking cannot be canceled; only PENDING bookings can",
                 booking.status
@@ -330,7 +331,7 @@ async fn cancel_booking(
         }
     }
     let row = bookings::cancel(conn, id, &reason).await?;
-    let view = row.view();
+    let view = EntityView::Booking(row.view());
     record(
         conn,
         ctx,
@@ -357,13 +358,13 @@ async fn create_payment(
     let booking = bookings::lock(conn, payment.booking_id)
         .await?
         .ok_or_else(|| CommandError::not_found("booking", payment.booking_id))?;
-    if booking.status() != Some(BookingStatus::Pending) {
+    if booking.status != BookingStatus::Pending {
         return Err(CommandError::Conflict(format!(
             "the booking is {}; payments are accepted only for PENDING bookings",
             booking.status
         )));
     }
-    if payment.amount.currency().code() != booking.currency {
+    if payment.amount.currency() != booking.currency {
         return Err(CommandError::rule(
             "currency",
             format!(
@@ -379,7 +380,7 @@ async fn create_payment(
             format!(
                 "payment amount {} differs from the booking's {}",
                 payment.amount,
-                entrip_common::domain::render_stored(booking.amount, &booking.currency)
+                entrip_common::domain::render_stored(booking.amount, booking.currency)
             ),
         ));
     }
@@ -397,7 +398,7 @@ async fn create_payment(
             "the booking already has a live payment",
         )
     })?;
-    let view = row.view();
+    let view = EntityView::Payment(row.view());
     record(
         conn,
         ctx,
@@ -429,7 +430,7 @@ async fn record_payment_result(
         .await?
         .ok_or_else(|| CommandError::not_found("payment", id))?;
     tracing::Span::current().record("booking_id", tracing::field::display(payment.booking_id));
-    if payment.status() != Some(PaymentStatus::Pending) {
+    if payment.status != PaymentStatus::Pending {
         return Err(CommandError::Conflict(format!(
             "the payment is already {}; a result can be recorded only once",
             payment.status
@@ -443,7 +444,7 @@ async fn record_payment_result(
         reason.as_ref().map(Text::as_str),
     )
     .await?;
-    let view = row.view();
+    let view = EntityView::Payment(row.view());
     let event = match outcome {
         PaymentOutcome::Approved => EventType::PaymentApproved,
         PaymentOutcome::Failed => EventType::PaymentFailed,
@@ -477,7 +478,7 @@ async fn create_approval(
     if !users::exists(conn, approval.requester_id).await? {
         return Err(CommandError::not_found("user", approval.requester_id));
     }
-    if booking.status() != Some(BookingStatus::Pending) {
+    if booking.status != BookingStatus::Pending {
         return Err(CommandError::Conflict(format!(
             "the booking is {}; approvals can be requested only for PENDING bookings",
             booking.status
@@ -502,7 +503,7 @@ async fn create_approval(
             "the booking already has a live approval",
         )
     })?;
-    let view = row.view(&[]);
+    let view = EntityView::Approval(row.view(&[]));
     record(
         conn,
         ctx,
@@ -544,13 +545,13 @@ async fn decide_approval(
     if !users::exists(conn, approver_id).await? {
         return Err(CommandError::not_found("user", approver_id));
     }
-    if approval.status() != Some(ApprovalStatus::Pending) {
+    if approval.status != ApprovalStatus::Pending {
         return Err(CommandError::Conflict(format!(
             "the approval is already {}",
             approval.status
         )));
     }
-    if booking.status() == Some(BookingStatus::Canceled) {
+    if booking.status == BookingStatus::Canceled {
         return Err(CommandError::Conflict("the booking is canceled".into()));
     }
     if approvals::has_decided(conn, id, approver_id).await? {
@@ -574,7 +575,7 @@ async fn decide_approval(
         )
     })?;
     let decisions = approvals::decisions(conn, id).await?;
-    let view = row.view(&decisions);
+    let view = EntityView::Approval(row.view(&decisions));
     record(
         conn,
         ctx,

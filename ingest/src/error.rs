@@ -18,6 +18,37 @@ use crate::{
     requests::{FieldError, Refusal},
 };
 
+// The body `ApiError::body` renders, described for the OpenAPI document
+// (component `Problem`): only its schema is used, and a test checks every
+// kind of answer against it.
+/// An RFC 9457 problem: the body of every error answer (`application/problem+json`).
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+pub(crate) struct Problem {
+    /// `https://entrip.dev/problems/<kind>`: `validation`, `invalid-json`,
+    /// `bad-request`, `payload-too-large`, `unsupported-media-type`,
+    /// `no-route`, `method-not-allowed`, `unauthorized`, `forbidden`,
+    /// `uri-too-long`, `not-found`, `conflict`, `unprocessable`,
+    /// `idempotency-key-reused`, `overloaded`, `timeout`, `unavailable`,
+    /// `internal`.
+    #[serde(rename = "type")]
+    #[schema(format = "uri", pattern = r"^https://entrip\.dev/problems/[a-z\-]+$")]
+    kind: String,
+    /// A short summary of the kind of problem.
+    title: String,
+    /// The HTTP status of the answer.
+    #[schema(minimum = 400, maximum = 599)]
+    status: u16,
+    /// What went wrong with this request.
+    detail: String,
+    /// Each field at fault (`Idempotency-Key` and `id` for the header and
+    /// the path id): present for a refused body (400) and a rule across
+    /// fields (422), when there are any.
+    #[schema(min_items = 1, nullable = false)]
+    errors: Option<Vec<FieldError>>,
+}
+
 /// Every way a request can fail.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum ApiError {
@@ -289,5 +320,85 @@ impl ShedAnswer {
         );
         headers.insert(header::RETRY_AFTER, self.retry_after.clone());
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clients::Scope;
+
+    /// Every kind of error answer, with and without field errors.
+    fn every_kind() -> Vec<ApiError> {
+        let field = || vec![FieldError::new("amount", "must be greater than 0")];
+        let sql = || sqlx::Error::PoolTimedOut;
+        let json = || serde_json::from_str::<u8>("x").unwrap_err();
+        vec![
+            ApiError::Validation(field()),
+            ApiError::Validation(vec![]),
+            ApiError::BadJson("EOF while parsing".into()),
+            ApiError::BadRequest("cannot read the request body".into()),
+            ApiError::PayloadTooLarge { limit: 65536 },
+            ApiError::UnsupportedMediaType("text/plain".into()),
+            ApiError::NoRoute("/nowhere".into()),
+            ApiError::MethodNotAllowed,
+            ApiError::Refused(Refused::Missing),
+            ApiError::Refused(Refused::Unknown),
+            ApiError::Refused(Refused::Revoked),
+            ApiError::Refused(Refused::Scope(Scope::Read)),
+            ApiError::Unidentified("no client for broker user x".into()),
+            ApiError::Forbidden("lacks scope read".into()),
+            ApiError::UriTooLong { limit: 8192 },
+            ApiError::Overloaded,
+            ApiError::TimedOut { secs: 30 },
+            ApiError::Panicked("boom".into()),
+            ApiError::BadStatus(1000),
+            CommandError::not_found("booking", Uuid::nil()).into(),
+            CommandError::Conflict("already canceled".into()).into(),
+            ApiError::rule("arriveAt", "arriveAt must be after departAt"),
+            CommandError::Unprocessable {
+                detail: "no field".into(),
+                errors: vec![],
+            }
+            .into(),
+            CommandError::IdempotencyMisuse("another body".into()).into(),
+            CommandError::Refused("a value was refused by the database".into()).into(),
+            CommandError::Unavailable(sql()).into(),
+            CommandError::Contended.into(),
+            CommandError::Database(sql()).into(),
+            CommandError::Render(json()).into(),
+        ]
+    }
+
+    /// The `Problem` schema of the OpenAPI document is what `body` renders,
+    /// for every kind of answer: no field more or less, each of its type.
+    #[tokio::test]
+    async fn every_problem_body_matches_the_documented_schema() {
+        let doc = crate::tests::document().await;
+        let mut problem = doc["components"]["schemas"]["Problem"].clone();
+        problem["$defs"] = doc["components"]["schemas"].clone();
+        let text = problem
+            .to_string()
+            .replace("#/components/schemas/", "#/$defs/");
+        let schema: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let validator = jsonschema::draft202012::new(&schema).unwrap();
+        for err in every_kind() {
+            let body = err.body();
+            let errors: Vec<String> = validator
+                .iter_errors(&body)
+                .map(|e| e.to_string())
+                .collect();
+            assert!(errors.is_empty(), "{body}: {errors:?}");
+            assert_eq!(body["status"], err.status().as_u16(), "{body}");
+            let kind = body["type"].as_str().unwrap();
+            let slug = kind.rsplit('/').next().unwrap();
+            assert!(
+                problem["properties"]["type"]["description"]
+                    .as_str()
+                    .unwrap()
+                    .contains(&format!("`{slug}`")),
+                "the Problem schema lists {slug}"
+            );
+        }
     }
 }

@@ -9,7 +9,10 @@ use axum::{
     extract::{FromRequest, FromRequestParts, MatchedPath, Path, Request},
     http::{HeaderMap, header, request::Parts},
 };
-use entrip_common::domain::IdempotencyKey;
+use entrip_common::{
+    domain::IdempotencyKey,
+    trace::{TRACEPARENT_HEADER, TraceParent},
+};
 use http_body_util::BodyExt;
 use uuid::Uuid;
 
@@ -66,25 +69,8 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
 /// A valid W3C `traceparent` header, if one was sent (an invalid one is
 /// ignored, as the W3C recommendation says).
 fn traceparent(headers: &HeaderMap) -> Option<String> {
-    valid_traceparent(headers.get("traceparent")?.to_str().ok()?)
-}
-
-/// `value` if it is a valid W3C `traceparent`.
-pub(crate) fn valid_traceparent(value: &str) -> Option<String> {
-    let value = value.trim();
-    let parts: Vec<&str> = value.split('-').collect();
-    let hex = |s: &str, n: usize| {
-        s.len() == n && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-    };
-    let valid = parts.len() == 4
-        && hex(parts[0], 2)
-        && parts[0] != "ff"
-        && hex(parts[1], 32)
-        && parts[1].bytes().any(|b| b != b'0')
-        && hex(parts[2], 16)
-        && parts[2].bytes().any(|b| b != b'0')
-        && hex(parts[3], 2);
-    valid.then(|| value.to_owned())
+    let value = headers.get(TRACEPARENT_HEADER)?.to_str().ok()?;
+    TraceParent::parse(value).map(|tp| tp.to_string())
 }
 
 /// The entity id in the path (`/v1/bookings/{id}`): a UUID, else a 400

@@ -12,19 +12,24 @@ mod extract;
 pub mod idempotency;
 mod limit;
 mod metrics;
+pub mod openapi;
 mod requests;
 mod routes;
 mod submit;
 
-use std::{ops::Deref, sync::Arc, time::Duration};
+use std::{
+    ops::Deref,
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
 
 use axum::{
     Router,
+    body::Bytes,
     extract::{Request, State},
     http::{HeaderValue, StatusCode, header},
     middleware::{self, Next},
     response::{IntoResponse, Response},
-    routing::{MethodRouter, get, post},
 };
 use entrip_common::config::IngestSettings;
 use hyper_util::{
@@ -40,6 +45,7 @@ use tower_http::{
     catch_panic::CatchPanicLayer, sensitive_headers::SetSensitiveRequestHeadersLayer,
     trace::TraceLayer,
 };
+use utoipa_axum::{router::OpenApiRouter, router::UtoipaMethodRouter, routes};
 
 use crate::{
     auth::{Authenticator, Guard},
@@ -66,6 +72,8 @@ pub struct Shared {
     in_flight: InFlight,
     /// What a request beyond the in-flight limit gets.
     shed_answer: ShedAnswer,
+    /// The OpenAPI document (`GET /openapi.json`), built with the router.
+    openapi: OnceLock<Bytes>,
 }
 
 impl App {
@@ -99,6 +107,7 @@ impl App {
             metrics,
             registry,
             auth,
+            openapi: OnceLock::new(),
         })))
     }
 
@@ -117,68 +126,70 @@ impl Deref for App {
 }
 
 /// The full router: the API (authenticated, limited in flight and in time),
-/// then health, readiness and metrics, which are never shed.
+/// then health, readiness, metrics and the OpenAPI document, which are
+/// never shed. Each handler is registered through its `#[utoipa::path]`
+/// (`routes!`), so the document lists exactly the routes served; the
+/// document is built here, once.
 fn router(app: App) -> Router {
-    let guarded = |scope: Scope, route: MethodRouter<App>| {
-        route.route_layer(middleware::from_fn_with_state(
+    let guarded = |scope: Scope, (schemas, mut paths, route): UtoipaMethodRouter<App>| {
+        openapi::require_scope(&mut paths, scope);
+        let route = route.route_layer(middleware::from_fn_with_state(
             Guard::new(&app, scope),
             auth::authorize,
-        ))
+        ));
+        (schemas, paths, route)
     };
-    let api = Router::new()
-        .route(
-            "/v1/users",
-            guarded(Scope::UsersWrite, post(routes::create_user)),
-        )
-        .route(
-            "/v1/users/{id}",
-            guarded(Scope::Read, get(routes::get_user)),
-        )
-        .route(
-            "/v1/bookings",
-            guarded(Scope::BookingsWrite, post(routes::create_booking)),
-        )
-        .route(
-            "/v1/bookings/{id}",
-            guarded(Scope::Read, get(routes::get_booking)),
-        )
-        .route(
-            "/v1/bookings/{id}/cancel",
-            guarded(Scope::BookingsWrite, post(routes::cancel_booking)),
-        )
-        .route(
-            "/v1/payments",
-            guarded(Scope::PaymentsWrite, post(routes::create_payment)),
-        )
-        .route(
-            "/v1/payments/{id}",
-            guarded(Scope::Read, get(routes::get_payment)),
-        )
-        .route(
-            "/v1/payments/{id}/result",
-            guarded(Scope::PaymentsResult, post(routes::payment_result)),
-        )
-        .route(
-            "/v1/approvals",
-            guarded(Scope::ApprovalsWrite, post(routes::create_approval)),
-        )
-        .route(
-            "/v1/approvals/{id}",
-            guarded(Scope::Read, get(routes::get_approval)),
-        )
-        .route(
-            "/v1/approvals/{id}/decision",
-            guarded(Scope::ApprovalsDecide, post(routes::decide_approval)),
-        )
+    let (api, api_doc) = OpenApiRouter::default()
+        .routes(guarded(Scope::UsersWrite, routes!(routes::create_user)))
+        .routes(guarded(Scope::Read, routes!(routes::get_user)))
+        .routes(guarded(
+            Scope::BookingsWrite,
+            routes!(routes::create_booking),
+        ))
+        .routes(guarded(Scope::Read, routes!(routes::get_booking)))
+        .routes(guarded(
+            Scope::BookingsWrite,
+            routes!(routes::cancel_booking),
+        ))
+        .routes(guarded(
+            Scope::PaymentsWrite,
+            routes!(routes::create_payment),
+        ))
+        .routes(guarded(Scope::Read, routes!(routes::get_payment)))
+        .routes(guarded(
+            Scope::PaymentsResult,
+            routes!(routes::payment_result),
+        ))
+        .routes(guarded(
+            Scope::ApprovalsWrite,
+            routes!(routes::create_approval),
+        ))
+        .routes(guarded(Scope::Read, routes!(routes::get_approval)))
+        .routes(guarded(
+            Scope::ApprovalsDecide,
+            routes!(routes::decide_approval),
+        ))
+        .split_for_parts();
+    let api = api
         .method_not_allowed_fallback(routes::method_not_allowed)
         // The deadline covers the handler and the bearer check.
         .layer(middleware::from_fn_with_state(app.clone(), deadline))
         .with_state(app.clone());
-    let open = Router::new()
-        .route("/readyz", get(routes::readyz))
+    let (open, open_doc) = OpenApiRouter::default()
+        .routes(routes!(routes::readyz))
+        .routes(routes!(routes::openapi_json))
+        .split_for_parts();
+    let open = open
         .with_state(app.clone())
         .merge(entrip_common::metrics::router(app.registry.clone()))
         .fallback(routes::no_route);
+    match openapi::document(api_doc, open_doc).and_then(|doc| serde_json::to_vec_pretty(&doc)) {
+        Ok(mut doc) => {
+            doc.push(b'\n');
+            let _ = app.openapi.set(Bytes::from(doc));
+        }
+        Err(err) => tracing::error!(%err, "cannot build the OpenAPI document"),
+    }
     // Shedding is the API's outermost layer (axum runs layers after the
     // routing): a shed request costs the routing and a prebuilt answer, not
     // the tracing, panic and metrics layers; under overload those answers
@@ -330,6 +341,45 @@ pub async fn purge_loop(pool: PgPool, interval: Duration, shutdown: Cancellation
             Ok(0) => {}
             Ok(n) => tracing::info!(purged = n, "expired idempotency keys purged"),
             Err(err) => tracing::warn!(%err, "idempotency key purge failed; will retry"),
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// The OpenAPI document the router builds (no database needed).
+    pub(crate) async fn document() -> serde_json::Value {
+        let pool = PgPool::connect_lazy("postgres://127.0.0.1:1/none").unwrap();
+        let app = App::new(
+            pool,
+            IngestSettings::default(),
+            entrip_common::metrics::new_registry(),
+        )
+        .unwrap();
+        let _ = router(app.clone());
+        serde_json::from_slice(app.openapi.get().expect("the document is built")).unwrap()
+    }
+
+    /// Each command of `requests.rs` (also the AMQP commands) is a
+    /// documented POST with the command's scope and body.
+    #[tokio::test]
+    async fn every_command_is_documented_with_its_route_scope_and_body() {
+        let doc = document().await;
+        for kind in requests::CommandType::EVERY {
+            let op = &doc["paths"][kind.route()]["post"];
+            assert!(op.is_object(), "{} is not documented", kind.route());
+            assert_eq!(
+                op["security"][0]["bearer"][0],
+                kind.scope().as_str(),
+                "{}",
+                kind.route()
+            );
+            assert_eq!(
+                op["requestBody"]["content"]["application/json"]["schema"]["$ref"],
+                format!("#/components/schemas/{}", kind.body_schema()),
+            );
         }
     }
 }

@@ -20,6 +20,7 @@ use serde::{
     Deserialize, Serialize,
     de::{DeserializeOwned, IgnoredAny, MapAccess, Visitor},
 };
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::{
@@ -35,9 +36,14 @@ const GATEWAY_ID_MAX: usize = 100;
 const STEPS: std::ops::RangeInclusive<i64> = 1..=5;
 
 /// A field that was refused, and why.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
 pub(crate) struct FieldError {
+    /// The body field (camelCase, as sent), or `Idempotency-Key` for the
+    /// header, `id` for the path id.
+    #[schema(examples("amount"))]
     pub(crate) field: String,
+    /// Why it was refused.
+    #[schema(examples("KRW allows at most 0 decimal places"))]
     pub(crate) message: String,
 }
 
@@ -236,11 +242,15 @@ all_valid!(A a, B b, C c, D d, E e, F f, G g, H h, I i, J j);
 
 // ------------------------------------------------------------------ bodies
 
-#[derive(Debug, Deserialize)]
+/// A new user.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(crate) struct CreateUserBody {
+    #[schema(schema_with = schemas::user_name, required = true)]
     name: Option<String>,
+    #[schema(schema_with = schemas::email, required = true)]
     email: Option<String>,
+    #[schema(schema_with = schemas::user_phone, required = true)]
     phone: Option<String>,
 }
 
@@ -258,19 +268,31 @@ impl TryFrom<CreateUserBody> for NewUser {
     }
 }
 
-#[derive(Debug, Deserialize)]
+/// A new booking (PENDING) of a user; `arriveAt` must be after `departAt`.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(crate) struct CreateBookingBody {
+    #[schema(schema_with = schemas::code, required = true)]
     code: Option<String>,
+    #[schema(schema_with = schemas::customer_name, required = true)]
     customer_name: Option<String>,
+    #[schema(schema_with = schemas::customer_phone, required = true)]
     customer_phone: Option<String>,
+    #[schema(schema_with = schemas::itinerary_from, required = true)]
     itinerary_from: Option<String>,
+    #[schema(schema_with = schemas::itinerary_to, required = true)]
     itinerary_to: Option<String>,
+    #[schema(schema_with = schemas::depart_at, required = true)]
     depart_at: Option<String>,
+    #[schema(schema_with = schemas::arrive_at, required = true)]
     arrive_at: Option<String>,
+    #[schema(schema_with = schemas::booking_currency)]
     currency: Option<String>,
+    #[schema(schema_with = schemas::price, required = true)]
     amount: Option<String>,
+    #[schema(schema_with = schemas::user_id, required = true)]
     user_id: Option<String>,
+    #[schema(schema_with = schemas::requires_approval)]
     requires_approval: Option<bool>,
 }
 
@@ -326,9 +348,11 @@ impl TryFrom<CreateBookingBody> for NewBooking {
     }
 }
 
-#[derive(Debug, Deserialize)]
+/// Why a PENDING booking is canceled.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(crate) struct CancelBookingBody {
+    #[schema(schema_with = schemas::reason, required = true)]
     reason: Option<String>,
 }
 
@@ -341,13 +365,20 @@ impl TryFrom<CancelBookingBody> for Cancellation {
     }
 }
 
-#[derive(Debug, Deserialize)]
+/// A payment (PENDING) of a PENDING booking: its amount and currency must
+/// be the booking's, the tax at most the amount.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(crate) struct CreatePaymentBody {
+    #[schema(schema_with = schemas::booking_id, required = true)]
     booking_id: Option<String>,
+    #[schema(value_type = PaymentMethod, required = true)]
     method: Option<String>,
+    #[schema(schema_with = schemas::payment_amount, required = true)]
     amount: Option<String>,
+    #[schema(schema_with = schemas::payment_currency, required = true)]
     currency: Option<String>,
+    #[schema(schema_with = schemas::tax, required = true)]
     tax: Option<String>,
 }
 
@@ -380,11 +411,16 @@ impl TryFrom<CreatePaymentBody> for NewPayment {
     }
 }
 
-#[derive(Debug, Deserialize)]
+/// The payment gateway's result for a PENDING payment: `approvalId` is
+/// required with APPROVED and refused with FAILED.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(crate) struct PaymentResultBody {
+    #[schema(value_type = PaymentOutcome, required = true)]
     status: Option<String>,
+    #[schema(schema_with = schemas::gateway_approval_id)]
     approval_id: Option<String>,
+    #[schema(schema_with = schemas::failure_reason)]
     reason: Option<String>,
 }
 
@@ -416,14 +452,21 @@ impl TryFrom<PaymentResultBody> for PaymentResult {
     }
 }
 
-#[derive(Debug, Deserialize)]
+/// An approval (PENDING, step 1) of a PENDING booking, asked by a user.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(crate) struct CreateApprovalBody {
+    #[schema(schema_with = schemas::booking_id, required = true)]
     booking_id: Option<String>,
+    #[schema(schema_with = schemas::requester_id, required = true)]
     requester_id: Option<String>,
+    #[schema(schema_with = schemas::title, required = true)]
     title: Option<String>,
+    #[schema(schema_with = schemas::reason, required = true)]
     reason: Option<String>,
-    steps: Option<i64>,
+    /// Any JSON number: `2.0` is the integer 2 (JSON Schema's `integer`).
+    #[schema(schema_with = schemas::steps)]
+    steps: Option<serde_json::Number>,
 }
 
 impl TryFrom<CreateApprovalBody> for NewApproval {
@@ -432,8 +475,7 @@ impl TryFrom<CreateApprovalBody> for NewApproval {
     fn try_from(b: CreateApprovalBody) -> Result<Self, Refusal> {
         let steps = match b.steps {
             None => Ok(1),
-            Some(n) if STEPS.contains(&n) => check("steps", i16::try_from(n).map_err(|_| range())),
-            Some(_) => check("steps", Err(range())),
+            Some(n) => check("steps", step_count(&n)),
         };
         let (booking_id, requester_id, title, reason, steps) = (
             parse("bookingId", b.booking_id, uuid),
@@ -453,6 +495,25 @@ impl TryFrom<CreateApprovalBody> for NewApproval {
     }
 }
 
+/// The number of steps: an integer in `STEPS`; JSON does not tell `2`
+/// from `2.0`, so an integral number is an integer.
+fn step_count(n: &serde_json::Number) -> Result<i16, Invalid> {
+    let integral = n.as_i64().or_else(|| {
+        n.as_f64()
+            .filter(|f| f.fract() == 0.0 && f.abs() <= 1e15)
+            .map(|f| f as i64)
+    });
+    match integral {
+        Some(n) if STEPS.contains(&n) => i16::try_from(n).map_err(|_| range()),
+        Some(_) => Err(range()),
+        None => Err(Invalid(format!(
+            "must be an integer between {} and {}",
+            STEPS.start(),
+            STEPS.end()
+        ))),
+    }
+}
+
 fn range() -> Invalid {
     Invalid(format!(
         "must be between {} and {}",
@@ -461,11 +522,17 @@ fn range() -> Invalid {
     ))
 }
 
-#[derive(Debug, Deserialize)]
+/// An approver's decision on the current step of a PENDING approval:
+/// REJECTED ends it, APPROVED moves it to the next step or, after the last,
+/// approves it.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(crate) struct DecisionBody {
+    #[schema(schema_with = schemas::approver_id, required = true)]
     approver_id: Option<String>,
+    #[schema(value_type = Decision, required = true)]
     decision: Option<String>,
+    #[schema(schema_with = schemas::decision_reason)]
     reason: Option<String>,
 }
 
@@ -484,6 +551,98 @@ impl TryFrom<DecisionBody> for ApprovalDecision {
             decision,
             reason,
         })
+    }
+}
+
+/// The schema of each body field (`#[schema(schema_with = …)]`), from the
+/// limits above and the domain types' rules (`openapi::fields`).
+mod schemas {
+    use utoipa::openapi::{RefOr, schema::Schema};
+
+    use super::{GATEWAY_ID_MAX, NAME_MAX, PLACE_MAX, REASON_MAX, STEPS, TITLE_MAX};
+    use crate::openapi::fields;
+
+    pub(super) fn user_name() -> RefOr<Schema> {
+        fields::text(NAME_MAX, false, "The user's name")
+    }
+    pub(super) fn email() -> RefOr<Schema> {
+        fields::email()
+    }
+    pub(super) fn user_phone() -> RefOr<Schema> {
+        fields::phone("The user's phone number")
+    }
+    pub(super) fn code() -> RefOr<Schema> {
+        fields::booking_code()
+    }
+    pub(super) fn customer_name() -> RefOr<Schema> {
+        fields::text(NAME_MAX, false, "The traveller's name")
+    }
+    pub(super) fn customer_phone() -> RefOr<Schema> {
+        fields::phone("The traveller's phone number")
+    }
+    pub(super) fn itinerary_from() -> RefOr<Schema> {
+        fields::text(PLACE_MAX, false, "Where the trip starts")
+    }
+    pub(super) fn itinerary_to() -> RefOr<Schema> {
+        fields::text(PLACE_MAX, false, "Where the trip ends")
+    }
+    pub(super) fn depart_at() -> RefOr<Schema> {
+        fields::time("When the trip starts")
+    }
+    pub(super) fn arrive_at() -> RefOr<Schema> {
+        fields::time("When the trip ends, after departAt")
+    }
+    pub(super) fn booking_currency() -> RefOr<Schema> {
+        fields::currency(Some("KRW"))
+    }
+    pub(super) fn price() -> RefOr<Schema> {
+        fields::amount("The price")
+    }
+    pub(super) fn user_id() -> RefOr<Schema> {
+        fields::uuid(false, "The user who books")
+    }
+    pub(super) fn requires_approval() -> RefOr<Schema> {
+        fields::flag("Whether the booking needs an approval before it is confirmed")
+    }
+    pub(super) fn reason() -> RefOr<Schema> {
+        fields::text(REASON_MAX, false, "Why")
+    }
+    pub(super) fn booking_id() -> RefOr<Schema> {
+        fields::uuid(false, "The booking")
+    }
+    pub(super) fn payment_amount() -> RefOr<Schema> {
+        fields::amount("The amount, the booking's")
+    }
+    pub(super) fn payment_currency() -> RefOr<Schema> {
+        fields::currency(None)
+    }
+    pub(super) fn tax() -> RefOr<Schema> {
+        fields::tax("The tax included in the amount")
+    }
+    pub(super) fn gateway_approval_id() -> RefOr<Schema> {
+        fields::text(
+            GATEWAY_ID_MAX,
+            true,
+            "The gateway's approval id, required with APPROVED and refused with FAILED",
+        )
+    }
+    pub(super) fn failure_reason() -> RefOr<Schema> {
+        fields::text(REASON_MAX, true, "Why the payment failed (optional)")
+    }
+    pub(super) fn requester_id() -> RefOr<Schema> {
+        fields::uuid(false, "The user who asks for the approval")
+    }
+    pub(super) fn title() -> RefOr<Schema> {
+        fields::text(TITLE_MAX, false, "What is to be approved")
+    }
+    pub(super) fn steps() -> RefOr<Schema> {
+        fields::integer(STEPS, 1, "How many approvers must approve, one step each")
+    }
+    pub(super) fn approver_id() -> RefOr<Schema> {
+        fields::uuid(false, "The user who decides")
+    }
+    pub(super) fn decision_reason() -> RefOr<Schema> {
+        fields::text(REASON_MAX, true, "Why (optional)")
     }
 }
 
@@ -632,6 +791,21 @@ impl CommandType {
             Self::ApprovalCreate => "/v1/approvals",
             Self::ApprovalDecision => "/v1/approvals/{id}/decision",
         }
+    }
+
+    /// The name of the schema of this command's body (the OpenAPI
+    /// component; `docs/schemas/requests/<type>.json` is the same, alone).
+    pub(crate) fn body_schema(self) -> String {
+        match self {
+            Self::UserCreate => CreateUserBody::name(),
+            Self::BookingCreate => CreateBookingBody::name(),
+            Self::BookingCancel => CancelBookingBody::name(),
+            Self::PaymentCreate => CreatePaymentBody::name(),
+            Self::PaymentResult => PaymentResultBody::name(),
+            Self::ApprovalCreate => CreateApprovalBody::name(),
+            Self::ApprovalDecision => DecisionBody::name(),
+        }
+        .into_owned()
     }
 
     /// Parses and validates a body of this type into its command (`id` is

@@ -46,7 +46,7 @@ pub(crate) async fn submit(
                 let reply = commands::execute(&mut tx, command, ctx).await?;
                 let stored = StoredResponse {
                     status: reply.status,
-                    body: reply.body,
+                    body: serde_json::to_value(&reply.body).map_err(CommandError::Render)?,
                 };
                 idempotency::complete(&mut tx, &ctx.client, key, &stored).await?;
                 tx.commit().await?;

@@ -1,5 +1,6 @@
 //! Parsing the CloudEvents envelope of an incoming message once.
 
+use entrip_common::{domain::EventType, views::EntityView};
 use serde::Deserialize;
 use serde_json::Value;
 use uuid::Uuid;
@@ -32,12 +33,22 @@ impl Event {
         Ok(event)
     }
 
-    /// A UUID field of `data`, or why the message is poison.
-    pub(crate) fn data_uuid(&self, field: &str) -> Result<Uuid, String> {
-        self.data
-            .get(field)
-            .and_then(Value::as_str)
-            .and_then(|s| Uuid::parse_str(s).ok())
-            .ok_or_else(|| format!("{}: data.{field} is missing or not a UUID", self.kind))
+    /// The event's type, or why the message is poison (a type this build
+    /// does not know).
+    pub(crate) fn event_type(&self) -> Result<EventType, String> {
+        EventType::parse(&self.kind).map_err(|e| format!("unknown event type {}: {e}", self.kind))
+    }
+
+    /// `data` as the typed view the event's type carries, or why the
+    /// message is poison.
+    pub(crate) fn view(&self) -> Result<EntityView, String> {
+        let kind = self.event_type()?;
+        EntityView::parse(kind, self.data.clone()).map_err(|e| {
+            format!(
+                "{}: data is not the {} view of the type: {e}",
+                self.kind,
+                kind.aggregate()
+            )
+        })
     }
 }

@@ -12,6 +12,7 @@ use entrip_common::{
     amqp::{NOTIFICATIONS_QUEUE, topic_matches},
     config::{NotificationsSettings, WebhookSettings},
     signing,
+    trace::{TRACEPARENT_HEADER, TraceParent},
 };
 use futures::future::BoxFuture;
 use sqlx::PgPool;
@@ -101,16 +102,22 @@ impl Notifications {
         sub: &Subscriber,
         event_id: &str,
         body: &[u8],
+        traceparent: Option<&TraceParent>,
     ) -> Result<u16, NotDelivered> {
         let timestamp = Utc::now().timestamp();
         let signature = signing::sign(&sub.key, event_id, timestamp, body);
-        let resp = self
+        let mut request = self
             .client
             .post(&sub.url)
             .header("content-type", "application/json")
             .header("webhook-id", event_id)
             .header("webhook-timestamp", timestamp.to_string())
-            .header("webhook-signature", signature)
+            .header("webhook-signature", signature);
+        // The webhook request is the next hop of the event's trace.
+        if let Some(tp) = traceparent {
+            request = request.header(TRACEPARENT_HEADER, tp.child().to_string());
+        }
+        let resp = request
             .body(body.to_vec())
             .send()
             .await
@@ -136,14 +143,22 @@ impl Notifications {
         &self,
         sub: &Subscriber,
         event: &Event,
-        body: &[u8],
+        msg: &Message,
     ) -> sqlx::Result<PairOutcome> {
         let mut tx = self.pool.begin().await?;
         match deliveries::lock_pair(&mut tx, event, &sub.url).await? {
             deliveries::Pair::AlreadyDelivered => return Ok(PairOutcome::AlreadyDelivered),
             deliveries::Pair::Locked => {}
         }
-        let (status_code, failure) = match self.post(sub, &event.id.to_string(), body).await {
+        let (status_code, failure) = match self
+            .post(
+                sub,
+                &event.id.to_string(),
+                &msg.body,
+                msg.traceparent.as_ref(),
+            )
+            .await
+        {
             Ok(code) => (Some(code), None),
             Err(not) => (not.status_code, Some(not.reason)),
         };
@@ -178,7 +193,7 @@ impl Handler for Notifications {
             let mut attempted = 0;
             for sub in self.subscribers.iter().filter(|s| s.wants(&event.kind)) {
                 matched += 1;
-                match self.deliver(sub, &event, &msg.body).await {
+                match self.deliver(sub, &event, msg).await {
                     Ok(PairOutcome::AlreadyDelivered) => {}
                     Ok(PairOutcome::Delivered) => attempted += 1,
                     Ok(PairOutcome::Failed(reason)) => {

@@ -12,6 +12,7 @@ use entrip_common::{
     domain::{AggregateType, ApprovalStatus, BookingStatus, EventType, PaymentStatus},
     events::{self, Change, SOURCE_WORKERS},
     store::{approvals, bookings, payments, settlements},
+    views::EntityView,
 };
 use futures::future::BoxFuture;
 use serde_json::json;
@@ -54,16 +55,24 @@ impl Handler for Settlement {
                 Ok(e) => e,
                 Err(reason) => return Outcome::Poison(reason),
             };
-            let booking_id = match event.kind.as_str() {
-                "payment.approved" | "payment.failed" | "approval.decided" => {
-                    match event.data_uuid("bookingId") {
-                        Ok(id) => id,
-                        Err(reason) => return Outcome::Poison(reason),
-                    }
+            let booking_id = match event.event_type() {
+                Ok(
+                    EventType::PaymentApproved
+                    | EventType::PaymentFailed
+                    | EventType::ApprovalDecided,
+                ) => match event.view() {
+                    Ok(view) => view.booking_id(),
+                    Err(reason) => return Outcome::Poison(reason),
+                },
+                Ok(other) => {
+                    return Outcome::Poison(format!(
+                        "unexpected event type {other} for settlement"
+                    ));
                 }
-                other => {
-                    return Outcome::Poison(format!("unknown event type {other} for settlement"));
-                }
+                Err(reason) => return Outcome::Poison(reason),
+            };
+            let Some(booking_id) = booking_id else {
+                return Outcome::Poison(format!("{}: data names no booking", event.kind));
             };
             // Deduplicated by message_id, as every consumer does; the body's
             // id when a message comes without one.
@@ -71,7 +80,9 @@ impl Handler for Settlement {
                 .message_id
                 .clone()
                 .unwrap_or_else(|| event.id.to_string());
-            match self.apply(&message_id, booking_id).await {
+            // The events this causes carry on the trace of the one that came in.
+            let traceparent = msg.traceparent.as_ref().map(|tp| tp.child().to_string());
+            match self.apply(&message_id, booking_id, traceparent).await {
                 Ok(outcome) => outcome,
                 Err(err) if db::is_unavailable(&err) => Outcome::Retry(format!("database: {err}")),
                 Err(err) => Outcome::Retry(format!("settlement failed: {err}")),
@@ -81,12 +92,17 @@ impl Handler for Settlement {
 }
 
 impl Settlement {
-    async fn apply(&self, message_id: &str, booking_id: Uuid) -> sqlx::Result<Outcome> {
+    async fn apply(
+        &self,
+        message_id: &str,
+        booking_id: Uuid,
+        traceparent: Option<String>,
+    ) -> sqlx::Result<Outcome> {
         let mut tx = self.pool.begin().await?;
         if !inbox::claim(&mut tx, CONSUMER, message_id).await? {
             return Ok(Outcome::Duplicate);
         }
-        let outcome = settle_if_due(&mut tx, booking_id).await?;
+        let outcome = settle_if_due(&mut tx, booking_id, traceparent).await?;
         tx.commit().await?;
         Ok(outcome)
     }
@@ -94,23 +110,27 @@ impl Settlement {
 
 /// Settles the booking when its payment (and approval, if required) are
 /// approved; otherwise leaves it as it is.
-async fn settle_if_due(conn: &mut PgConnection, booking_id: Uuid) -> sqlx::Result<Outcome> {
+async fn settle_if_due(
+    conn: &mut PgConnection,
+    booking_id: Uuid,
+    traceparent: Option<String>,
+) -> sqlx::Result<Outcome> {
     let Some(booking) = bookings::lock(conn, booking_id).await? else {
         tracing::warn!(%booking_id, "event for an unknown booking; nothing to settle");
         return Ok(Outcome::Processed);
     };
-    if booking.status() != Some(BookingStatus::Pending) {
+    if booking.status != BookingStatus::Pending {
         return Ok(Outcome::Processed);
     }
     let Some(payment) = payments::live_for_booking(conn, booking_id).await? else {
         return Ok(Outcome::Processed);
     };
-    if payment.status() != Some(PaymentStatus::Approved) {
+    if payment.status != PaymentStatus::Approved {
         return Ok(Outcome::Processed);
     }
     let approval = if booking.requires_approval {
         match approvals::live_for_booking(conn, booking_id).await? {
-            Some(a) if a.status() == Some(ApprovalStatus::Approved) => Some(a),
+            Some(a) if a.status == ApprovalStatus::Approved => Some(a),
             _ => return Ok(Outcome::Processed),
         }
     } else {
@@ -124,7 +144,6 @@ async fn settle_if_due(conn: &mut PgConnection, booking_id: Uuid) -> sqlx::Resul
     )
     .await?;
     let confirmed = bookings::confirm(conn, booking_id).await?;
-    let settlement_view = settlement.view();
     events::record_change(
         conn,
         Change {
@@ -134,10 +153,10 @@ async fn settle_if_due(conn: &mut PgConnection, booking_id: Uuid) -> sqlx::Resul
             id: settlement.id,
             event: EventType::SettlementRecorded,
             source: SOURCE_WORKERS,
-            data: settlement_view.clone(),
+            data: EntityView::Settlement(settlement.view()),
             detail: json!({ "bookingId": booking_id, "paymentId": payment.id }),
             idempotency_key: None,
-            traceparent: None,
+            traceparent: traceparent.clone(),
         },
     )
     .await?;
@@ -150,10 +169,10 @@ async fn settle_if_due(conn: &mut PgConnection, booking_id: Uuid) -> sqlx::Resul
             id: booking_id,
             event: EventType::BookingConfirmed,
             source: SOURCE_WORKERS,
-            data: confirmed.view(),
+            data: EntityView::Booking(confirmed.view()),
             detail: json!({ "from": booking.status, "to": confirmed.status, "settlementId": settlement.id }),
             idempotency_key: None,
-            traceparent: None,
+            traceparent,
         },
     )
     .await?;

@@ -1,8 +1,8 @@
 //! Tables `approvals` and `approval_decisions`.
 
 use crate::domain::{ApprovalStatus, Decision, Text};
+use crate::views::{ApprovalView, DecisionView};
 use chrono::{DateTime, Utc};
-use serde_json::{Value, json};
 use sqlx::{FromRow, PgConnection};
 use uuid::Uuid;
 
@@ -15,7 +15,7 @@ pub struct ApprovalRow {
     pub reason: String,
     pub steps: i16,
     pub current_step: i16,
-    pub status: String,
+    pub status: ApprovalStatus,
     pub decided_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
@@ -25,43 +25,36 @@ pub struct ApprovalRow {
 pub struct DecisionRow {
     pub step: i16,
     pub approver_id: Uuid,
-    pub decision: String,
+    pub decision: Decision,
     pub reason: Option<String>,
     pub decided_at: DateTime<Utc>,
 }
 
 impl ApprovalRow {
-    pub fn status(&self) -> Option<ApprovalStatus> {
-        ApprovalStatus::parse(&self.status).ok()
-    }
-
-    pub fn view(&self, decisions: &[DecisionRow]) -> Value {
-        let decisions: Vec<Value> = decisions
-            .iter()
-            .map(|d| {
-                json!({
-                    "step": d.step,
-                    "approverId": d.approver_id,
-                    "decision": d.decision,
-                    "reason": d.reason,
-                    "decidedAt": d.decided_at,
+    pub fn view(&self, decisions: &[DecisionRow]) -> ApprovalView {
+        ApprovalView {
+            id: self.id,
+            booking_id: self.booking_id,
+            requester_id: self.requester_id,
+            title: self.title.clone(),
+            reason: self.reason.clone(),
+            steps: self.steps,
+            current_step: self.current_step,
+            status: self.status,
+            decisions: decisions
+                .iter()
+                .map(|d| DecisionView {
+                    step: d.step,
+                    approver_id: d.approver_id,
+                    decision: d.decision,
+                    reason: d.reason.clone(),
+                    decided_at: d.decided_at,
                 })
-            })
-            .collect();
-        json!({
-            "id": self.id,
-            "bookingId": self.booking_id,
-            "requesterId": self.requester_id,
-            "title": self.title,
-            "reason": self.reason,
-            "steps": self.steps,
-            "currentStep": self.current_step,
-            "status": self.status,
-            "decisions": decisions,
-            "decidedAt": self.decided_at,
-            "createdAt": self.created_at,
-            "updatedAt": self.updated_at,
-        })
+                .collect(),
+            decided_at: self.decided_at,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+        }
     }
 }
 
@@ -175,7 +168,7 @@ pub async fn decide(
     .bind(approval.id)
     .bind(approval.current_step)
     .bind(approver_id)
-    .bind(decision.as_str())
+    .bind(decision)
     .bind(reason)
     .execute(&mut *conn)
     .await?;
@@ -192,7 +185,7 @@ pub async fn decide(
           WHERE id = $1 RETURNING *",
     )
     .bind(approval.id)
-    .bind(status.as_str())
+    .bind(status)
     .bind(next_step)
     .bind(decided)
     .fetch_one(conn)

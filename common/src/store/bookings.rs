@@ -1,9 +1,9 @@
 //! Table `bookings`.
 
-use crate::domain::{BookingCode, BookingStatus, Money, Phone, Text, render_stored};
+use crate::domain::{BookingCode, BookingStatus, Currency, Money, Phone, Text, render_stored};
+use crate::views::BookingView;
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
-use serde_json::{Value, json};
 use sqlx::{FromRow, PgConnection};
 use uuid::Uuid;
 
@@ -18,10 +18,10 @@ pub struct BookingRow {
     pub itinerary_to: String,
     pub depart_at: DateTime<Utc>,
     pub arrive_at: DateTime<Utc>,
-    pub currency: String,
+    pub currency: Currency,
     pub amount: Decimal,
     pub requires_approval: bool,
-    pub status: String,
+    pub status: BookingStatus,
     pub cancel_reason: Option<String>,
     pub canceled_at: Option<DateTime<Utc>>,
     pub confirmed_at: Option<DateTime<Utc>>,
@@ -30,31 +30,27 @@ pub struct BookingRow {
 }
 
 impl BookingRow {
-    pub fn status(&self) -> Option<BookingStatus> {
-        BookingStatus::parse(&self.status).ok()
-    }
-
-    pub fn view(&self) -> Value {
-        json!({
-            "id": self.id,
-            "code": self.code,
-            "userId": self.user_id,
-            "customerName": self.customer_name,
-            "customerPhone": self.customer_phone,
-            "itineraryFrom": self.itinerary_from,
-            "itineraryTo": self.itinerary_to,
-            "departAt": self.depart_at,
-            "arriveAt": self.arrive_at,
-            "currency": self.currency,
-            "amount": render_stored(self.amount, &self.currency),
-            "requiresApproval": self.requires_approval,
-            "status": self.status,
-            "cancelReason": self.cancel_reason,
-            "canceledAt": self.canceled_at,
-            "confirmedAt": self.confirmed_at,
-            "createdAt": self.created_at,
-            "updatedAt": self.updated_at,
-        })
+    pub fn view(&self) -> BookingView {
+        BookingView {
+            id: self.id,
+            code: self.code.clone(),
+            user_id: self.user_id,
+            customer_name: self.customer_name.clone(),
+            customer_phone: self.customer_phone.clone(),
+            itinerary_from: self.itinerary_from.clone(),
+            itinerary_to: self.itinerary_to.clone(),
+            depart_at: self.depart_at,
+            arrive_at: self.arrive_at,
+            currency: self.currency,
+            amount: render_stored(self.amount, self.currency),
+            requires_approval: self.requires_approval,
+            status: self.status,
+            cancel_reason: self.cancel_reason.clone(),
+            canceled_at: self.canceled_at,
+            confirmed_at: self.confirmed_at,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+        }
     }
 }
 
@@ -89,7 +85,7 @@ pub async fn insert(conn: &mut PgConnection, id: Uuid, b: &NewBooking) -> sqlx::
     .bind(b.itinerary_to.as_str())
     .bind(b.depart_at)
     .bind(b.arrive_at)
-    .bind(b.price.currency().code())
+    .bind(b.price.currency())
     .bind(b.price.amount())
     .bind(b.requires_approval)
     .fetch_one(conn)

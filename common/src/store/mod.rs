@@ -1,5 +1,5 @@
 //! SQL for the entity tables, one module per table; each returns rows and
-//! renders them as the API's JSON views.
+//! renders them as the typed views of `views.rs`.
 
 pub mod approvals;
 pub mod bookings;

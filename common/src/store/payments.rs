@@ -1,9 +1,9 @@
 //! Table `payments`.
 
-use crate::domain::{Money, PaymentMethod, PaymentOutcome, PaymentStatus, render_stored};
+use crate::domain::{Currency, Money, PaymentMethod, PaymentOutcome, PaymentStatus, render_stored};
+use crate::views::PaymentView;
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
-use serde_json::{Value, json};
 use sqlx::{FromRow, PgConnection};
 use uuid::Uuid;
 
@@ -11,11 +11,11 @@ use uuid::Uuid;
 pub struct PaymentRow {
     pub id: Uuid,
     pub booking_id: Uuid,
-    pub method: String,
+    pub method: PaymentMethod,
     pub amount: Decimal,
     pub tax: Decimal,
-    pub currency: String,
-    pub status: String,
+    pub currency: Currency,
+    pub status: PaymentStatus,
     pub approval_id: Option<String>,
     pub failure_reason: Option<String>,
     pub decided_at: Option<DateTime<Utc>>,
@@ -24,25 +24,21 @@ pub struct PaymentRow {
 }
 
 impl PaymentRow {
-    pub fn status(&self) -> Option<PaymentStatus> {
-        PaymentStatus::parse(&self.status).ok()
-    }
-
-    pub fn view(&self) -> Value {
-        json!({
-            "id": self.id,
-            "bookingId": self.booking_id,
-            "method": self.method,
-            "amount": render_stored(self.amount, &self.currency),
-            "tax": render_stored(self.tax, &self.currency),
-            "currency": self.currency,
-            "status": self.status,
-            "approvalId": self.approval_id,
-            "reason": self.failure_reason,
-            "decidedAt": self.decided_at,
-            "createdAt": self.created_at,
-            "updatedAt": self.updated_at,
-        })
+    pub fn view(&self) -> PaymentView {
+        PaymentView {
+            id: self.id,
+            booking_id: self.booking_id,
+            method: self.method,
+            amount: render_stored(self.amount, self.currency),
+            tax: render_stored(self.tax, self.currency),
+            currency: self.currency,
+            status: self.status,
+            approval_id: self.approval_id.clone(),
+            reason: self.failure_reason.clone(),
+            decided_at: self.decided_at,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+        }
     }
 }
 
@@ -62,10 +58,10 @@ pub async fn insert(conn: &mut PgConnection, id: Uuid, p: &NewPayment) -> sqlx::
     )
     .bind(id)
     .bind(p.booking_id)
-    .bind(p.method.as_str())
+    .bind(p.method)
     .bind(p.amount.amount())
     .bind(p.tax.amount())
-    .bind(p.amount.currency().code())
+    .bind(p.amount.currency())
     .fetch_one(conn)
     .await
 }

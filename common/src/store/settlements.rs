@@ -1,9 +1,9 @@
 //! Table `settlements`: one per booking, written by the settlement worker.
 
-use crate::domain::render_stored;
+use crate::domain::{Currency, render_stored};
+use crate::views::SettlementView;
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
-use serde_json::{Value, json};
 use sqlx::{FromRow, PgConnection};
 use uuid::Uuid;
 
@@ -18,23 +18,23 @@ pub struct SettlementRow {
     pub gross: Decimal,
     pub tax: Decimal,
     pub net: Decimal,
-    pub currency: String,
+    pub currency: Currency,
     pub settled_at: DateTime<Utc>,
 }
 
 impl SettlementRow {
-    pub fn view(&self) -> Value {
-        json!({
-            "id": self.id,
-            "bookingId": self.booking_id,
-            "paymentId": self.payment_id,
-            "approvalId": self.approval_id,
-            "gross": render_stored(self.gross, &self.currency),
-            "tax": render_stored(self.tax, &self.currency),
-            "net": render_stored(self.net, &self.currency),
-            "currency": self.currency,
-            "settledAt": self.settled_at,
-        })
+    pub fn view(&self) -> SettlementView {
+        SettlementView {
+            id: self.id,
+            booking_id: self.booking_id,
+            payment_id: self.payment_id,
+            approval_id: self.approval_id,
+            gross: render_stored(self.gross, self.currency),
+            tax: render_stored(self.tax, self.currency),
+            net: render_stored(self.net, self.currency),
+            currency: self.currency,
+            settled_at: self.settled_at,
+        }
     }
 }
 
@@ -70,7 +70,7 @@ pub async fn insert(
     .bind(approval_id)
     .bind(payment.amount)
     .bind(payment.tax)
-    .bind(&payment.currency)
+    .bind(payment.currency)
     .fetch_one(conn)
     .await
 }

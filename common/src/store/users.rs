@@ -1,13 +1,12 @@
 //! Table `users`.
 
 use crate::domain::{Email, Phone, Text};
+use crate::views::UserView;
 use chrono::{DateTime, Utc};
-use serde::Serialize;
 use sqlx::{FromRow, PgConnection};
 use uuid::Uuid;
 
-#[derive(Debug, Clone, FromRow, Serialize)]
-#[serde(rename_all = "camelCase")]
+#[derive(Debug, Clone, FromRow)]
 pub struct UserRow {
     pub id: Uuid,
     pub name: String,
@@ -15,6 +14,19 @@ pub struct UserRow {
     pub phone: String,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+}
+
+impl UserRow {
+    pub fn view(&self) -> UserView {
+        UserView {
+            id: self.id,
+            name: self.name.clone(),
+            email: self.email.clone(),
+            phone: self.phone.clone(),
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+        }
+    }
 }
 
 /// A validated new user.

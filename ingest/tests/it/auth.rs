@@ -297,8 +297,8 @@ async fn every_route_refuses_missing_unknown_revoked_and_unscoped_keys_and_store
             "{reason}"
         );
     }
-    // Health, readiness, metrics need no key.
-    for path in ["/healthz", "/readyz", "/metrics"] {
+    // Health, readiness, metrics and the OpenAPI document need no key.
+    for path in ["/healthz", "/readyz", "/metrics", "/openapi.json"] {
         let r = call(&s, None, Method::GET, path, None).await;
         assert_eq!(r.status, StatusCode::OK, "{path}");
     }

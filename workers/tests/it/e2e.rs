@@ -2,7 +2,10 @@
 //! payment (some failed), approval (some rejected) and settlement, in every
 //! combination and both orders; then settlements equal the
 //! approved-and-allowed set, each webhook arrived once, and `workers
-//! integrity --once` exits 0. Also: the workers killed with SIGKILL
+//! integrity --once` exits 0, and each journey's webhooks carry the trace
+//! of its requests (`traceparent`, through outbox, relay, settlement and
+//! notifications), and every event the fleet published validates against
+//! its JSON Schema in docs/schemas/events/ (the AsyncAPI contract's). Also: the workers killed with SIGKILL
 //! mid-stream and restarted apply every effect once. The binaries connect
 //! as a role without superuser rights that owns the schema (as the role
 //! `entrip` does in production), and `pg_stat_activity` shows their
@@ -98,26 +101,35 @@ impl Fleet {
     }
 }
 
-/// A webhook receiver that records every delivery's webhook-id.
+/// A delivery's `traceparent` header and its event.
+type Traced = (Option<String>, Value);
+
+/// A webhook receiver that records every delivery's webhook-id, and its
+/// `traceparent` with the event.
 #[derive(Clone, Default)]
 struct Receiver {
     seen: Arc<Mutex<HashMap<String, usize>>>,
+    traced: Arc<Mutex<Vec<Traced>>>,
 }
 
 impl Receiver {
     async fn start(&self) -> String {
-        let seen = self.seen.clone();
+        let (seen, traced) = (self.seen.clone(), self.traced.clone());
         let app = Router::new().route(
             "/hooks",
-            post(move |headers: HeaderMap, _body: Bytes| {
-                let seen = seen.clone();
+            post(move |headers: HeaderMap, body: Bytes| {
+                let (seen, traced) = (seen.clone(), traced.clone());
                 async move {
-                    let id = headers
-                        .get("webhook-id")
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or_default()
-                        .to_owned();
+                    let text = |name: &str| {
+                        headers
+                            .get(name)
+                            .and_then(|v| v.to_str().ok())
+                            .map(str::to_owned)
+                    };
+                    let id = text("webhook-id").unwrap_or_default();
                     *seen.lock().unwrap().entry(id).or_default() += 1;
+                    let event = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                    traced.lock().unwrap().push((text("traceparent"), event));
                     "ok"
                 }
             }),
@@ -137,6 +149,106 @@ impl Receiver {
     fn received(&self) -> usize {
         self.seen.lock().unwrap().values().sum()
     }
+
+    /// Each delivery's `traceparent` header and event.
+    fn traced(&self) -> Vec<Traced> {
+        self.traced.lock().unwrap().clone()
+    }
+}
+
+/// A queue bound to every event on `entrip.events`: what a downstream
+/// subscriber sees. Declared after the topology, before the first request.
+async fn tap(amqp_url: &str) -> (lapin::Connection, lapin::Channel, String) {
+    let (conn, ch) = channel(amqp_url).await;
+    let queue = ch
+        .queue_declare(
+            "".into(),
+            lapin::options::QueueDeclareOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let name = queue.name().as_str().to_owned();
+    ch.queue_bind(
+        name.as_str().into(),
+        entrip_common::amqp::EVENTS_EXCHANGE.into(),
+        "#".into(),
+        lapin::options::QueueBindOptions::default(),
+        lapin::types::FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    (conn, ch, name)
+}
+
+/// Checks every message in the tap against the event schema of its type
+/// (docs/schemas/events/<type>.json) and its AMQP properties against the
+/// envelope; returns how many there were.
+async fn assert_events_match_their_schemas(ch: &lapin::Channel, queue: &str) -> usize {
+    let schemas = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/schemas/events");
+    let mut validators: HashMap<String, jsonschema::Validator> = HashMap::new();
+    let mut seen = 0;
+    while let Some(m) = ch
+        .basic_get(queue.into(), lapin::options::BasicGetOptions::default())
+        .await
+        .unwrap()
+    {
+        let props = &m.delivery.properties;
+        let kind = props
+            .kind()
+            .as_ref()
+            .map(|k| k.as_str().to_owned())
+            .unwrap();
+        let event: Value = serde_json::from_slice(&m.delivery.data).unwrap();
+        let validator = validators.entry(kind.clone()).or_insert_with(|| {
+            let path = schemas.join(format!("{kind}.json"));
+            let schema: Value = serde_json::from_slice(
+                &std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+            )
+            .unwrap();
+            jsonschema::draft202012::options()
+                .should_validate_formats(true)
+                .build(&schema)
+                .unwrap()
+        });
+        let errors: Vec<String> = validator
+            .iter_errors(&event)
+            .map(|e| format!("{} at {}", e, e.instance_path()))
+            .collect();
+        assert!(
+            errors.is_empty(),
+            "{kind} breaks its schema: {errors:?}\n{event}"
+        );
+        assert_eq!(event["type"], kind.as_str());
+        assert_eq!(
+            props.message_id().as_ref().map(|s| s.as_str()),
+            event["id"].as_str(),
+            "message_id is the event id"
+        );
+        assert_eq!(
+            props.content_type().as_ref().map(|s| s.as_str()),
+            Some("application/cloudevents+json")
+        );
+        m.delivery
+            .ack(lapin::options::BasicAckOptions::default())
+            .await
+            .unwrap();
+        seen += 1;
+    }
+    seen
+}
+
+/// The trace id journey `i`'s requests carry.
+fn trace_id(i: usize) -> String {
+    format!("{:032x}", 0xe2e0_0000 + i)
+}
+
+/// A `traceparent` of journey `i`'s trace, with the span id of the client.
+fn traceparent(i: usize) -> String {
+    format!("00-{}-{:016x}-01", trace_id(i), 0xc1)
 }
 
 fn write_config(url: &str) -> PathBuf {
@@ -158,15 +270,19 @@ struct Api {
 
 impl Api {
     async fn post(&self, path: &str, body: Value) -> Value {
+        self.post_traced(path, body, None).await
+    }
+
+    async fn post_traced(&self, path: &str, body: Value, traceparent: Option<&str>) -> Value {
         let key = format!("e2e-{}", Uuid::new_v4().simple());
-        let resp = self
+        let mut req = self
             .client
             .post(format!("{}{path}", self.base))
-            .header("idempotency-key", key)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
+            .header("idempotency-key", key);
+        if let Some(tp) = traceparent {
+            req = req.header("traceparent", tp);
+        }
+        let resp = req.json(&body).send().await.unwrap();
         let status = resp.status();
         let body: Value = resp.json().await.unwrap();
         assert!(status.is_success(), "{path}: {status} {body}");
@@ -217,14 +333,17 @@ impl Plan {
     }
 }
 
-/// Journey `i` of one booking, as its plan says.
-async fn journey(api: &Api, user: &str, i: usize) {
+/// Journey `i` of one booking, as its plan says, every request in trace
+/// [`trace_id`]`(i)`; returns `i` and the booking's id.
+async fn journey(api: &Api, user: &str, i: usize) -> (usize, String) {
     let Plan {
         requires_approval,
         approval_rejected,
         payment_fails,
         approval_first,
     } = Plan::of(i);
+    let tp = traceparent(i);
+    let api = &InTrace(api, &tp);
     let booking = api
         .post(
             "/v1/bookings",
@@ -285,6 +404,16 @@ async fn journey(api: &Api, user: &str, i: usize) {
         pay.await;
         approve.await;
     }
+    (i, booking_id.to_owned())
+}
+
+/// The API with every request in one trace.
+struct InTrace<'a>(&'a Api, &'a str);
+
+impl InTrace<'_> {
+    async fn post(&self, path: &str, body: Value) -> Value {
+        self.0.post_traced(path, body, Some(self.1)).await
+    }
 }
 
 #[sqlx::test(migrator = "entrip_common::db::MIGRATOR")]
@@ -307,6 +436,7 @@ async fn bookings_of_every_plan_end_to_end(_opts: PgPoolOptions, connect: PgConn
     let base = format!("http://127.0.0.1:{ingest_port}");
     wait_ready(&format!("{base}/readyz")).await;
     wait_ready(&format!("http://127.0.0.1:{workers_port}/healthz")).await;
+    let (_tap_conn, tap_ch, tap_queue) = tap(&fleet.amqp_url).await;
 
     let api = Api {
         base,
@@ -321,10 +451,11 @@ async fn bookings_of_every_plan_end_to_end(_opts: PgPoolOptions, connect: PgConn
     let user = user["id"].as_str().unwrap().to_owned();
     let plans: HashSet<Plan> = (0..JOURNEYS).map(Plan::of).collect();
     assert_eq!(plans.len(), 12, "every plan, in both orders: {plans:?}");
-    stream::iter(0..JOURNEYS)
+    let journeys: HashMap<String, usize> = stream::iter(0..JOURNEYS)
         .map(|i| journey(&api, &user, i))
         .buffer_unordered(20)
-        .collect::<Vec<()>>()
+        .map(|(i, booking)| (booking, i))
+        .collect()
         .await;
     let expected = (0..JOURNEYS).filter(|i| Plan::of(*i).settles()).count() as i64;
     assert!(
@@ -355,6 +486,16 @@ async fn bookings_of_every_plan_end_to_end(_opts: PgPoolOptions, connect: PgConn
         (undelivered, undelivered == 0)
     })
     .await;
+    // Every event published is what the contract says (docs/asyncapi.yaml).
+    let published = scalar(&pool, "SELECT count(*) FROM outbox").await;
+    let tapped = std::cell::Cell::new(0);
+    progress("every event in the tap, checked", || async {
+        let n = assert_events_match_their_schemas(&tap_ch, &tap_queue).await as i64;
+        tapped.set(tapped.get() + n);
+        (tapped.get(), tapped.get() >= published)
+    })
+    .await;
+    assert_eq!(tapped.get(), published, "each event once in the tap");
     let hooked = scalar(
         &pool,
         "SELECT count(*) FROM outbox WHERE topic LIKE 'booking.%' OR topic = 'settlement.recorded'",
@@ -372,6 +513,36 @@ async fn bookings_of_every_plan_end_to_end(_opts: PgPoolOptions, connect: PgConn
     assert!(
         counts.values().all(|n| *n == 1),
         "each webhook exactly once"
+    );
+    // One trace from request to webhook: each webhook (booking.* from
+    // ingest, booking.confirmed and settlement.recorded from the
+    // settlement worker) carries its journey's trace id, and a span id of
+    // the fleet's own, not the client's.
+    let traced = receiver.traced();
+    assert_eq!(traced.len() as i64, hooked);
+    let mut from_workers = 0;
+    for (tp, event) in &traced {
+        let data = &event["data"];
+        let booking = match event["type"].as_str() {
+            Some("settlement.recorded") => &data["bookingId"],
+            _ => &data["id"],
+        };
+        let i = journeys[booking.as_str().unwrap()];
+        let tp = tp
+            .as_deref()
+            .unwrap_or_else(|| panic!("no traceparent: {event}"));
+        let parts: Vec<&str> = tp.split('-').collect();
+        assert_eq!(parts.len(), 4, "{tp}");
+        assert_eq!(parts[1], trace_id(i), "{event}");
+        assert_ne!(tp, traceparent(i), "the webhook is a span of its own");
+        if event["source"] == "/entrip/workers" {
+            from_workers += 1;
+        }
+    }
+    let settled_events = expected * 2;
+    assert_eq!(
+        from_workers, settled_events,
+        "booking.confirmed and settlement.recorded"
     );
     // All three did their work through sessions of the role.
     service_sessions(&pool)

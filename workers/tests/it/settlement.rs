@@ -533,7 +533,15 @@ async fn an_event_for_an_unknown_booking_is_consumed_without_effect(pool: PgPool
         &ch,
         id,
         "payment.approved",
-        json!({"id": Uuid::now_v7(), "bookingId": Uuid::now_v7(), "status": "APPROVED"}),
+        payment_data(
+            &Fixture {
+                user: Uuid::now_v7(),
+                booking: Uuid::now_v7(),
+                payment: None,
+                approval: None,
+            },
+            "APPROVED",
+        ),
     )
     .await;
     wait_processed(&worker, 1).await;
@@ -720,7 +728,7 @@ async fn poison_messages_are_dead_lettered_with_the_reason_and_the_consumer_keep
                 "payment.approved",
                 json!({"id": bait.payment, "status": "APPROVED"}),
             ),
-            "data.bookingId is missing or not a UUID",
+            "payment.approved: data is not the payment view of the type: missing field",
         ),
         (
             "poison-booking-not-uuid",
@@ -731,7 +739,7 @@ async fn poison_messages_are_dead_lettered_with_the_reason_and_the_consumer_keep
                 "approval.decided",
                 json!({"id": Uuid::now_v7(), "bookingId": "BK-1234", "status": "APPROVED"}),
             ),
-            "data.bookingId is missing or not a UUID",
+            "approval.decided: data is not the approval view of the type",
         ),
         (
             "poison-type-mismatch",

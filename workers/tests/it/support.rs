@@ -19,6 +19,7 @@ use entrip_common::{
         payments::{self, NewPayment},
         users::{self, NewUser},
     },
+    views::{ApprovalView, PaymentView},
 };
 use entrip_testkit::{STALL, progress};
 use entrip_workers::{
@@ -449,9 +450,26 @@ async fn approval_decision(conn: &mut PgConnection, f: &Fixture, decision: Decis
     audited(conn, "approval.decide", AggregateType::Approval, id).await;
 }
 
-/// The `data` of a payment event for this fixture.
+/// The `data` of a payment event for this fixture: a whole payment view, as
+/// ingest emits it (the worker reads it as one).
 pub fn payment_data(f: &Fixture, status: &str) -> Value {
-    json!({"id": f.payment, "bookingId": f.booking, "status": status})
+    let now = Utc::now();
+    let status = PaymentStatus::parse(status).unwrap();
+    serde_json::to_value(PaymentView {
+        id: f.payment.unwrap_or_else(Uuid::now_v7),
+        booking_id: f.booking,
+        method: PaymentMethod::Card,
+        amount: "350000".into(),
+        tax: "0".into(),
+        currency: Currency::KRW,
+        status,
+        approval_id: (status == PaymentStatus::Approved).then(|| "PG-1".into()),
+        reason: None,
+        decided_at: (status != PaymentStatus::Pending).then_some(now),
+        created_at: now,
+        updated_at: now,
+    })
+    .unwrap()
 }
 
 /// One `payment.approved` event, with a fresh event id, per fixture.
@@ -467,7 +485,24 @@ pub async fn publish_approved<'a>(ch: &Channel, fixtures: impl IntoIterator<Item
     }
 }
 
-/// The `data` of an approval.decided event for this fixture.
+/// The `data` of an approval.decided event for this fixture: a whole
+/// approval view, as ingest emits it.
 pub fn approval_data(f: &Fixture, status: &str) -> Value {
-    json!({"id": f.approval, "bookingId": f.booking, "status": status})
+    let now = Utc::now();
+    let status = ApprovalStatus::parse(status).unwrap();
+    serde_json::to_value(ApprovalView {
+        id: f.approval.unwrap_or_else(Uuid::now_v7),
+        booking_id: f.booking,
+        requester_id: f.user,
+        title: "Trip".into(),
+        reason: "Meeting".into(),
+        steps: 1,
+        current_step: 1,
+        status,
+        decisions: Vec::new(),
+        decided_at: (status != ApprovalStatus::Pending).then_some(now),
+        created_at: now,
+        updated_at: now,
+    })
+    .unwrap()
 }
