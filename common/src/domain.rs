@@ -82,7 +82,7 @@ impl Currency {
     }
 
     /// Decimals the currency allows: KRW and JPY 0, USD and EUR 2.
-    fn minor_units(self) -> u32 {
+    pub fn minor_units(self) -> u32 {
         self.0.exponent().map_or(2, u32::from)
     }
 }

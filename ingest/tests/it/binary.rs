@@ -599,3 +599,77 @@ async fn ingest_sigkilled_in_the_middle_of_amqp_requests_stores_each_exactly_onc
     drop(conn);
     db.drop_db().await;
 }
+
+/// Conformance (issue 12): schemathesis with every check (its default:
+/// each check is on unless its configuration turns it off) in the
+/// examples, fuzzing and stateful phases (links inferred from the views'
+/// ids), against the binary serving the committed docs/openapi.json with a
+/// key of every scope: no 5xx, no answer that breaks the spec, no valid
+/// request refused, no invalid one accepted. Bounded (examples per
+/// operation, fixed seed) to fit the suite. `SCHEMATHESIS` is the `st`
+/// that scripts/test installs in a virtual environment.
+///
+/// What is configured away, and why (docs/schemas/README.md):
+/// - a valid request may also be answered 422: a rule across entities or
+///   the database (the state of a booking, a reused key) is no schema's;
+/// - `positive_data_acceptance` on `POST /v1/payments/{id}/result`:
+///   schemathesis 4.32.5's fuzzing sends `{"Idempotency-Key": "0",
+///   "status": "FAILED"}` as schema-valid, though the body's schema has
+///   `additionalProperties: false`; the server's 400 is right;
+/// - the coverage phase: on Python 3.11.7 it crashes inside hypothesis
+///   ("AST constructor recursion depth mismatch"), and it sends the body
+///   `0` as valid for an object schema.
+#[tokio::test]
+async fn schemathesis_finds_nothing_against_the_committed_spec() {
+    let st = std::env::var("SCHEMATHESIS")
+        .expect("SCHEMATHESIS names schemathesis's `st` (scripts/test installs it)");
+    let db = TestDb::new();
+    let key = issue_key(&db, "schemathesis", "*");
+    let port = free_port();
+    let mut ingest = spawn(&db, port);
+    let base = format!("http://127.0.0.1:{port}");
+    wait_ready(&reqwest::Client::new(), &base).await;
+    let dir = std::env::temp_dir().join(format!("entrip-st-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("schemathesis.toml");
+    std::fs::write(
+        &config,
+        "[checks.positive_data_acceptance]\n\
+         expected-statuses = [\"2xx\", \"401\", \"403\", \"404\", \"409\", \"422\"]\n\
+         \n\
+         [[operations]]\n\
+         include-path = \"/v1/payments/{id}/result\"\n\
+         checks.positive_data_acceptance.enabled = false\n",
+    )
+    .unwrap();
+    let spec = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/openapi.json");
+    let mut cmd = Command::new(&st);
+    cmd.current_dir(&dir)
+        .args(["--config-file", config.to_str().unwrap(), "run", spec])
+        .args(["--url", &base])
+        .args(["--phases", "examples,fuzzing,stateful"])
+        .args(["--max-examples", "15", "--seed", "12", "--workers", "2"])
+        .args(["--request-timeout", "10", "--no-color"])
+        .args(["-H", &format!("Authorization: Bearer {key}")]);
+    let out = tokio::task::spawn_blocking(move || cmd.output())
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("cannot run {st}: {e}"));
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ingest.signal("-TERM");
+    let _ = ingest.wait_exit().await;
+    db.drop_db().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        out.status.success(),
+        "schemathesis found failures:\n{report}"
+    );
+    assert!(
+        report.contains("Tested: 15"),
+        "every operation tested:\n{report}"
+    );
+}
