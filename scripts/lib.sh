@@ -390,15 +390,23 @@ entrip_ensure_promtool() {
 ENTRIP_SCHEMATHESIS_VERSION=4.32.5
 entrip_ensure_schemathesis() {
 	local venv=${ENTRIP_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/entrip/tools}/schemathesis-$ENTRIP_SCHEMATHESIS_VERSION
-	if [[ ! -x $venv/bin/st ]]; then
-		command -v python3 >/dev/null 2>&1 || entrip_apt_install python3 python3-venv
-		python3 -m venv --help >/dev/null 2>&1 || entrip_apt_install python3-venv
-		entrip_log "installing schemathesis $ENTRIP_SCHEMATHESIS_VERSION into $venv"
-		rm -rf "$venv"
-		python3 -m venv "$venv" >&2 || entrip_die "cannot create a virtual environment in $venv"
-		"$venv/bin/pip" install --quiet --disable-pip-version-check "schemathesis==$ENTRIP_SCHEMATHESIS_VERSION" >&2 ||
-			entrip_die "pip install schemathesis==$ENTRIP_SCHEMATHESIS_VERSION failed"
-	fi
+	mkdir -p "$(dirname "$venv")"
+	# One install at a time (clones share the cache); `.done` marks a
+	# finished one, so that an interrupted install is redone.
+	(
+		flock 9
+		if [[ ! -e $venv/.done ]]; then
+			command -v python3 >/dev/null 2>&1 || entrip_apt_install python3 python3-venv
+			# Debian's python3 has venv but not ensurepip without python3-venv.
+			python3 -c 'import ensurepip' 2>/dev/null || entrip_apt_install python3-venv
+			entrip_log "installing schemathesis $ENTRIP_SCHEMATHESIS_VERSION into $venv"
+			rm -rf "$venv"
+			python3 -m venv "$venv" >&2 || entrip_die "cannot create a virtual environment in $venv"
+			"$venv/bin/pip" install --quiet --disable-pip-version-check "schemathesis==$ENTRIP_SCHEMATHESIS_VERSION" >&2 ||
+				entrip_die "pip install schemathesis==$ENTRIP_SCHEMATHESIS_VERSION failed"
+			touch "$venv/.done"
+		fi
+	) 9>"$venv.lock" || exit 1
 	printf '%s\n' "$venv/bin/st"
 }
 

@@ -1,8 +1,9 @@
 //! W3C trace context (`traceparent`) carried from a request to everything it
 //! causes: the outbox row, the published message, the workers' spans, the
 //! events the workers emit and the webhook request (docs/DESIGN.md, "HTTP
-//! API" and "Events"). Each hop keeps the trace id and names itself as the
-//! parent with a span id of its own.
+//! API" and "Events"). Ingest stores the request's value as it came; each
+//! worker hop keeps the trace id and names itself as the parent with a span
+//! id of its own (docs/rules.md, "One trace from request to webhook").
 
 use std::fmt;
 
@@ -22,7 +23,11 @@ impl TraceParent {
     /// The header's value if it is a valid W3C `traceparent`; an invalid
     /// one is ignored, as the W3C recommendation says.
     pub fn parse(value: &str) -> Option<Self> {
-        let parts: Vec<&str> = value.trim().split('-').collect();
+        let mut parts: Vec<&str> = value.trim().split('-').collect();
+        // A later version may add fields after the four that 00 defines.
+        if parts.len() > 4 && parts[0] != "00" {
+            parts.truncate(4);
+        }
         let hex = |s: &str, n: usize| {
             s.len() == n && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
         };
@@ -55,11 +60,13 @@ impl TraceParent {
             Ok(()) if id != [0; 8] => hex::encode(id),
             _ => self.parent_id.clone(),
         };
+        // Version 00 defines only the sampled bit; the others are zeroed.
+        let sampled = u8::from_str_radix(&self.flags, 16).map_or(0, |f| f & 1);
         Self {
             version: "00".to_owned(),
             trace_id: self.trace_id.clone(),
             parent_id,
-            flags: self.flags.clone(),
+            flags: format!("{sampled:02x}"),
         }
     }
 
@@ -112,5 +119,12 @@ mod tests {
         assert_ne!(child.parent_id, tp.parent_id);
         assert_eq!(child.flags, "01");
         assert_eq!(TraceParent::parse(&child.to_string()), Some(child));
+        // A later version's extra field is ignored; unknown flags are not
+        // passed on as version 00's.
+        let later =
+            TraceParent::parse("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-03-extra")
+                .unwrap();
+        assert_eq!(later.child().flags, "01");
+        assert!(TraceParent::parse(&format!("{TP}-extra")).is_none());
     }
 }

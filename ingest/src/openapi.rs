@@ -131,6 +131,27 @@ pub(crate) fn document(
                 schema["type"] = json!("object");
             }
         }
+        // The views always carry every field, `null` when it has no value
+        // (the event schemas say the same): all of them are required.
+        for (name, schema) in schemas.iter_mut() {
+            if !(name.ends_with("View") || name == "BookingDetail") {
+                continue;
+            }
+            let parts: Vec<&mut Value> = if schema.get("allOf").is_some() {
+                match schema.get_mut("allOf") {
+                    Some(Value::Array(all)) => all.iter_mut().collect(),
+                    _ => Vec::new(),
+                }
+            } else {
+                vec![schema]
+            };
+            for part in parts {
+                if let Some(Value::Object(props)) = part.get("properties") {
+                    let every: Vec<Value> = props.keys().cloned().map(Value::from).collect();
+                    part["required"] = Value::Array(every);
+                }
+            }
+        }
         for (name, fields, default) in [
             ("CreateBookingBody", &["amount"][..], Some("KRW")),
             ("CreatePaymentBody", &["amount", "tax"][..], None),

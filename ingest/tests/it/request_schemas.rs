@@ -12,9 +12,10 @@
 //! refuses must be a 400 problem+json naming that field in
 //! `errors[].field`, a body it accepts must not be a 400.
 //!
-//! The one rule that answers 400 beyond the schema, the decimals a
-//! currency allows (docs/schemas/README.md), is applied by the test with
-//! the domain's own `Money`. Other documented differences (dates such as
+//! The decimals a currency allows, a rule across fields that the booking
+//! and payment schemas express (`allOf` of `if`/`then`), is also applied
+//! by the test with the domain's own `Money`, as a second opinion. The
+//! documented differences (dates such as
 //! February 30, UUIDs in their other forms, e-mail addresses over 254
 //! bytes, more than 28 decimals) are not generated.
 //!
