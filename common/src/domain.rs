@@ -459,6 +459,23 @@ vocabulary!(
     }
 );
 
+impl EventType {
+    /// The kind of entity events of this type carry in `data`.
+    pub fn aggregate(self) -> AggregateType {
+        match self {
+            Self::UserCreated => AggregateType::User,
+            Self::BookingCreated | Self::BookingConfirmed | Self::BookingCanceled => {
+                AggregateType::Booking
+            }
+            Self::PaymentRequested | Self::PaymentApproved | Self::PaymentFailed => {
+                AggregateType::Payment
+            }
+            Self::ApprovalRequested | Self::ApprovalDecided => AggregateType::Approval,
+            Self::SettlementRecorded => AggregateType::Settlement,
+        }
+    }
+}
+
 /// Renders a stored amount at its currency's scale: `"350000"` KRW, `"129.90"` USD.
 pub fn render_stored(amount: Decimal, currency: Currency) -> String {
     Money::from_stored(amount, currency).to_string()

@@ -119,11 +119,11 @@ pub async fn enqueue(conn: &mut PgConnection, event: &NewEvent) -> sqlx::Result<
 pub struct Change<'a> {
     pub actor: &'a str,
     pub action: &'a str,
-    pub aggregate: AggregateType,
     pub id: Uuid,
     pub event: EventType,
     pub source: &'static str,
-    /// The entity after the change; its kind matches `event`'s.
+    /// The entity after the change (its kind is the audit row's and the
+    /// event's aggregate); it must be the kind `event` carries.
     pub data: EntityView,
     pub detail: Value,
     pub idempotency_key: Option<&'a str>,
@@ -133,22 +133,17 @@ pub struct Change<'a> {
 /// Writes the audit row and enqueues the event of `change` in the caller's
 /// transaction; returns the event id.
 pub async fn record_change(conn: &mut PgConnection, change: Change<'_>) -> sqlx::Result<Uuid> {
-    debug_assert_eq!(change.data.aggregate(), change.event.aggregate());
+    let aggregate = change.data.aggregate();
+    debug_assert_eq!(aggregate, change.event.aggregate());
     let data = serde_json::to_value(&change.data).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
-    let event = NewEvent::new(
-        change.event,
-        change.aggregate,
-        change.id,
-        change.source,
-        data,
-    )
-    .with_traceparent(change.traceparent);
+    let event = NewEvent::new(change.event, aggregate, change.id, change.source, data)
+        .with_traceparent(change.traceparent);
     crate::audit::record(
         conn,
         &crate::audit::AuditEntry {
             actor: change.actor,
             action: change.action,
-            entity_type: change.aggregate,
+            entity_type: aggregate,
             entity_id: change.id,
             detail: change.detail,
             idempotency_key: change.idempotency_key,

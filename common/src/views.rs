@@ -183,20 +183,3 @@ impl EntityView {
         }
     }
 }
-
-impl EventType {
-    /// The kind of entity events of this type carry in `data`.
-    pub fn aggregate(self) -> AggregateType {
-        match self {
-            Self::UserCreated => AggregateType::User,
-            Self::BookingCreated | Self::BookingConfirmed | Self::BookingCanceled => {
-                AggregateType::Booking
-            }
-            Self::PaymentRequested | Self::PaymentApproved | Self::PaymentFailed => {
-                AggregateType::Payment
-            }
-            Self::ApprovalRequested | Self::ApprovalDecided => AggregateType::Approval,
-            Self::SettlementRecorded => AggregateType::Settlement,
-        }
-    }
-}

@@ -7,8 +7,7 @@
 
 use entrip_common::{
     domain::{
-        AggregateType, ApprovalStatus, BookingStatus, Decision, EventType, PaymentOutcome,
-        PaymentStatus, Text,
+        ApprovalStatus, BookingStatus, Decision, EventType, PaymentOutcome, PaymentStatus, Text,
     },
     events::{self, SOURCE_INGEST},
     views::EntityView,
@@ -179,7 +178,6 @@ impl From<sqlx::Error> for CommandError {
 struct Change<'a> {
     actor: String,
     action: &'a str,
-    aggregate: AggregateType,
     id: Uuid,
     event: EventType,
     data: EntityView,
@@ -199,7 +197,6 @@ async fn record(
         events::Change {
             actor: &change.actor,
             action: change.action,
-            aggregate: change.aggregate,
             id: change.id,
             event: change.event,
             source: SOURCE_INGEST,
@@ -260,7 +257,6 @@ async fn create_user(
         Change {
             actor: ctx.actor(),
             action: "user.create",
-            aggregate: AggregateType::User,
             id,
             event: EventType::UserCreated,
             data: view.clone(),
@@ -295,7 +291,6 @@ async fn create_booking(
         Change {
             actor: ctx.actor(),
             action: "booking.create",
-            aggregate: AggregateType::Booking,
             id,
             event: EventType::BookingCreated,
             data: view.clone(),
@@ -338,7 +333,6 @@ async fn cancel_booking(
         Change {
             actor: ctx.actor(),
             action: "booking.cancel",
-            aggregate: AggregateType::Booking,
             id,
             event: EventType::BookingCanceled,
             data: view.clone(),
@@ -405,7 +399,6 @@ async fn create_payment(
         Change {
             actor: ctx.actor(),
             action: "payment.create",
-            aggregate: AggregateType::Payment,
             id,
             event: EventType::PaymentRequested,
             data: view.clone(),
@@ -455,7 +448,6 @@ async fn record_payment_result(
         Change {
             actor: ctx.actor(),
             action: "payment.result",
-            aggregate: AggregateType::Payment,
             id,
             event,
             data: view.clone(),
@@ -510,7 +502,6 @@ async fn create_approval(
         Change {
             actor: format!("user:{}", approval.requester_id),
             action: "approval.create",
-            aggregate: AggregateType::Approval,
             id,
             event: EventType::ApprovalRequested,
             data: view.clone(),
@@ -582,7 +573,6 @@ async fn decide_approval(
         Change {
             actor: format!("user:{approver_id}"),
             action: "approval.decide",
-            aggregate: AggregateType::Approval,
             id,
             event: EventType::ApprovalDecided,
             data: view.clone(),

@@ -9,7 +9,7 @@
 use entrip_common::{
     amqp::SETTLEMENT_QUEUE,
     db,
-    domain::{AggregateType, ApprovalStatus, BookingStatus, EventType, PaymentStatus},
+    domain::{ApprovalStatus, BookingStatus, EventType, PaymentStatus},
     events::{self, Change, SOURCE_WORKERS},
     store::{approvals, bookings, payments, settlements},
     views::EntityView,
@@ -149,7 +149,6 @@ async fn settle_if_due(
         Change {
             actor: ACTOR,
             action: "settlement.record",
-            aggregate: AggregateType::Settlement,
             id: settlement.id,
             event: EventType::SettlementRecorded,
             source: SOURCE_WORKERS,
@@ -165,7 +164,6 @@ async fn settle_if_due(
         Change {
             actor: ACTOR,
             action: "booking.confirm",
-            aggregate: AggregateType::Booking,
             id: booking_id,
             event: EventType::BookingConfirmed,
             source: SOURCE_WORKERS,
