@@ -110,6 +110,10 @@ pub struct LogSettings {
     pub format: LogFormat,
     /// An `EnvFilter` directive; `RUST_LOG` wins when set.
     pub level: String,
+    /// Where spans are exported with OTLP over HTTP (JSON), e.g.
+    /// `http://127.0.0.1:4318/v1/traces`; empty (the default): not at all.
+    /// Each span joins the trace of the request's `traceparent`.
+    pub otlp_endpoint: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -285,6 +289,7 @@ impl Default for LogSettings {
         Self {
             format: LogFormat::Pretty,
             level: "info,sqlx=warn".into(),
+            otlp_endpoint: String::new(),
         }
     }
 }
@@ -579,6 +584,15 @@ impl Settings {
         if self.log.level.trim().is_empty() {
             return invalid("log.level", "must not be empty");
         }
+        if !self.log.otlp_endpoint.is_empty()
+            && !url::Url::parse(&self.log.otlp_endpoint)
+                .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.has_host())
+        {
+            return invalid(
+                "log.otlp_endpoint",
+                "must be an http:// or https:// URL, or empty to export nothing",
+            );
+        }
         Ok(())
     }
 }
@@ -711,6 +725,17 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("log.format"), "{err}");
+
+        let err = Settings::load_from(env(&[("ENTRIP__LOG__OTLP_ENDPOINT", "localhost:4318")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("log.otlp_endpoint"), "{err}");
+        let s = Settings::load_from(env(&[(
+            "ENTRIP__LOG__OTLP_ENDPOINT",
+            "http://127.0.0.1:4318/v1/traces",
+        )]))
+        .unwrap();
+        assert_eq!(s.log.otlp_endpoint, "http://127.0.0.1:4318/v1/traces");
 
         let err = Settings::load_from(env(&[("DATABASE_URL", "mysql://x")]))
             .unwrap_err()

@@ -428,6 +428,7 @@ impl<H: Handler> MessageTask<H> {
             attempt = msg.attempt,
             trace_id = msg.traceparent.as_ref().map_or("-", TraceParent::trace_id),
         );
+        crate::telemetry::join_trace(&span, msg.traceparent.as_ref());
         async {
             let start = Instant::now();
             // A panicking handler must not strand its message unacknowledged:

@@ -1,25 +1,104 @@
 //! Tracing set-up: readable lines for people, JSON lines when
 //! `ENTRIP__LOG__FORMAT=json`. `RUST_LOG` overrides the configured level.
+//! With `log.otlp_endpoint` set, spans are also exported with OTLP over
+//! HTTP (JSON), each in the trace of the `traceparent` that caused it
+//! (docs/configuration.md, "Tracing").
 
-use std::io::IsTerminal;
+use std::{io::IsTerminal, sync::OnceLock};
 
+use opentelemetry::{
+    Context,
+    trace::{
+        SpanContext, SpanId, TraceContextExt as _, TraceFlags, TraceId, TraceState,
+        TracerProvider as _,
+    },
+};
+use opentelemetry_otlp::{Protocol, WithExportConfig as _};
+use opentelemetry_sdk::{Resource, trace::SdkTracerProvider};
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 use tracing_subscriber::{EnvFilter, fmt, fmt::writer::BoxMakeWriter, prelude::*};
 
-use crate::config::{LogFormat, LogSettings};
+use crate::{
+    config::{LogFormat, LogSettings},
+    trace::TraceParent,
+};
 
-/// Installs the global subscriber, logging to stdout. Calling it twice is
-/// harmless (tests do).
-pub fn init(settings: &LogSettings) {
-    install(settings, false);
+/// The exporting provider, when `log.otlp_endpoint` is set: kept to flush
+/// it at shutdown.
+static PROVIDER: OnceLock<SdkTracerProvider> = OnceLock::new();
+
+/// Installs the global subscriber, logging to stdout, and the OTLP export
+/// of `service`'s spans when configured. Calling it twice is harmless
+/// (tests do).
+pub fn init(settings: &LogSettings, service: &'static str) {
+    install(settings, service, false);
 }
 
 /// Like [`init`], but logs to stderr: for operator commands whose stdout is
 /// their answer (e.g. `ingest clients create` prints a key for a script).
-pub fn init_to_stderr(settings: &LogSettings) {
-    install(settings, true);
+pub fn init_to_stderr(settings: &LogSettings, service: &'static str) {
+    install(settings, service, true);
 }
 
-fn install(settings: &LogSettings, to_stderr: bool) {
+/// Whether spans are exported (a caller may skip work only export needs).
+pub fn exporting() -> bool {
+    PROVIDER.get().is_some()
+}
+
+/// Makes `span` a child of the remote span `traceparent` names, so that the
+/// exported span joins the caller's trace. Does nothing when nothing is
+/// exported or there is no trace context.
+pub fn join_trace(span: &tracing::Span, traceparent: Option<&TraceParent>) {
+    let Some(tp) = traceparent.filter(|_| exporting()) else {
+        return;
+    };
+    let (Ok(trace_id), Ok(span_id)) = (
+        TraceId::from_hex(tp.trace_id()),
+        SpanId::from_hex(tp.parent_id()),
+    ) else {
+        return;
+    };
+    let flags = if tp.sampled() {
+        TraceFlags::SAMPLED
+    } else {
+        TraceFlags::default()
+    };
+    let remote = SpanContext::new(trace_id, span_id, flags, true, TraceState::default());
+    // Refused only when the span is disabled (filtered out): nothing to join.
+    drop(span.set_parent(Context::new().with_remote_span_context(remote)));
+}
+
+/// Exports the spans not yet sent and stops the exporter: the last thing a
+/// service does before it exits.
+pub fn shutdown() {
+    if let Some(provider) = PROVIDER.get()
+        && let Err(e) = provider.shutdown()
+    {
+        tracing::warn!(error = %e, "the OTLP exporter did not shut down cleanly");
+    }
+}
+
+/// The exporting provider for `endpoint`. Built on a thread of its own: the
+/// blocking HTTP client must not be made (nor dropped) on a tokio worker.
+fn provider(endpoint: &str, service: &'static str) -> Result<SdkTracerProvider, String> {
+    let endpoint = endpoint.to_owned();
+    std::thread::spawn(move || {
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_protocol(Protocol::HttpJson)
+            .with_endpoint(endpoint)
+            .build()
+            .map_err(|e| e.to_string())?;
+        Ok(SdkTracerProvider::builder()
+            .with_batch_exporter(exporter)
+            .with_resource(Resource::builder().with_service_name(service).build())
+            .build())
+    })
+    .join()
+    .map_err(|_| "the OTLP exporter's set-up panicked".to_owned())?
+}
+
+fn install(settings: &LogSettings, service: &'static str, to_stderr: bool) {
     let (writer, terminal) = if to_stderr {
         (
             BoxMakeWriter::new(std::io::stderr),
@@ -34,7 +113,23 @@ fn install(settings: &LogSettings, to_stderr: bool) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&settings.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let registry = tracing_subscriber::registry().with(filter);
+    let mut export_error = None;
+    let otel = match settings.otlp_endpoint.as_str() {
+        "" => None,
+        endpoint => match provider(endpoint, service) {
+            Ok(provider) => {
+                let tracer = provider.tracer(service);
+                // A second init (tests) keeps the first provider.
+                let _ = PROVIDER.set(provider);
+                Some(tracing_opentelemetry::layer().with_tracer(tracer))
+            }
+            Err(e) => {
+                export_error = Some(e);
+                None
+            }
+        },
+    };
+    let registry = tracing_subscriber::registry().with(filter).with(otel);
     let result = match settings.format {
         LogFormat::Json => registry
             .with(
@@ -58,4 +153,8 @@ fn install(settings: &LogSettings, to_stderr: bool) {
     };
     // An already installed subscriber (e.g. in tests) is fine.
     drop(result);
+    if let Some(e) = export_error {
+        // Tracing export is an aid, not a duty: the service runs without it.
+        tracing::error!(endpoint = %settings.otlp_endpoint, error = %e, "spans are not exported");
+    }
 }

@@ -70,6 +70,16 @@ impl TraceParent {
         }
     }
 
+    /// The caller's span id (16 hex digits).
+    pub fn parent_id(&self) -> &str {
+        &self.parent_id
+    }
+
+    /// Whether the caller sampled the trace (flag bit 0).
+    pub fn sampled(&self) -> bool {
+        u8::from_str_radix(&self.flags, 16).is_ok_and(|f| f & 1 == 1)
+    }
+
     /// The 32 hex digits that every hop of the trace shares.
     pub fn trace_id(&self) -> &str {
         &self.trace_id

@@ -77,8 +77,8 @@ enum DlqCmd {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let settings = Settings::load_or_exit("dispatcher");
-    telemetry::init(&settings.log);
-    match cli.command.unwrap_or(Cmd::Run) {
+    telemetry::init(&settings.log, "entrip-dispatcher");
+    let result = match cli.command.unwrap_or(Cmd::Run) {
         Cmd::Run => run(settings).await,
         Cmd::Outbox(OutboxCmd::Stats) => {
             let pool = db::connect_and_migrate(&settings.database).await?;
@@ -142,7 +142,10 @@ async fn main() -> anyhow::Result<()> {
             let _ = conn.close(200, "done".into()).await;
             Ok(())
         }
-    }
+    };
+    // Spans of the last moments, when exported.
+    telemetry::shutdown();
+    result
 }
 
 async fn run(settings: Settings) -> anyhow::Result<()> {

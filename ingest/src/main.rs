@@ -66,14 +66,14 @@ async fn main() -> anyhow::Result<()> {
     let settings = Settings::load_or_exit("ingest");
     // The clients commands answer on stdout (a key for a script to keep).
     if matches!(cli.command, Some(Cmd::Clients(_))) {
-        telemetry::init_to_stderr(&settings.log);
+        telemetry::init_to_stderr(&settings.log, "entrip-ingest");
     } else {
-        telemetry::init(&settings.log);
+        telemetry::init(&settings.log, "entrip-ingest");
     }
     let pool = db::connect_and_migrate(&settings.database)
         .await
         .context("database start-up")?;
-    match cli.command.unwrap_or(Cmd::Serve) {
+    let result = match cli.command.unwrap_or(Cmd::Serve) {
         Cmd::Migrate => {
             tracing::info!("migrations applied");
             Ok(())
@@ -113,7 +113,10 @@ async fn main() -> anyhow::Result<()> {
             tracing::info!("ingest stopped");
             Ok(())
         }
-    }
+    };
+    // Spans of the last moments, when exported.
+    telemetry::shutdown();
+    result
 }
 
 /// `ingest clients …`: a key goes to stdout alone (so a script can capture

@@ -12,6 +12,8 @@ use uuid::Uuid;
 
 use entrip_common::{
     store::{approvals, bookings, payments, settlements, users},
+    telemetry,
+    trace::TraceParent,
     views::{ApprovalView, BookingDetail, BookingView, PaymentView, UserView},
 };
 
@@ -44,6 +46,14 @@ async fn run(
         idempotency_key = %post.key,
         booking_id = tracing::field::Empty
     );
+    if telemetry::exporting() {
+        let parent = post
+            .context
+            .traceparent
+            .as_deref()
+            .and_then(TraceParent::parse);
+        telemetry::join_trace(&span, parent.as_ref());
+    }
     let (command, body) = kind.command(id, &post.bytes)?;
     let fingerprint = Fingerprint::new("POST", &kind.path(id), &body);
     let outcome = submit(

@@ -1,10 +1,12 @@
-//! Test helpers shared by the crates' integration tests: a TCP proxy that
+//! Test helpers shared by the crates' integration tests: the messaging
+//! contract as an oracle ([`asyncapi`]), a TCP proxy that
 //! cuts real connections, a RabbitMQ vhost per test, database URLs, a
 //! non-superuser role per test database and a look at the binaries'
 //! sessions ([`pg`]), service processes, waits bounded by progress rather
 //! than by a deadline, and the load generators' API key.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod asyncapi;
 pub mod pg;
 
 use std::{

@@ -38,8 +38,8 @@ enum Cmd {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let settings = Settings::load_or_exit("workers");
-    telemetry::init(&settings.log);
-    match cli.command.unwrap_or(Cmd::Run) {
+    telemetry::init(&settings.log, "entrip-workers");
+    let result = match cli.command.unwrap_or(Cmd::Run) {
         Cmd::Run => run(settings).await,
         Cmd::Integrity { once: _ } => {
             // Exit 1 means "violations found"; 2 means "could not check".
@@ -56,7 +56,10 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-    }
+    };
+    // Spans of the last moments, when exported.
+    telemetry::shutdown();
+    result
 }
 
 async fn integrity_once(settings: &Settings) -> anyhow::Result<Report> {

@@ -7,7 +7,10 @@ use std::time::Duration;
 
 use entrip_common::amqp::{self, INGEST_QUEUE};
 use entrip_ingest::clients::{self, ClientName, Scope};
-use entrip_testkit::{Proxy, Vhost};
+use entrip_testkit::{
+    Proxy, Vhost,
+    asyncapi::{AmqpMessage, contract},
+};
 use serde_json::{Value, json};
 use sqlx::{
     PgPool,
@@ -679,6 +682,72 @@ async fn a_database_outage_sends_requests_through_the_retry_path_not_to_the_dlq(
             .await,
         0.0
     );
+    server.stop().await;
+}
+
+/// A command on its retry path is the contract's `forwardedCommand`: the
+/// body and properties as published, ingest's broker user in `user_id` and
+/// the publisher's in `x-entrip-user-id`, the attempt and the reason. A
+/// retry delay far longer than the test keeps it in the retry queue to look
+/// at (the delays' other tests see it flow back).
+#[sqlx::test(migrator = "entrip_common::db::MIGRATOR")]
+async fn a_command_on_its_retry_path_is_as_the_contract_says(
+    _pool_opts: PgPoolOptions,
+    connect_opts: PgConnectOptions,
+) {
+    const DELAY_MS: u64 = 600_000;
+    let proxy = Proxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    let pool = PgPoolOptions::new()
+        .max_connections(2)
+        .acquire_timeout(Duration::from_millis(500))
+        .connect_with(connect_opts.host("127.0.0.1").port(proxy.addr.port()))
+        .await
+        .unwrap();
+    let vhost = Vhost::new();
+    let broker = entrip_common::config::AmqpSettings {
+        retry_delays_ms: vec![DELAY_MS],
+        ..amqp_settings(&vhost.url())
+    };
+    let server = Server::start_with_amqp(pool, settings(), broker).await;
+    let publisher = BrokerUser::new(&vhost, [".*", ".*", ".*"]);
+    client_of(&server, "booking-front", Scope::BookingsWrite, &publisher).await;
+    let up = Upstream::connect(&publisher.url(&vhost)).await;
+    let user_id = server.create_user().await;
+
+    proxy.cut();
+    let mut req = booking_as(&publisher, &user_id);
+    req.correlation_id = Some("corr-1".into());
+    req.key = Some(key());
+    up.publish(&req).await;
+    entrip_testkit::eventually("the request retried", || async {
+        messages(&server, "retried", "booking.create").await >= 1.0
+    })
+    .await;
+    let queue = amqp::retry_queue_name(INGEST_QUEUE, DELAY_MS);
+    let channel = up.conn.create_channel().await.unwrap();
+    let got = channel
+        .basic_get(
+            queue.as_str().into(),
+            lapin::options::BasicGetOptions { no_ack: true },
+        )
+        .await
+        .unwrap()
+        .expect("the request waits in its retry queue");
+    let msg = AmqpMessage::of(&got.delivery);
+    assert_eq!(
+        contract().assert_from_queue(&queue, &msg),
+        "forwardedCommand"
+    );
+    assert_eq!(got.delivery.data, req.body, "the body as published");
+    assert_eq!(msg.properties["message_id"], json!(req.key));
+    assert_eq!(msg.properties["type"], "booking.create");
+    assert_eq!(msg.properties["correlation_id"], "corr-1");
+    assert_eq!(msg.properties["user_id"], "guest", "ingest's broker user");
+    assert_eq!(msg.headers["x-entrip-user-id"], json!(publisher.name));
+    assert_eq!(msg.headers["x-entrip-attempt"], 1);
+    let error = msg.headers["x-entrip-error"].as_str().unwrap_or_default();
+    assert!(error.starts_with("503 "), "the reason: {error:?}");
+    proxy.restore();
     server.stop().await;
 }
 

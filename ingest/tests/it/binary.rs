@@ -2,7 +2,12 @@
 //! key's name, it creates its database, `/metrics` passes `promtool check
 //! metrics`, and SIGTERM lets requests in flight finish before it exits 0.
 
-use std::{process::Command, str::FromStr, time::Duration};
+use std::{
+    process::Command,
+    str::FromStr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use entrip_testkit::{Process, eventually, free_port};
 use serde_json::json;
@@ -672,4 +677,106 @@ async fn schemathesis_finds_nothing_against_the_committed_spec() {
         report.contains("Tested: 15"),
         "every operation tested:\n{report}"
     );
+}
+
+/// An OTLP/HTTP receiver on loopback that keeps every span it is sent, with
+/// the `service.name` of its resource.
+async fn otlp_receiver() -> (String, Arc<Mutex<Vec<(String, serde_json::Value)>>>) {
+    use axum::{Router, body::Bytes, routing::post};
+    let spans = Arc::new(Mutex::new(Vec::new()));
+    let kept = spans.clone();
+    let app = Router::new().route(
+        "/v1/traces",
+        post(move |body: Bytes| {
+            let kept = kept.clone();
+            async move {
+                let export: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                for rs in export["resourceSpans"].as_array().into_iter().flatten() {
+                    let service = rs["resource"]["attributes"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .find(|a| a["key"] == "service.name")
+                        .and_then(|a| a["value"]["stringValue"].as_str())
+                        .unwrap_or_default()
+                        .to_owned();
+                    for ss in rs["scopeSpans"].as_array().into_iter().flatten() {
+                        for span in ss["spans"].as_array().into_iter().flatten() {
+                            kept.lock().unwrap().push((service.clone(), span.clone()));
+                        }
+                    }
+                }
+                axum::Json(json!({}))
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/v1/traces", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, spans)
+}
+
+/// With `log.otlp_endpoint` set, ingest exports its spans over OTLP/HTTP,
+/// and a request's span joins the trace of its `traceparent` as the
+/// caller's child; an unsampled caller's trace is not exported.
+#[tokio::test]
+async fn spans_are_exported_over_otlp_in_the_trace_of_the_request() {
+    let (endpoint, spans) = otlp_receiver().await;
+    let db = TestDb::new();
+    let port = free_port();
+    let mut ingest = spawn_with(
+        &db,
+        port,
+        &[
+            ("ENTRIP__LOG__OTLP_ENDPOINT", endpoint.as_str()),
+            // The SDK's batch delay, short so that the test need not wait.
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ],
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    wait_ready(&reqwest::Client::new(), &base).await;
+    let client = crate::support::authenticated(&issue_key(&db, "bin-otlp", "*"));
+    let trace_id = format!("{:032x}", uuid::Uuid::new_v4().as_u128());
+    let unsampled = format!("{:032x}", uuid::Uuid::new_v4().as_u128());
+    for (trace, flags) in [(&unsampled, "00"), (&trace_id, "01")] {
+        let r = client
+            .post(format!("{base}/v1/users"))
+            .header("idempotency-key", format!("otlp-{}", uuid::Uuid::new_v4()))
+            .header(
+                "traceparent",
+                format!("00-{trace}-00000000000000c1-{flags}"),
+            )
+            .json(&json!({"name": "Choi", "email": format!("choi-{flags}@example.com"), "phone": "010 1111 2222"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+    }
+    eventually("the request's span exported", || async {
+        spans
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(_, s)| s["traceId"] == trace_id.as_str())
+    })
+    .await;
+    ingest.signal("-TERM");
+    assert!(ingest.wait_exit().await.success());
+    let spans = spans.lock().unwrap().clone();
+    let command = spans
+        .iter()
+        .find(|(_, s)| s["traceId"] == trace_id.as_str() && s["name"] == "command")
+        .unwrap_or_else(|| panic!("a command span in the trace: {spans:?}"));
+    assert_eq!(command.0, "entrip-ingest", "service.name");
+    assert_eq!(
+        command.1["parentSpanId"], "00000000000000c1",
+        "the caller's child"
+    );
+    assert!(
+        spans
+            .iter()
+            .all(|(_, s)| s["traceId"] != unsampled.as_str()),
+        "an unsampled trace is not exported: {spans:?}"
+    );
+    db.drop_db().await;
 }

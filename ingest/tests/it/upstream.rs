@@ -1,6 +1,7 @@
 //! Test support for AMQP requests: an upstream system's broker connection
 //! that publishes requests to `entrip.ingest` and reads the replies from a
-//! queue of its own, and a look into `entrip.ingest.dlq`.
+//! queue of its own, and a look into `entrip.ingest.dlq`; every reply and
+//! dead letter they read is checked against docs/asyncapi.yaml.
 
 use std::time::Duration;
 
@@ -8,6 +9,7 @@ use entrip_common::{
     amqp::{self, INGEST_EXCHANGE, INGEST_QUEUE},
     config::AmqpSettings,
 };
+use entrip_testkit::asyncapi::{AmqpMessage, contract};
 use futures::StreamExt;
 use lapin::{
     BasicProperties, Channel, Connection, Consumer,
@@ -215,6 +217,8 @@ impl Upstream {
             .expect("a reply within 30 s")
             .expect("the reply consumer is open")
             .unwrap();
+        // Every reply any test reads is one the contract specifies.
+        contract().assert("ingestReplies", &AmqpMessage::of(&delivery));
         let props = &delivery.properties;
         let status = match header(props, "x-entrip-status") {
             Some(AMQPValue::LongInt(n)) => i64::from(*n),
@@ -266,6 +270,7 @@ impl Upstream {
                 .unwrap()
             {
                 Some(msg) => {
+                    contract().assert_from_queue(&dlq, &AmqpMessage::of(&msg.delivery));
                     let props = &msg.delivery.properties;
                     let reason = match header(props, "x-entrip-error") {
                         Some(AMQPValue::LongString(s)) => {

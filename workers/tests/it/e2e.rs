@@ -20,6 +20,7 @@ use std::{
 };
 
 use axum::{Router, body::Bytes, http::HeaderMap, routing::post};
+use entrip_testkit::asyncapi::{AmqpMessage, contract};
 use entrip_testkit::{
     Process, Vhost, eventually, free_port,
     pg::{ServiceRole, service_sessions},
@@ -184,17 +185,17 @@ async fn tap(amqp_url: &str) -> (lapin::Connection, lapin::Channel, String) {
     (conn, ch, name)
 }
 
-/// Checks every message in the tap against the event schema of its type
-/// (docs/schemas/events/<type>.json) and its AMQP properties against the
-/// envelope; adds their ids to `seen` (publishing is at least once: a
+/// Checks every message in the tap against the contract's messages of
+/// `entrip.events` (docs/asyncapi.yaml: its AMQP properties, its headers and
+/// its body, by docs/schemas/events/<type>.json) and that it is the message
+/// of its own type; adds their ids to `seen` (publishing is at least once: a
 /// republished copy is checked too, and counted once).
 async fn assert_events_match_their_schemas(
     ch: &lapin::Channel,
     queue: &str,
     seen: &mut HashSet<String>,
 ) {
-    let schemas = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/schemas/events");
-    let mut validators: HashMap<String, jsonschema::Validator> = HashMap::new();
+    let contract = contract();
     while let Some(m) = ch
         .basic_get(queue.into(), lapin::options::BasicGetOptions::default())
         .await
@@ -206,35 +207,19 @@ async fn assert_events_match_their_schemas(
             .as_ref()
             .map(|k| k.as_str().to_owned())
             .unwrap();
-        let event: Value = serde_json::from_slice(&m.delivery.data).unwrap();
-        let validator = validators.entry(kind.clone()).or_insert_with(|| {
-            let path = schemas.join(format!("{kind}.json"));
-            let schema: Value = serde_json::from_slice(
-                &std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
-            )
-            .unwrap();
-            jsonschema::draft202012::options()
-                .should_validate_formats(true)
-                .build(&schema)
-                .unwrap()
-        });
-        let errors: Vec<String> = validator
-            .iter_errors(&event)
-            .map(|e| format!("{} at {}", e, e.instance_path()))
-            .collect();
-        assert!(
-            errors.is_empty(),
-            "{kind} breaks its schema: {errors:?}\n{event}"
+        let matched = contract.assert("events", &AmqpMessage::of(&m.delivery));
+        assert_eq!(
+            contract.message_name(&matched),
+            Some(kind.as_str()),
+            "a {kind} matches the contract's {matched}"
         );
+        assert_eq!(m.delivery.routing_key.as_str(), kind, "routing key = type");
+        let event: Value = serde_json::from_slice(&m.delivery.data).unwrap();
         assert_eq!(event["type"], kind.as_str());
         assert_eq!(
             props.message_id().as_ref().map(|s| s.as_str()),
             event["id"].as_str(),
             "message_id is the event id"
-        );
-        assert_eq!(
-            props.content_type().as_ref().map(|s| s.as_str()),
-            Some("application/cloudevents+json")
         );
         m.delivery
             .ack(lapin::options::BasicAckOptions::default())

@@ -20,7 +20,11 @@ use entrip_common::{
     config::{NotificationsSettings, WebhookSettings},
     signing::{decode_secret, verify},
 };
-use entrip_testkit::{Vhost, eventually, progress};
+use entrip_testkit::{
+    Vhost,
+    asyncapi::{AmqpMessage, contract},
+    eventually, progress,
+};
 use entrip_workers::notifications::{CONSUMER, deliveries};
 use lapin::{Channel, options::BasicGetOptions, types::AMQPValue};
 use serde_json::{Value, json};
@@ -303,6 +307,7 @@ async fn take(ch: &Channel, queue: &str) -> Option<(Vec<u8>, Option<String>, Opt
         .basic_get(queue.into(), BasicGetOptions { no_ack: true })
         .await
         .unwrap()?;
+    contract().assert_from_queue(queue, &AmqpMessage::of(&msg.delivery));
     let props = &msg.delivery.properties;
     let error = header(props, ERROR_HEADER).map(|v| match v {
         AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),

@@ -14,11 +14,15 @@ use std::{
 use chrono::{DateTime, Utc};
 use entrip_common::{
     amqp::{self, ERROR_HEADER, SETTLEMENT_QUEUE},
-    config::WorkersSettings,
+    config::{AmqpSettings, WorkersSettings},
     domain::{ApprovalStatus, Decision, PaymentOutcome, PaymentStatus, Text},
     store::bookings,
 };
-use entrip_testkit::{Vhost, eventually, progress};
+use entrip_testkit::{
+    Vhost,
+    asyncapi::{AmqpMessage, contract},
+    eventually, progress,
+};
 use entrip_workers::{runtime::ATTEMPT_HEADER, settlement::Settlement};
 use lapin::{
     Channel,
@@ -64,6 +68,7 @@ async fn drain(ch: &Channel, queue: &str) -> Vec<Got> {
         .await
         .unwrap()
     {
+        contract().assert_from_queue(queue, &AmqpMessage::of(&m.delivery));
         let props = &m.delivery.properties;
         let error = match header(props, ERROR_HEADER) {
             Some(AMQPValue::LongString(s)) => Some(s.to_string()),
@@ -802,16 +807,23 @@ async fn poison_messages_are_dead_lettered_with_the_reason_and_the_consumer_keep
     worker.stop().await;
 }
 
+/// A booking with an approved payment, and settling it fails until the
+/// test renames `settlements_x` back to `settlements`: a transient failure.
+async fn unsettleable_booking(pool: &PgPool) -> Fixture {
+    let mut f = booking(pool, false).await;
+    add_payment(pool, &mut f, PaymentStatus::Approved).await;
+    sqlx::query("ALTER TABLE settlements RENAME TO settlements_x")
+        .execute(pool)
+        .await
+        .unwrap();
+    f
+}
+
 #[sqlx::test(migrator = "entrip_common::db::MIGRATOR")]
 async fn a_transient_failure_is_retried_and_settles_once(pool: PgPool) {
     let vhost = Vhost::new();
     let (_conn, ch) = channel(&vhost.url()).await;
-    let mut f = booking(&pool, false).await;
-    add_payment(&pool, &mut f, PaymentStatus::Approved).await;
-    sqlx::query("ALTER TABLE settlements RENAME TO settlements_x")
-        .execute(&pool)
-        .await
-        .unwrap();
+    let f = unsettleable_booking(&pool).await;
     // Retries go 200 ms, then 400 ms apart (support); many more of them
     // than support's 3 leave a busy machine time (about 8 s) to heal before
     // the DLQ. The test heals after the first, so they cost nothing.
@@ -879,16 +891,53 @@ async fn a_transient_failure_is_retried_and_settles_once(pool: PgPool) {
     worker.stop().await;
 }
 
+/// An event on its retry path is the contract's `forwardedEvent`: the body
+/// and properties as published, with the attempt and the reason. A retry
+/// delay far longer than the test keeps it in the retry queue to look at.
+#[sqlx::test(migrator = "entrip_common::db::MIGRATOR")]
+async fn an_event_on_its_retry_path_is_as_the_contract_says(pool: PgPool) {
+    const DELAY_MS: u64 = 600_000;
+    let vhost = Vhost::new();
+    let (_conn, ch) = channel(&vhost.url()).await;
+    let f = unsettleable_booking(&pool).await;
+    let worker = start_with(
+        Settlement::new(pool.clone()),
+        AmqpSettings {
+            retry_delays_ms: vec![DELAY_MS],
+            ..amqp_settings(&vhost.url())
+        },
+        workers_settings(),
+    );
+    let event = Uuid::now_v7();
+    let data = payment_data(&f, "APPROVED");
+    publish_event(&ch, event, "payment.approved", data.clone()).await;
+    eventually("a first retry", || async {
+        worker.count(CONSUMER, "retried") >= 1
+    })
+    .await;
+    let queue = amqp::retry_queue_name(SETTLEMENT_QUEUE, DELAY_MS);
+    let got = ch
+        .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .expect("the event waits in its retry queue");
+    let msg = AmqpMessage::of(&got.delivery);
+    assert_eq!(contract().assert_from_queue(&queue, &msg), "forwardedEvent");
+    let body: Value = serde_json::from_slice(&got.delivery.data).unwrap();
+    assert_eq!(body, cloud_event(json!(event), "payment.approved", &data));
+    assert_eq!(msg.properties["message_id"], event.to_string());
+    assert_eq!(msg.properties["type"], "payment.approved");
+    assert_eq!(msg.headers[ATTEMPT_HEADER], 1);
+    let error = msg.headers[ERROR_HEADER].as_str().unwrap_or_default();
+    assert!(error.contains("settlements"), "the reason: {error:?}");
+    worker.stop().await;
+}
+
 #[sqlx::test(migrator = "entrip_common::db::MIGRATOR")]
 async fn a_failure_that_never_heals_is_dead_lettered_after_max_retries(pool: PgPool) {
     let vhost = Vhost::new();
     let (_conn, ch) = channel(&vhost.url()).await;
-    let mut f = booking(&pool, false).await;
-    add_payment(&pool, &mut f, PaymentStatus::Approved).await;
-    sqlx::query("ALTER TABLE settlements RENAME TO settlements_x")
-        .execute(&pool)
-        .await
-        .unwrap();
+    let f = unsettleable_booking(&pool).await;
     let worker = start_settlement(&pool, &vhost.url());
     let event = Uuid::now_v7();
     publish_event(&ch, event, "payment.approved", payment_data(&f, "APPROVED")).await;

@@ -88,13 +88,17 @@ impl Running {
 }
 
 pub fn start<H: Handler>(handler: H, url: &str, settings: WorkersSettings) -> Running {
+    start_with(handler, amqp_settings(url), settings)
+}
+
+/// [`start`] with broker settings of the test's own (other retry delays).
+pub fn start_with<H: Handler>(
+    handler: H,
+    broker: AmqpSettings,
+    settings: WorkersSettings,
+) -> Running {
     let metrics = WorkerMetrics::register(&new_registry()).unwrap();
-    let consumer = Consumer::new(
-        handler,
-        amqp_settings(url),
-        settings.consumer(),
-        metrics.consumer(),
-    );
+    let consumer = Consumer::new(handler, broker, settings.consumer(), metrics.consumer());
     let token = CancellationToken::new();
     let handle = tokio::spawn(consumer.run(token.clone()));
     Running {
