@@ -255,7 +255,8 @@ pub struct IntegritySettings {
     pub settle_grace_secs: u64,
     /// How long an outbox row may stay undelivered.
     pub outbox_max_age_secs: u64,
-    /// POSTed a JSON report when a run finds violations.
+    /// POSTed the ticket of a run that finds violations (`Report::ticket` in
+    /// the workers; docs/operations.md, "An integrity alert").
     pub alert_webhook: Option<String>,
 }
 

@@ -1,11 +1,14 @@
 //! The integrity checker: SQL checks that prove the data consistent, run
 //! periodically and on demand (`workers integrity --once`). Each check
-//! counts the rows that break a rule and shows a few of them.
+//! counts the rows that break a rule and names a few of them by id; a
+//! report with violations becomes a ticket for the alert webhook.
 
-use std::time::Duration;
+use std::{fmt, time::Duration};
 
+use chrono::{DateTime, SecondsFormat, Utc};
 use entrip_common::config::IntegritySettings;
 use serde::Serialize;
+use sha2::{Digest as _, Sha256};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
@@ -17,7 +20,8 @@ use crate::metrics::WorkerMetrics;
 const ALERT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The integrity checker: runs the checks, sets the gauges, and posts the
-/// report to the alert webhook when a run finds violations.
+/// report as a ticket ([`Report::ticket`]) to the alert webhook when a run
+/// finds violations.
 pub struct Checker {
     pool: PgPool,
     settings: IntegritySettings,
@@ -59,7 +63,7 @@ impl Checker {
                 .client
                 .post(url)
                 .timeout(self.alert_timeout)
-                .json(&report)
+                .json(&report.ticket())
                 .send()
                 .await
         {
@@ -92,9 +96,10 @@ impl Checker {
     }
 }
 
-/// One rule and the SQL that finds the rows breaking it: one text column
-/// describing each offending row. Queries may read `params.grace_secs` and
-/// `params.outbox_secs`.
+/// One rule and the SQL that finds the rows breaking it: three text columns
+/// per offending row, its entity (`booking`, `payment`, `settlement`,
+/// `outbox`), its id, and an optional detail. Queries may read
+/// `params.grace_secs` and `params.outbox_secs`.
 struct Check {
     name: &'static str,
     rule: &'static str,
@@ -105,7 +110,7 @@ const CHECKS: &[Check] = &[
     Check {
         name: "confirmed_without_settlement",
         rule: "a CONFIRMED booking has an APPROVED payment and a settlement",
-        sql: "SELECT 'booking ' || b.id FROM bookings b
+        sql: "SELECT 'booking', b.id::text, NULL FROM bookings b
                WHERE b.status = 'CONFIRMED'
                  AND (NOT EXISTS (SELECT 1 FROM settlements s WHERE s.booking_id = b.id)
                       OR NOT EXISTS (SELECT 1 FROM payments p WHERE p.booking_id = b.id AND p.status = 'APPROVED'))",
@@ -113,13 +118,13 @@ const CHECKS: &[Check] = &[
     Check {
         name: "settled_not_confirmed",
         rule: "a settled booking is CONFIRMED",
-        sql: "SELECT 'settlement ' || s.id || ' of booking ' || b.id FROM settlements s
+        sql: "SELECT 'settlement', s.id::text, 'of booking ' || b.id FROM settlements s
                 JOIN bookings b ON b.id = s.booking_id WHERE b.status <> 'CONFIRMED'",
     },
     Check {
         name: "approved_payment_not_settled",
         rule: "an APPROVED payment whose booking needs nothing else is settled within the grace period",
-        sql: "SELECT 'payment ' || p.id || ' of booking ' || b.id FROM payments p JOIN bookings b ON b.id = p.booking_id
+        sql: "SELECT 'payment', p.id::text, 'of booking ' || b.id FROM payments p JOIN bookings b ON b.id = p.booking_id
                WHERE p.status = 'APPROVED' AND b.status = 'PENDING'
                  AND p.decided_at < now() - make_interval(secs => (SELECT grace_secs FROM params))
                  AND NOT EXISTS (SELECT 1 FROM settlements s WHERE s.booking_id = b.id)
@@ -130,38 +135,66 @@ const CHECKS: &[Check] = &[
     Check {
         name: "non_positive_amounts",
         rule: "every amount is greater than 0",
-        sql: "SELECT 'booking ' || id FROM bookings WHERE amount <= 0
-              UNION ALL SELECT 'payment ' || id FROM payments WHERE amount <= 0
-              UNION ALL SELECT 'settlement ' || id FROM settlements WHERE gross <= 0",
+        sql: "SELECT 'booking', id::text, NULL FROM bookings WHERE amount <= 0
+              UNION ALL SELECT 'payment', id::text, NULL FROM payments WHERE amount <= 0
+              UNION ALL SELECT 'settlement', id::text, NULL FROM settlements WHERE gross <= 0",
     },
     Check {
         name: "settlement_totals",
         rule: "a settlement's gross, tax and currency are its payment's, and net = gross - tax",
-        sql: "SELECT 'settlement ' || s.id FROM settlements s JOIN payments p ON p.id = s.payment_id
+        sql: "SELECT 'settlement', s.id::text, NULL FROM settlements s JOIN payments p ON p.id = s.payment_id
                WHERE s.gross <> p.amount OR s.tax <> p.tax OR s.currency <> p.currency
                   OR s.net <> s.gross - s.tax OR p.status <> 'APPROVED'",
     },
     Check {
         name: "orphans",
         rule: "a settlement's payment belongs to its booking, and every entity has its audit record",
-        sql: "SELECT 'settlement ' || s.id || ' pays for another booking' FROM settlements s
+        sql: "SELECT 'settlement', s.id::text, 'pays for another booking' FROM settlements s
                 JOIN payments p ON p.id = s.payment_id WHERE p.booking_id <> s.booking_id
               UNION ALL
-              SELECT 'booking ' || b.id || ' without audit record' FROM bookings b
+              SELECT 'booking', b.id::text, 'without audit record' FROM bookings b
                WHERE NOT EXISTS (SELECT 1 FROM audit_log a WHERE a.entity_type = 'booking' AND a.entity_id = b.id)
               UNION ALL
-              SELECT 'payment ' || p.id || ' without audit record' FROM payments p
+              SELECT 'payment', p.id::text, 'without audit record' FROM payments p
                WHERE NOT EXISTS (SELECT 1 FROM audit_log a WHERE a.entity_type = 'payment' AND a.entity_id = p.id)",
     },
     Check {
         name: "outbox_undelivered",
         rule: "every outbox row is published within the threshold, and none is dead",
-        sql: "SELECT 'outbox ' || id || ' ' || topic || CASE WHEN dead_at IS NOT NULL THEN ' (dead)' ELSE ' (undelivered)' END
+        sql: "SELECT 'outbox', id::text, topic || CASE WHEN dead_at IS NOT NULL THEN ' (dead)' ELSE ' (undelivered)' END
                 FROM outbox
                WHERE published_at IS NULL
                  AND (dead_at IS NOT NULL OR created_at < now() - make_interval(secs => (SELECT outbox_secs FROM params)))",
     },
 ];
+
+/// How many offending rows a finding shows.
+const SHOWN: i64 = 10;
+
+/// Where the runbook section for an integrity alert is, named in tickets.
+pub const RUNBOOK: &str = "docs/operations.md#an-integrity-alert";
+
+/// One offending row: what a ticket needs to find it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Offender {
+    /// `booking`, `payment`, `settlement` or `outbox`.
+    pub entity: String,
+    /// Its primary key: a UUID, or the outbox row's number.
+    pub id: String,
+    /// What is wrong with it, where the check alone does not say.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+impl fmt::Display for Offender {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.entity, self.id)?;
+        if let Some(detail) = &self.detail {
+            write!(f, " {detail}")?;
+        }
+        Ok(())
+    }
+}
 
 /// The result of one check.
 #[derive(Debug, Clone, Serialize)]
@@ -169,19 +202,29 @@ pub struct Finding {
     pub check: &'static str,
     pub(crate) rule: &'static str,
     pub violations: i64,
-    /// Up to 10 offending rows.
+    /// Up to 10 offending rows, by entity and id.
+    pub rows: Vec<Offender>,
+    /// The same rows as readable lines (`booking <id>`).
     pub examples: Vec<String>,
 }
 
 /// The report of one run.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
+    /// The database checked (`current_database()`).
+    pub database: String,
+    /// When the checks ran (the database's clock).
+    pub checked_at: DateTime<Utc>,
     pub findings: Vec<Finding>,
 }
 
 impl Report {
     pub fn violations(&self) -> i64 {
         self.findings.iter().map(|f| f.violations).sum()
+    }
+
+    fn failed(&self) -> impl Iterator<Item = &Finding> {
+        self.findings.iter().filter(|f| f.violations > 0)
     }
 
     /// A readable report, one line per check plus examples.
@@ -200,6 +243,94 @@ impl Report {
         out.push_str(&format!("{} violation(s)\n", self.violations()));
         out
     }
+
+    /// The report as a ticket: what `workers integrity --once --json`
+    /// prints and the alert webhook receives (docs/operations.md).
+    pub fn ticket(&self) -> Ticket<'_> {
+        let violations = self.violations();
+        let failed: Vec<&'static str> = self.failed().map(|f| f.check).collect();
+        let title = if violations == 0 {
+            format!("Entrip integrity: no violation in {}", self.database)
+        } else {
+            format!(
+                "Entrip integrity: {violations} violation(s) in {}: {}",
+                self.database,
+                failed.join(", ")
+            )
+        };
+        let mut text = format!("{title}\n");
+        for f in self.failed() {
+            text.push_str(&format!("- {} ({}): {}\n", f.check, f.violations, f.rule));
+            for e in &f.examples {
+                text.push_str(&format!("  - {e}\n"));
+            }
+            let hidden = f.violations - i64::try_from(f.examples.len()).unwrap_or(i64::MAX);
+            if hidden > 0 {
+                text.push_str(&format!("  - and {hidden} more\n"));
+            }
+        }
+        if violations > 0 {
+            text.push_str(&format!(
+                "Checked at {}. Runbook: {RUNBOOK}\n",
+                self.checked_at.to_rfc3339_opts(SecondsFormat::Secs, true)
+            ));
+        }
+        Ticket {
+            kind: "entrip.integrity.report",
+            status: if violations == 0 { "ok" } else { "violated" },
+            severity: if violations == 0 { "info" } else { "critical" },
+            title,
+            text,
+            fingerprint: self.fingerprint(),
+            database: &self.database,
+            checked_at: self.checked_at,
+            violations,
+            failed_checks: failed,
+            runbook: RUNBOOK,
+            findings: &self.findings,
+        }
+    }
+
+    /// The same database, failing checks and shown rows give the same
+    /// fingerprint: a ticket system can update one ticket each hour
+    /// instead of opening another.
+    fn fingerprint(&self) -> String {
+        let mut hash = Sha256::new();
+        hash.update(self.database.as_bytes());
+        for f in self.failed() {
+            hash.update(format!("\n{}", f.check));
+            for row in &f.rows {
+                hash.update(format!("\n {} {}", row.entity, row.id));
+            }
+        }
+        hex::encode(hash.finalize())
+    }
+}
+
+/// A report in the shape of a ticket (and of a chat message: `text`).
+#[derive(Debug, Serialize)]
+pub struct Ticket<'a> {
+    /// Always `entrip.integrity.report`: lets a receiver route it.
+    pub kind: &'static str,
+    /// `ok` or `violated`.
+    pub status: &'static str,
+    /// `info` when all is well, `critical` on any violation.
+    pub severity: &'static str,
+    /// One line naming the database and the failing checks.
+    pub title: String,
+    /// The title, each failing check with its rows, and the runbook: what a
+    /// chat incoming webhook shows.
+    pub text: String,
+    /// SHA-256 (hex) of the database, the failing checks and their rows.
+    pub fingerprint: String,
+    pub database: &'a str,
+    pub checked_at: DateTime<Utc>,
+    pub violations: i64,
+    pub failed_checks: Vec<&'static str>,
+    /// The runbook section, a path in this repository.
+    pub runbook: &'static str,
+    /// Every check, passing ones too.
+    pub findings: &'a [Finding],
 }
 
 /// Runs every check (no gauges, no alert: see [`Checker::check_once`]).
@@ -208,26 +339,45 @@ pub async fn run_checks(
     settle_grace: Duration,
     outbox_max_age: Duration,
 ) -> sqlx::Result<Report> {
+    let (database, checked_at): (String, DateTime<Utc>) =
+        sqlx::query_as("SELECT current_database(), now()")
+            .fetch_one(pool)
+            .await?;
     let mut findings = Vec::new();
     for check in CHECKS {
+        // Ordered, so that the rows shown (and the fingerprint) are the same
+        // from one run to the next while the violations are.
         let counted = format!(
             "WITH params AS (SELECT $1::float8 AS grace_secs, $2::float8 AS outbox_secs)
-             SELECT count(*) OVER (), v FROM ({}) AS found(v) LIMIT 10",
+             SELECT count(*) OVER (), entity, id, detail
+               FROM ({}) AS found(entity, id, detail)
+              ORDER BY entity, id LIMIT {SHOWN}",
             check.sql
         );
-        let rows: Vec<(i64, Option<String>)> = sqlx::query_as(sqlx::AssertSqlSafe(counted))
-            .bind(settle_grace.as_secs_f64())
-            .bind(outbox_max_age.as_secs_f64())
-            .fetch_all(pool)
-            .await?;
+        let rows: Vec<(i64, String, String, Option<String>)> =
+            sqlx::query_as(sqlx::AssertSqlSafe(counted))
+                .bind(settle_grace.as_secs_f64())
+                .bind(outbox_max_age.as_secs_f64())
+                .fetch_all(pool)
+                .await?;
+        let violations = rows.first().map_or(0, |(n, ..)| *n);
+        let rows: Vec<Offender> = rows
+            .into_iter()
+            .map(|(_, entity, id, detail)| Offender { entity, id, detail })
+            .collect();
         findings.push(Finding {
             check: check.name,
             rule: check.rule,
-            violations: rows.first().map_or(0, |(n, _)| *n),
-            examples: rows.into_iter().filter_map(|(_, v)| v).collect(),
+            violations,
+            examples: rows.iter().map(Offender::to_string).collect(),
+            rows,
         });
     }
-    Ok(Report { findings })
+    Ok(Report {
+        database,
+        checked_at,
+        findings,
+    })
 }
 
 /// Sets `entrip_integrity_violations{check}` from a report.

@@ -25,12 +25,17 @@ struct Cli {
 enum Cmd {
     /// Run the consumers and the periodic integrity checker (the default).
     Run,
-    /// Check the data's integrity: a readable report; exit 1 on a violation.
+    /// Check the data's integrity: a readable report; exit 1 on a violation,
+    /// 2 when the checks could not run.
     Integrity {
         /// Run the checks once and exit (the only mode; periodic runs are
         /// part of `workers run`).
         #[arg(long)]
         once: bool,
+        /// Print the report as the ticket the alert webhook receives (JSON)
+        /// instead of the readable report.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -38,10 +43,15 @@ enum Cmd {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let settings = Settings::load_or_exit("workers");
-    telemetry::init(&settings.log, "entrip-workers");
+    // The report is integrity's stdout: its logs go to stderr.
+    if matches!(cli.command, Some(Cmd::Integrity { .. })) {
+        telemetry::init_to_stderr(&settings.log, "entrip-workers");
+    } else {
+        telemetry::init(&settings.log, "entrip-workers");
+    }
     let result = match cli.command.unwrap_or(Cmd::Run) {
         Cmd::Run => run(settings).await,
-        Cmd::Integrity { once: _ } => {
+        Cmd::Integrity { once: _, json } => {
             // Exit 1 means "violations found"; 2 means "could not check".
             let report = match integrity_once(&settings).await {
                 Ok(report) => report,
@@ -50,7 +60,17 @@ async fn main() -> anyhow::Result<()> {
                     std::process::exit(2);
                 }
             };
-            print!("{}", report.render());
+            if json {
+                match serde_json::to_string_pretty(&report.ticket()) {
+                    Ok(ticket) => println!("{ticket}"),
+                    Err(err) => {
+                        eprintln!("workers: cannot write the report as JSON: {err}");
+                        std::process::exit(2);
+                    }
+                }
+            } else {
+                print!("{}", report.render());
+            }
             if report.violations() > 0 {
                 std::process::exit(1);
             }

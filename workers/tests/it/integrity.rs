@@ -2,8 +2,8 @@
 //! consistent data (settled through the store and by the real settlement
 //! handler, plus legitimately unsettled bookings), each kind of violation
 //! found when one is planted (and only by its check), `workers integrity
-//! --once` as a process (exit 0 / exit 1 with a readable report), and the
-//! alert webhook receiving the JSON report.
+//! --once` as a process (exit 0 / exit 1 with a readable report, or with
+//! `--json` the ticket), and the alert webhook receiving that ticket.
 //!
 //! Valid data is written through the store's functions. Raw SQL plants only
 //! what the store cannot write: back-dated decisions and outbox rows,
@@ -89,6 +89,8 @@ fn assert_only(report: &Report, name: &str, n: i64) {
             f.check,
             report.render()
         );
+        let lines: Vec<String> = f.rows.iter().map(ToString::to_string).collect();
+        assert_eq!(lines, f.examples, "each example is its row");
     }
     assert_eq!(report.violations(), n);
 }
@@ -336,13 +338,19 @@ async fn alert_server() -> (String, Alerts) {
 
 /// `workers integrity --once` against the test's database.
 async fn run_binary(db_url: &str, alert: &str) -> Output {
+    run_binary_with(db_url, alert, &[]).await
+}
+
+/// `workers integrity --once ARGS…` against the test's database.
+async fn run_binary_with(db_url: &str, alert: &str, args: &[&str]) -> Output {
     let mut cmd = Command::new(BIN);
     cmd.env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("DATABASE_URL", db_url)
         .env("ENTRIP__LOG__LEVEL", "warn")
         .env("ENTRIP__INTEGRITY__ALERT_WEBHOOK", alert)
-        .args(["integrity", "--once"]);
+        .args(["integrity", "--once"])
+        .args(args);
     tokio::task::spawn_blocking(move || cmd.output().unwrap())
         .await
         .unwrap()
@@ -784,6 +792,119 @@ async fn the_binary_exits_0_on_consistent_data_and_1_with_a_report_on_a_violatio
 }
 
 #[sqlx::test(migrator = "entrip_common::db::MIGRATOR")]
+async fn json_prints_the_ticket_the_alert_webhook_receives_naming_the_rows(
+    _opts: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let pool = PgPool::connect_with(connect.clone()).await.unwrap();
+    let db_url = database_url(&connect);
+    let database = connect.get_database().unwrap().to_owned();
+    consistent(&pool).await;
+    let (alert_url, alerts) = alert_server().await;
+    let ticket = |out: &Output| -> Value {
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("stdout is one JSON document ({e}):\n{}", text(out)))
+    };
+
+    let out = run_binary_with(&db_url, &alert_url, &["--json"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let ok = ticket(&out);
+    assert_eq!(ok["kind"], "entrip.integrity.report");
+    assert_eq!(ok["status"], "ok");
+    assert_eq!(ok["severity"], "info");
+    assert_eq!(ok["violations"], 0);
+    assert_eq!(ok["database"], database.as_str());
+    assert_eq!(ok["failed_checks"], json!([]));
+    assert_eq!(ok["findings"].as_array().unwrap().len(), CHECKS.len());
+    assert!(alerts.take().is_empty(), "no alert without a violation");
+
+    // Two offending rows of two kinds.
+    let mut v = booking(&pool, false).await;
+    add_payment(&pool, &mut v, PaymentStatus::Approved).await;
+    confirm_unsettled(&pool, v.booking).await;
+    let (s, settlement) = settled_booking(&pool).await;
+    exec(
+        &pool,
+        "UPDATE bookings SET status = 'PENDING', confirmed_at = NULL WHERE id = $1",
+        s.booking,
+    )
+    .await;
+    let out = run_binary_with(&db_url, &alert_url, &["--json"]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let t = ticket(&out);
+    assert_eq!(t["status"], "violated");
+    assert_eq!(t["severity"], "critical");
+    assert_eq!(t["violations"], 2);
+    assert_eq!(
+        t["failed_checks"],
+        json!(["confirmed_without_settlement", "settled_not_confirmed"])
+    );
+    assert_eq!(
+        t["title"],
+        format!(
+            "Entrip integrity: 2 violation(s) in {database}: \
+             confirmed_without_settlement, settled_not_confirmed"
+        )
+    );
+    assert_eq!(
+        posted_finding(&t, "confirmed_without_settlement")["rows"],
+        json!([{"entity": "booking", "id": v.booking.to_string()}])
+    );
+    assert_eq!(
+        posted_finding(&t, "settled_not_confirmed")["rows"],
+        json!([{
+            "entity": "settlement",
+            "id": settlement.to_string(),
+            "detail": format!("of booking {}", s.booking),
+        }])
+    );
+    let body = t["text"].as_str().unwrap();
+    for needle in [
+        "- confirmed_without_settlement (1): a CONFIRMED booking".to_owned(),
+        format!("  - booking {}", v.booking),
+        format!("  - settlement {settlement} of booking {}", s.booking),
+        format!("Runbook: {}", integrity::RUNBOOK),
+    ] {
+        assert!(body.contains(&needle), "{needle:?} in\n{body}");
+    }
+    assert!(body.starts_with(t["title"].as_str().unwrap()), "{body}");
+    let fingerprint = t["fingerprint"].as_str().unwrap();
+    assert!(
+        fingerprint.len() == 64 && fingerprint.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{fingerprint}"
+    );
+    assert_ne!(t["fingerprint"], ok["fingerprint"]);
+    assert!(
+        t["checked_at"].as_str().is_some_and(|c| c.ends_with('Z')),
+        "{t}"
+    );
+    // The alert is the very ticket printed.
+    let posts = alerts.take();
+    assert_eq!(posts.len(), 1, "one alert");
+    assert_eq!(posted_report(&posts[0]), t);
+
+    // An alert that cannot be posted is logged on stderr: stdout stays
+    // the ticket alone.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let out = run_binary_with(&db_url, &format!("http://{closed}/alerts"), &["--json"]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert_eq!(
+        ticket(&out)["fingerprint"],
+        t["fingerprint"],
+        "same violations, same ticket"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot post the integrity alert"),
+        "{}",
+        text(&out)
+    );
+    pool.close().await;
+}
+
+#[sqlx::test(migrator = "entrip_common::db::MIGRATOR")]
 async fn check_once_posts_the_report_to_the_alert_webhook_and_sets_the_gauges(pool: PgPool) {
     consistent(&pool).await;
     let (alert_url, alerts) = alert_server().await;
@@ -812,7 +933,12 @@ async fn check_once_posts_the_report_to_the_alert_webhook_and_sets_the_gauges(po
     let posts = alerts.take();
     assert_eq!(posts.len(), 1, "one alert per run");
     let posted = posted_report(&posts[0]);
-    assert_eq!(posted, serde_json::to_value(&report).unwrap());
+    assert_eq!(posted, serde_json::to_value(report.ticket()).unwrap());
+    assert_eq!(posted["status"], "violated");
+    assert_eq!(
+        posted["failed_checks"],
+        json!(["confirmed_without_settlement", "outbox_undelivered"])
+    );
     assert_eq!(
         posted["findings"].as_array().unwrap().len(),
         CHECKS.len(),
@@ -828,10 +954,25 @@ async fn check_once_posts_the_report_to_the_alert_webhook_and_sets_the_gauges(po
         f["examples"],
         json!([format!("outbox {dead} booking.created (dead)")])
     );
+    assert_eq!(
+        f["rows"],
+        json!([{"entity": "outbox", "id": dead.to_string(), "detail": "booking.created (dead)"}])
+    );
     assert_eq!(posted_finding(&posted, "orphans")["violations"], 0);
     assert_eq!(gauge("confirmed_without_settlement"), 1);
     assert_eq!(gauge("outbox_undelivered"), 1);
     assert_eq!(gauge("orphans"), 0);
+    // The same violations an hour later are the same ticket; one more is
+    // another.
+    let again = checker.check_once().await.unwrap();
+    assert_eq!(again.ticket().fingerprint, posted["fingerprint"]);
+    assert_eq!(alerts.take().len(), 1, "still alerted");
+    let w = booking(&pool, false).await;
+    confirm_unsettled(&pool, w.booking).await;
+    let more = checker.check_once().await.unwrap();
+    assert_eq!(more.violations(), 3);
+    assert_ne!(more.ticket().fingerprint, posted["fingerprint"]);
+    alerts.take();
 
     // An unreachable webhook does not fail the run.
     let closed = {
@@ -846,7 +987,7 @@ async fn check_once_posts_the_report_to_the_alert_webhook_and_sets_the_gauges(po
         .check_once()
         .await
         .unwrap();
-    assert_eq!(report.violations(), 2);
+    assert_eq!(report.violations(), 3);
     assert!(alerts.take().is_empty());
 }
 
