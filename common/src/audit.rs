@@ -1,8 +1,11 @@
 //! The audit log (table `audit_log`): one row for every state change,
-//! written in the same transaction as the change.
+//! written in the same transaction as the change, and read back as an
+//! entity's trail (`dispatcher trace`).
 
+use chrono::{DateTime, Utc};
+use serde::Serialize;
 use serde_json::Value;
-use sqlx::PgConnection;
+use sqlx::{FromRow, PgConnection};
 use uuid::Uuid;
 
 use crate::domain::AggregateType;
@@ -35,4 +38,40 @@ pub async fn record(conn: &mut PgConnection, entry: &AuditEntry<'_>) -> sqlx::Re
     .execute(conn)
     .await?;
     Ok(())
+}
+
+/// An audit row as stored.
+#[derive(Debug, Clone, Serialize, FromRow)]
+pub struct AuditRecord {
+    pub id: i64,
+    pub occurred_at: DateTime<Utc>,
+    /// `client:<name>` for a request, `worker:<consumer>` for a worker.
+    pub actor: String,
+    pub action: String,
+    pub entity_type: String,
+    pub entity_id: Uuid,
+    pub detail: Value,
+    pub idempotency_key: Option<String>,
+    /// The outbox event written with the change.
+    pub event_id: Option<Uuid>,
+}
+
+/// The trail of these entities, in the order it was written: one indexed
+/// lookup per entity (`audit_log_entity_idx`).
+pub async fn trail(
+    conn: &mut PgConnection,
+    entities: &[(AggregateType, Uuid)],
+) -> sqlx::Result<Vec<AuditRecord>> {
+    let (types, ids): (Vec<&str>, Vec<Uuid>) =
+        entities.iter().map(|(t, id)| (t.as_str(), *id)).unzip();
+    sqlx::query_as(
+        "SELECT id, occurred_at, actor, action, entity_type, entity_id, detail, idempotency_key, event_id
+           FROM audit_log
+          WHERE (entity_type, entity_id) IN (SELECT * FROM unnest($1::text[], $2::uuid[]))
+          ORDER BY id",
+    )
+    .bind(types)
+    .bind(ids)
+    .fetch_all(conn)
+    .await
 }

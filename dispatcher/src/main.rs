@@ -8,6 +8,7 @@ use entrip_dispatcher::{
     metrics::RelayMetrics,
     outbox::{self, Redrive},
     relay::{self, Relay},
+    trace::{self, Target, TraceError},
 };
 use uuid::Uuid;
 
@@ -30,6 +31,27 @@ enum Cmd {
     /// Inspect and replay dead letter queues.
     #[command(subcommand)]
     Dlq(DlqCmd),
+    /// Everything known of one booking or idempotency key: the key's
+    /// answer, the booking, its audit trail, its events' publish state and
+    /// their webhook deliveries per subscriber. Exit 1 when not found.
+    Trace(TraceArgs),
+}
+
+#[derive(Args)]
+struct TraceArgs {
+    /// A booking id or code.
+    #[arg(required_unless_present = "key", conflicts_with = "key")]
+    booking: Option<String>,
+    /// Trace this idempotency key (and the booking its answer names).
+    #[arg(long)]
+    key: Option<String>,
+    /// The key's client: one indexed lookup (without it, every client's
+    /// key of that name).
+    #[arg(long, requires = "key")]
+    client: Option<String>,
+    /// JSON instead of the readable text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
@@ -77,9 +99,35 @@ enum DlqCmd {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let settings = Settings::load_or_exit("dispatcher");
-    telemetry::init(&settings.log, "entrip-dispatcher");
+    // An operator command's stdout is its answer: its logs go to stderr.
+    if matches!(cli.command, None | Some(Cmd::Run)) {
+        telemetry::init(&settings.log, "entrip-dispatcher");
+    } else {
+        telemetry::init_to_stderr(&settings.log, "entrip-dispatcher");
+    }
     let result = match cli.command.unwrap_or(Cmd::Run) {
         Cmd::Run => run(settings).await,
+        Cmd::Trace(args) => {
+            let target = match (args.booking, args.key) {
+                (_, Some(key)) => Target::Key {
+                    key,
+                    client: args.client,
+                },
+                (Some(booking), None) => Target::Booking(booking),
+                (None, None) => anyhow::bail!("name a booking (id or code) or --key"),
+            };
+            let pool = db::connect_and_migrate(&settings.database).await?;
+            match trace::trace(&pool, &target, &settings.notifications.webhooks).await {
+                Ok(found) if args.json => println!("{}", serde_json::to_string_pretty(&found)?),
+                Ok(found) => print!("{}", found.render()),
+                Err(err @ TraceError::Database(_)) => return Err(err.into()),
+                Err(err) => {
+                    eprintln!("dispatcher: {err}");
+                    std::process::exit(1);
+                }
+            }
+            Ok(())
+        }
         Cmd::Outbox(OutboxCmd::Stats) => {
             let pool = db::connect_and_migrate(&settings.database).await?;
             let stats = outbox::stats(&pool).await?;

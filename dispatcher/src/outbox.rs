@@ -1,10 +1,12 @@
 //! The relay side of table `outbox`: claiming due rows in commit order per
-//! aggregate, marking them published or failed, statistics, redrive and
-//! retention. (Rows are written by `entrip_common::events`.)
+//! aggregate, marking them published or failed, statistics, redrive,
+//! retention, and the rows' states for `dispatcher trace`. (Rows are
+//! written by `entrip_common::events`.)
 
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use serde::Serialize;
 use sqlx::{FromRow, PgConnection, PgPool};
 use uuid::Uuid;
 
@@ -181,6 +183,36 @@ pub async fn stats(pool: &PgPool) -> sqlx::Result<Stats> {
         stats.by_topic.push((topic, undelivered, dead));
     }
     Ok(stats)
+}
+
+/// An outbox row's publish state, as `dispatcher trace` shows it.
+#[derive(Debug, Clone, Serialize, FromRow)]
+pub struct EventState {
+    pub id: Uuid,
+    pub topic: String,
+    pub aggregate_type: String,
+    pub aggregate_id: Uuid,
+    pub created_at: DateTime<Utc>,
+    pub attempts: i32,
+    /// When the relay tries again (while neither published nor dead).
+    pub next_attempt_at: DateTime<Utc>,
+    pub last_error: Option<String>,
+    /// When the broker confirmed it.
+    pub published_at: Option<DateTime<Utc>>,
+    pub dead_at: Option<DateTime<Utc>>,
+}
+
+/// These rows' states, in commit order (primary-key lookups). A published
+/// row deleted after `dispatcher.retention_hours` is not among them.
+pub async fn events(conn: &mut PgConnection, ids: &[Uuid]) -> sqlx::Result<Vec<EventState>> {
+    sqlx::query_as(
+        "SELECT id, topic, aggregate_type, aggregate_id, created_at, attempts, next_attempt_at,
+                last_error, published_at, dead_at
+           FROM outbox WHERE id = ANY($1) ORDER BY seq",
+    )
+    .bind(ids)
+    .fetch_all(conn)
+    .await
 }
 
 /// Which dead rows to bring back.

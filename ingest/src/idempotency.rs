@@ -192,3 +192,40 @@ pub async fn purge_expired(pool: &sqlx::PgPool, batch: i64) -> sqlx::Result<u64>
         }
     }
 }
+
+/// A stored key as an operator sees it (`dispatcher trace`).
+#[derive(Debug, Clone, serde::Serialize, sqlx::FromRow)]
+pub struct KeyRecord {
+    pub client: String,
+    pub key: String,
+    pub method: String,
+    pub path: String,
+    /// SHA-256 of the canonical JSON body, hex.
+    pub request_hash: String,
+    /// None while the request that claimed it is still running.
+    pub response_status: Option<i16>,
+    pub response_body: Option<serde_json::Value>,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    pub expires_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// The stored keys named `key`: the one of `client`, or of every client.
+/// With a client this is one primary-key lookup; without one it scans the
+/// keys still stored (at most `ingest.idempotency_ttl_secs` of them).
+pub async fn records(
+    conn: &mut PgConnection,
+    key: &str,
+    client: Option<&str>,
+) -> sqlx::Result<Vec<KeyRecord>> {
+    sqlx::query_as(
+        "SELECT client, key, method, path, encode(request_hash, 'hex') AS request_hash,
+                response_status, response_body, created_at, expires_at
+           FROM idempotency_keys
+          WHERE key = $1 AND ($2::text IS NULL OR client = $2)
+          ORDER BY created_at, client",
+    )
+    .bind(key)
+    .bind(client)
+    .fetch_all(conn)
+    .await
+}

@@ -11,7 +11,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use entrip_common::{
-    store::{approvals, bookings, payments, settlements, users},
+    store::{self, approvals, payments, users},
     telemetry,
     trace::TraceParent,
     views::{ApprovalView, BookingDetail, BookingView, PaymentView, UserView},
@@ -249,25 +249,10 @@ pub(crate) async fn get_booking(
     PathId(id): PathId,
 ) -> Result<Response, ApiError> {
     let mut conn = app.pool.acquire().await?;
-    let booking = bookings::get(&mut conn, id)
+    let detail = store::booking_detail(&mut conn, id)
         .await?
         .ok_or(ApiError::not_found("booking", id))?;
-    let payment = payments::current_for_booking(&mut conn, id).await?;
-    let approval = match approvals::current_for_booking(&mut conn, id).await? {
-        Some(a) => {
-            let decisions = approvals::decisions(&mut conn, a.id).await?;
-            Some(a.view(&decisions))
-        }
-        None => None,
-    };
-    let settlement = settlements::for_booking(&mut conn, id).await?;
-    Ok(axum::Json(BookingDetail {
-        booking: booking.view(),
-        payment: payment.map(|p| p.view()),
-        approval,
-        settlement: settlement.map(|s| s.view()),
-    })
-    .into_response())
+    Ok(axum::Json(detail).into_response())
 }
 
 /// Read a payment.
@@ -309,8 +294,7 @@ pub(crate) async fn get_approval(
     let approval = approvals::get(&mut conn, id)
         .await?
         .ok_or(ApiError::not_found("approval", id))?;
-    let decisions = approvals::decisions(&mut conn, id).await?;
-    Ok(axum::Json(approval.view(&decisions)).into_response())
+    Ok(axum::Json(store::approval_view(&mut conn, &approval).await?).into_response())
 }
 
 /// Readiness: the database answers.

@@ -249,6 +249,7 @@ pub async fn undelivered_gauge_loop(
 
 /// Table `notification_deliveries`: one row per (event, subscriber).
 pub mod deliveries {
+    use chrono::{DateTime, Utc};
     use sqlx::{PgConnection, PgPool};
     use uuid::Uuid;
 
@@ -334,6 +335,35 @@ pub mod deliveries {
         .execute(pool)
         .await?;
         Ok(())
+    }
+
+    /// One (event, subscriber) pair as an operator sees it.
+    #[derive(Debug, Clone, serde::Serialize, sqlx::FromRow)]
+    pub struct DeliveryRecord {
+        pub event_id: Uuid,
+        pub subscriber: String,
+        pub topic: String,
+        /// `PENDING` (being retried), `DELIVERED` or `DEAD`.
+        pub status: String,
+        pub attempts: i32,
+        pub last_status_code: Option<i16>,
+        pub last_error: Option<String>,
+        pub delivered_at: Option<DateTime<Utc>>,
+        pub updated_at: DateTime<Utc>,
+    }
+
+    /// The recorded pairs of these events (`dispatcher trace`), by event
+    /// then subscriber: one index lookup per event.
+    pub async fn for_events(pool: &PgPool, events: &[Uuid]) -> sqlx::Result<Vec<DeliveryRecord>> {
+        sqlx::query_as(
+            "SELECT event_id, subscriber, topic, status, attempts, last_status_code, last_error,
+                    delivered_at, updated_at
+               FROM notification_deliveries WHERE event_id = ANY($1)
+              ORDER BY created_at, subscriber",
+        )
+        .bind(events)
+        .fetch_all(pool)
+        .await
     }
 
     /// Pairs that failed for good: `entrip_notifications_undelivered`.

@@ -126,6 +126,17 @@ pub async fn current_for_booking(
     .await
 }
 
+/// Every approval of the booking, oldest first (rejected ones too).
+pub async fn all_for_booking(
+    conn: &mut PgConnection,
+    booking_id: Uuid,
+) -> sqlx::Result<Vec<ApprovalRow>> {
+    sqlx::query_as("SELECT * FROM approvals WHERE booking_id = $1 ORDER BY created_at, id")
+        .bind(booking_id)
+        .fetch_all(conn)
+        .await
+}
+
 pub async fn decisions(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<Vec<DecisionRow>> {
     sqlx::query_as(
         "SELECT step, approver_id, decision, reason, decided_at

@@ -99,6 +99,14 @@ pub async fn get(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<Option<Booki
         .await
 }
 
+/// The booking with this code (`bookings.code` is unique).
+pub async fn get_by_code(conn: &mut PgConnection, code: &str) -> sqlx::Result<Option<BookingRow>> {
+    sqlx::query_as("SELECT * FROM bookings WHERE code = $1")
+        .bind(code)
+        .fetch_optional(conn)
+        .await
+}
+
 /// Reads and locks the booking until commit: every change to a booking or
 /// its payments and approvals is serialised here.
 pub async fn lock(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<Option<BookingRow>> {

@@ -105,6 +105,17 @@ pub async fn current_for_booking(
     .await
 }
 
+/// Every payment of the booking, oldest first (failed ones too).
+pub async fn all_for_booking(
+    conn: &mut PgConnection,
+    booking_id: Uuid,
+) -> sqlx::Result<Vec<PaymentRow>> {
+    sqlx::query_as("SELECT * FROM payments WHERE booking_id = $1 ORDER BY created_at, id")
+        .bind(booking_id)
+        .fetch_all(conn)
+        .await
+}
+
 pub async fn decide(
     conn: &mut PgConnection,
     id: Uuid,

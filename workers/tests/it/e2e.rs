@@ -240,14 +240,21 @@ fn traceparent(i: usize) -> String {
 }
 
 fn write_config(url: &str) -> PathBuf {
+    write_webhooks(&[(url, r#"["booking.*", "settlement.recorded"]"#)])
+}
+
+/// A config file with these subscribers: (url, topics as a TOML array).
+fn write_webhooks(hooks: &[(&str, &str)]) -> PathBuf {
     let path = std::env::temp_dir().join(format!("entrip-e2e-{}.toml", Uuid::new_v4().simple()));
-    std::fs::write(
-        &path,
-        format!(
-            "[[notifications.webhooks]]\nurl = \"{url}\"\nsecret = \"{SECRET}\"\ntopics = [\"booking.*\", \"settlement.recorded\"]\n"
-        ),
-    )
-    .unwrap();
+    let config: String = hooks
+        .iter()
+        .map(|(url, topics)| {
+            format!(
+                "[[notifications.webhooks]]\nurl = \"{url}\"\nsecret = \"{SECRET}\"\ntopics = {topics}\n"
+            )
+        })
+        .collect();
+    std::fs::write(&path, config).unwrap();
     path
 }
 
@@ -263,6 +270,16 @@ impl Api {
 
     async fn post_traced(&self, path: &str, body: Value, traceparent: Option<&str>) -> Value {
         let key = format!("e2e-{}", Uuid::new_v4().simple());
+        self.post_keyed(path, body, &key, traceparent).await
+    }
+
+    async fn post_keyed(
+        &self,
+        path: &str,
+        body: Value,
+        key: &str,
+        traceparent: Option<&str>,
+    ) -> Value {
         let mut req = self
             .client
             .post(format!("{}{path}", self.base))
@@ -653,6 +670,291 @@ async fn workers_killed_mid_stream_apply_every_effect_once(
         .assert_least_privilege(&["workers"]);
     again.signal("-TERM");
     assert!(again.wait_exit().await.success());
+    let _ = std::fs::remove_file(&fleet.config);
+    role.drop_role().await.unwrap();
+    pool.close().await;
+}
+
+/// `dispatcher trace` answers "where is the notification of booking X?"
+/// from a real fleet: the booking's stored key, its payment and
+/// settlement, the audit trail, each event published, and per subscriber a
+/// delivery (DELIVERED to the receiver, DEAD to a subscriber that is down);
+/// for a booking whose event the stopped relay has not published, the
+/// subscriber's notification is NONE with where to look; an unknown booking
+/// exits 1.
+#[sqlx::test(migrator = "entrip_common::db::MIGRATOR")]
+async fn trace_answers_where_the_notification_of_a_booking_is(
+    _opts: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let pool = PgPool::connect_with(connect.clone()).await.unwrap();
+    let role = ServiceRole::create(&pool).await.unwrap();
+    let vhost = Vhost::new();
+    let receiver = Receiver::default();
+    let hook_url = receiver.start().await;
+    let down_url = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}/down", l.local_addr().unwrap())
+    };
+    let fleet = Fleet {
+        db_url: role.url().to_owned(),
+        amqp_url: vhost.url(),
+        config: write_webhooks(&[
+            (&hook_url, r#"["booking.*", "settlement.recorded"]"#),
+            (&down_url, r#"["settlement.recorded"]"#),
+        ]),
+    };
+    let (ingest_port, dispatcher_port, workers_port) = (free_port(), free_port(), free_port());
+    let mut ingest = fleet.spawn("ingest", "ENTRIP__INGEST__LISTEN", ingest_port);
+    let mut dispatcher = fleet.spawn("dispatcher", "ENTRIP__DISPATCHER__LISTEN", dispatcher_port);
+    // One retry: the subscriber that is down is DEAD within a second.
+    let mut workers = Process::spawn(
+        fleet
+            .command("workers")
+            .env(
+                "ENTRIP__WORKERS__LISTEN",
+                format!("127.0.0.1:{workers_port}"),
+            )
+            .env("ENTRIP__WORKERS__MAX_RETRIES", "1"),
+    );
+    let base = format!("http://127.0.0.1:{ingest_port}");
+    wait_ready(&format!("{base}/readyz")).await;
+    wait_ready(&format!("http://127.0.0.1:{workers_port}/healthz")).await;
+    let api = Api {
+        base,
+        client: fleet.api_client(),
+    };
+    let user = api
+        .post(
+            "/v1/users",
+            json!({"name": "Kim", "email": "kim@example.com", "phone": "010 1234 5678"}),
+        )
+        .await;
+    let booking_body = |code: &str| {
+        json!({
+            "code": code, "customerName": "Kim", "customerPhone": "010 1234 5678",
+            "itineraryFrom": "ICN", "itineraryTo": "NRT",
+            "departAt": "2026-12-24T09:30:00+09:00", "arriveAt": "2026-12-24T11:45:00+09:00",
+            "amount": "350000", "userId": user["id"], "requiresApproval": false,
+        })
+    };
+    let key = format!("trace-{}", Uuid::new_v4().simple());
+    let booking = api
+        .post_keyed("/v1/bookings", booking_body("TRACE-00001"), &key, None)
+        .await;
+    let booking_id = booking["id"].as_str().unwrap().to_owned();
+    let payment = api
+        .post(
+            "/v1/payments",
+            json!({"bookingId": booking_id, "method": "CARD", "amount": "350000", "currency": "KRW", "tax": "31818"}),
+        )
+        .await;
+    api.post(
+        &format!("/v1/payments/{}/result", payment["id"].as_str().unwrap()),
+        json!({"status": "APPROVED", "approvalId": "PG-1"}),
+    )
+    .await;
+
+    let trace = |args: &[&str]| {
+        let out = fleet
+            .command("dispatcher")
+            .arg("trace")
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let json_trace = |args: &[&str]| -> Value {
+        let (code, stdout, stderr) = trace(args);
+        assert_eq!(code, Some(0), "{stdout}{stderr}");
+        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+    };
+    let delivery = |t: &Value, topic: &str, subscriber: &str| -> Value {
+        t["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["topic"] == topic)
+            .flat_map(|e| e["deliveries"].as_array().unwrap().clone())
+            .find(|d| d["subscriber"] == subscriber)
+            .unwrap_or(Value::Null)
+    };
+    // Settled, and the subscriber that is down given up on.
+    eventually("the settlement's webhooks delivered and dead", || async {
+        let t = json_trace(&["TRACE-00001", "--json"]);
+        delivery(&t, "settlement.recorded", &hook_url)["status"] == "DELIVERED"
+            && delivery(&t, "settlement.recorded", &down_url)["status"] == "DEAD"
+    })
+    .await;
+    let t = json_trace(&["TRACE-00001", "--json"]);
+    assert_eq!(t["booking"]["id"], booking_id.as_str());
+    assert_eq!(t["booking"]["status"], "CONFIRMED");
+    assert_eq!(t["booking"]["settlement"]["bookingId"], booking_id.as_str());
+    assert_eq!(t["payments"].as_array().unwrap().len(), 1);
+    assert_eq!(t["payments"][0]["status"], "APPROVED");
+    // The key the booking was created under, with its stored answer.
+    let keys = t["keys"].as_array().unwrap();
+    let stored = keys
+        .iter()
+        .find(|k| k["key"] == key.as_str())
+        .unwrap_or_else(|| panic!("{key} in {t}"));
+    assert_eq!(stored["client"], "e2e");
+    assert_eq!(stored["method"], "POST");
+    assert_eq!(stored["path"], "/v1/bookings");
+    assert_eq!(stored["response_status"], 201);
+    assert_eq!(stored["response_body"]["id"], booking_id.as_str());
+    assert_eq!(stored["request_hash"].as_str().unwrap().len(), 64);
+    assert_eq!(keys.len(), 3, "booking, payment and its result: {t}");
+    // The trail: the booking created by the client, then paid, then settled
+    // and confirmed by the worker.
+    let actions: Vec<(String, String)> = t["audit"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            (
+                a["actor"].as_str().unwrap().to_owned(),
+                a["entity_type"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        actions.first().unwrap(),
+        &("client:e2e".to_owned(), "booking".to_owned()),
+        "{t}"
+    );
+    assert!(
+        actions.contains(&("worker:settlement".to_owned(), "settlement".to_owned())),
+        "{actions:?}"
+    );
+    let events = t["events"].as_array().unwrap();
+    assert_eq!(
+        events.len(),
+        t["audit"].as_array().unwrap().len(),
+        "an event per change"
+    );
+    for e in events {
+        assert_eq!(e["state"], "published", "{e}");
+        assert!(e["outbox"]["published_at"].is_string(), "{e}");
+    }
+    let topics: Vec<&str> = events
+        .iter()
+        .map(|e| e["topic"].as_str().unwrap())
+        .collect();
+    for topic in [
+        "booking.created",
+        "payment.requested",
+        "payment.approved",
+        "settlement.recorded",
+        "booking.confirmed",
+    ] {
+        assert!(topics.contains(&topic), "{topic} in {topics:?}");
+    }
+    // Per subscriber: the receiver got the booking's events, the subscriber
+    // that is down only wanted the settlement, and it is dead with a hint.
+    for topic in [
+        "booking.created",
+        "booking.confirmed",
+        "settlement.recorded",
+    ] {
+        let d = delivery(&t, topic, &hook_url);
+        assert_eq!(d["status"], "DELIVERED", "{topic}: {d}");
+        assert_eq!(d["record"]["last_status_code"], 200, "{d}");
+    }
+    assert_eq!(
+        delivery(&t, "booking.created", &down_url),
+        Value::Null,
+        "not subscribed"
+    );
+    assert_eq!(
+        delivery(&t, "payment.approved", &hook_url),
+        Value::Null,
+        "not subscribed"
+    );
+    let dead = delivery(&t, "settlement.recorded", &down_url);
+    assert_eq!(dead["record"]["attempts"], 2, "{dead}");
+    assert!(
+        dead["hint"]
+            .as_str()
+            .unwrap()
+            .contains("dlq replay entrip.notifications.dlq"),
+        "{dead}"
+    );
+    // The webhook the trace calls delivered did arrive, once.
+    let settlement_event = events
+        .iter()
+        .find(|e| e["topic"] == "settlement.recorded")
+        .unwrap();
+    assert_eq!(
+        receiver
+            .counts()
+            .get(settlement_event["id"].as_str().unwrap()),
+        Some(&1)
+    );
+    // By id, the same trace; read as text, the same answer.
+    let by_id = json_trace(&[&booking_id, "--json"]);
+    assert_eq!(by_id["events"], t["events"]);
+    let (code, text, stderr) = trace(&["TRACE-00001"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    for needle in [
+        format!("booking {booking_id} code TRACE-00001 CONFIRMED"),
+        format!("client e2e key {key}: POST /v1/bookings -> 201"),
+        format!("-> {hook_url} DELIVERED after 1 attempt(s), last answer 200"),
+        format!("-> {down_url} DEAD after 2 attempt(s)"),
+        "payment.requested: published ".to_owned(),
+        "-> no subscriber wants this topic".to_owned(),
+    ] {
+        assert!(text.contains(&needle), "{needle:?} in\n{text}");
+    }
+
+    // The relay stopped: a new booking's event waits in the outbox, and its
+    // notification is not sent, with where to look.
+    dispatcher.signal("-TERM");
+    assert!(dispatcher.wait_exit().await.success());
+    let key2 = format!("trace-{}", Uuid::new_v4().simple());
+    let second = api
+        .post_keyed("/v1/bookings", booking_body("TRACE-00002"), &key2, None)
+        .await;
+    let t2 = json_trace(&["--key", &key2, "--client", "e2e", "--json"]);
+    assert_eq!(t2["booking"]["id"], second["id"]);
+    assert_eq!(t2["keys"].as_array().unwrap().len(), 1);
+    assert_eq!(t2["events"][0]["state"], "pending");
+    let waiting = delivery(&t2, "booking.created", &hook_url);
+    assert_eq!(waiting["status"], "NONE", "{t2}");
+    assert!(
+        waiting["hint"]
+            .as_str()
+            .unwrap()
+            .contains("not published yet"),
+        "{waiting}"
+    );
+    // Without the client, the key is found all the same.
+    assert_eq!(
+        json_trace(&["--key", &key2, "--json"])["booking"]["id"],
+        second["id"]
+    );
+
+    // Nothing to trace: exit 1 and why.
+    let (code, stdout, stderr) = trace(&["NO-SUCH-CODE"]);
+    assert_eq!(code, Some(1), "{stdout}{stderr}");
+    assert!(
+        stderr.contains("no booking with id or code \"NO-SUCH-CODE\""),
+        "{stderr}"
+    );
+    let (code, _, stderr) = trace(&["--key", "no-such-key-0000000"]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("no stored idempotency key"), "{stderr}");
+
+    for p in [&ingest, &workers] {
+        p.signal("-TERM");
+    }
+    for p in [&mut ingest, &mut workers] {
+        assert!(p.wait_exit().await.success());
+    }
     let _ = std::fs::remove_file(&fleet.config);
     role.drop_role().await.unwrap();
     pool.close().await;
