@@ -7,6 +7,7 @@ use entrip_dispatcher::{
     dlq,
     metrics::RelayMetrics,
     outbox::{self, Redrive},
+    redeliver::{self, RedeliverError},
     relay::{self, Relay},
     trace::{self, Target, TraceError},
 };
@@ -35,6 +36,27 @@ enum Cmd {
     /// answer, the booking, its audit trail, its events' publish state and
     /// their webhook deliveries per subscriber. Exit 1 when not found.
     Trace(TraceArgs),
+    /// Webhook notifications of one booking.
+    #[command(subcommand)]
+    Notifications(NotificationsCmd),
+}
+
+#[derive(Subcommand)]
+enum NotificationsCmd {
+    /// Send a booking's notifications again to one subscriber: its pairs
+    /// reopen and each published event goes to entrip.notifications once
+    /// more; the workers send, sign and record the webhooks.
+    Redeliver {
+        /// A booking id or code.
+        booking: String,
+        /// The subscriber's URL, as configured in notifications.webhooks.
+        #[arg(long)]
+        subscriber: String,
+        /// Only the events of this topic pattern (e.g. settlement.recorded,
+        /// booking.*).
+        #[arg(long)]
+        topic: Option<String>,
+    },
 }
 
 #[derive(Args)]
@@ -107,6 +129,52 @@ async fn main() -> anyhow::Result<()> {
     }
     let result = match cli.command.unwrap_or(Cmd::Run) {
         Cmd::Run => run(settings).await,
+        Cmd::Notifications(NotificationsCmd::Redeliver {
+            booking,
+            subscriber,
+            topic,
+        }) => {
+            let pool = db::connect_and_migrate(&settings.database).await?;
+            let conn = amqp::connect(&settings.amqp.url, "entrip-dispatcher-cli")
+                .await
+                .context("cannot connect to RabbitMQ (key `amqp.url`)")?;
+            let channel = conn.create_channel().await?;
+            amqp::declare_topology(&channel, &settings.amqp).await?;
+            let outcome = redeliver::redeliver(
+                &pool,
+                &channel,
+                &booking,
+                &subscriber,
+                topic.as_deref(),
+                &settings.notifications.webhooks,
+            )
+            .await;
+            let _ = conn.close(200, "done".into()).await;
+            match outcome {
+                Ok(done) => {
+                    println!("{} event(s) sent again to {subscriber}", done.sent.len());
+                    for (id, topic) in &done.sent {
+                        println!("- {id} {topic}");
+                    }
+                    for (id, why) in &done.skipped {
+                        println!("- {id} not sent: {why}");
+                    }
+                }
+                Err(
+                    err @ (RedeliverError::UnknownSubscriber(_)
+                    | RedeliverError::Trace(
+                        TraceError::NoBooking(_)
+                        | TraceError::NoKey(_)
+                        | TraceError::Ambiguous { .. },
+                    )),
+                ) => {
+                    eprintln!("dispatcher: {err}");
+                    std::process::exit(1);
+                }
+                Err(err) => return Err(err.into()),
+            }
+            Ok(())
+        }
         Cmd::Trace(args) => {
             let target = match (args.booking, args.key) {
                 (_, Some(key)) => Target::Key {

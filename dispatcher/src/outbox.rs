@@ -215,6 +215,20 @@ pub async fn events(conn: &mut PgConnection, ids: &[Uuid]) -> sqlx::Result<Vec<E
     .await
 }
 
+/// These rows as the relay published them (payload and trace context),
+/// for the ones that are published and not yet deleted: what
+/// `dispatcher notifications redeliver` sends again.
+pub async fn published_rows(conn: &mut PgConnection, ids: &[Uuid]) -> sqlx::Result<Vec<OutboxRow>> {
+    sqlx::query_as(
+        "SELECT id, aggregate_id, topic, payload::text AS payload,
+                headers->>'traceparent' AS traceparent, attempts, created_at
+           FROM outbox WHERE id = ANY($1) AND published_at IS NOT NULL ORDER BY seq",
+    )
+    .bind(ids)
+    .fetch_all(conn)
+    .await
+}
+
 /// Which dead rows to bring back.
 #[derive(Debug, Clone)]
 pub enum Redrive {

@@ -153,7 +153,7 @@ fn outcome(confirmation: Confirmation) -> Outcome {
 
 /// Persistent, with the event id, type, content type, time and trace
 /// context, as docs/DESIGN.md fixes them.
-fn properties(row: &OutboxRow) -> BasicProperties {
+pub(crate) fn properties(row: &OutboxRow) -> BasicProperties {
     let mut props = BasicProperties::default()
         .with_delivery_mode(2)
         .with_message_id(ShortString::from(row.id.to_string()))

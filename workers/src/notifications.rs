@@ -366,6 +366,35 @@ pub mod deliveries {
         .await
     }
 
+    /// Reopens the pairs of these events for one subscriber, delivered or
+    /// dead, so that the next copy of the event the consumer handles sends
+    /// them again (`dispatcher notifications redeliver`); a pair never
+    /// tried is created PENDING. Returns how many pairs are open.
+    pub async fn reopen(
+        pool: &PgPool,
+        events: &[(Uuid, String)],
+        subscriber: &str,
+    ) -> sqlx::Result<u64> {
+        let (ids, topics): (Vec<Uuid>, Vec<&str>) = events
+            .iter()
+            .map(|(id, topic)| (*id, topic.as_str()))
+            .unzip();
+        let done = sqlx::query(
+            "INSERT INTO notification_deliveries (id, event_id, subscriber, topic, last_error)
+             SELECT gen_random_uuid(), e.id, $3, e.topic, 'redelivery requested'
+               FROM unnest($1::uuid[], $2::text[]) AS e(id, topic)
+             ON CONFLICT (event_id, subscriber) DO UPDATE
+                SET status = 'PENDING', delivered_at = NULL,
+                    last_error = 'redelivery requested', updated_at = now()",
+        )
+        .bind(ids)
+        .bind(topics)
+        .bind(subscriber)
+        .execute(pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
     /// Pairs that failed for good: `entrip_notifications_undelivered`.
     pub async fn undelivered(pool: &PgPool) -> sqlx::Result<i64> {
         sqlx::query_scalar("SELECT count(*) FROM notification_deliveries WHERE status = 'DEAD'")

@@ -679,9 +679,11 @@ async fn workers_killed_mid_stream_apply_every_effect_once(
 /// from a real fleet: the booking's stored key, its payment and
 /// settlement, the audit trail, each event published, and per subscriber a
 /// delivery (DELIVERED to the receiver, DEAD to a subscriber that is down);
-/// for a booking whose event the stopped relay has not published, the
-/// subscriber's notification is NONE with where to look; an unknown booking
-/// exits 1.
+/// `dispatcher notifications redeliver` sends the dead one again once the
+/// subscriber is back, and a delivered one again by topic, each to the
+/// subscriber named alone; for a booking whose event the stopped relay has
+/// not published, the subscriber's notification is NONE with where to look
+/// (and nothing is redelivered); an unknown booking exits 1.
 #[sqlx::test(migrator = "entrip_common::db::MIGRATOR")]
 async fn trace_answers_where_the_notification_of_a_booking_is(
     _opts: PgPoolOptions,
@@ -692,9 +694,34 @@ async fn trace_answers_where_the_notification_of_a_booking_is(
     let vhost = Vhost::new();
     let receiver = Receiver::default();
     let hook_url = receiver.start().await;
+    // A subscriber that answers 503 until it is `up`; what it took, by
+    // webhook-id.
+    let up = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let down_seen: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
     let down_url = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        format!("http://{}/down", l.local_addr().unwrap())
+        let (up, seen) = (up.clone(), down_seen.clone());
+        let app = Router::new().route(
+            "/down",
+            post(move |headers: HeaderMap| {
+                let (up, seen) = (up.clone(), seen.clone());
+                async move {
+                    if !up.load(std::sync::atomic::Ordering::SeqCst) {
+                        return axum::http::StatusCode::SERVICE_UNAVAILABLE;
+                    }
+                    let id = headers
+                        .get("webhook-id")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_owned();
+                    *seen.lock().unwrap().entry(id).or_default() += 1;
+                    axum::http::StatusCode::OK
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        format!("http://{addr}/down")
     };
     let fleet = Fleet {
         db_url: role.url().to_owned(),
@@ -911,6 +938,72 @@ async fn trace_answers_where_the_notification_of_a_booking_is(
         assert!(text.contains(&needle), "{needle:?} in\n{text}");
     }
 
+    // The subscriber is back: its notification is sent again, to it alone.
+    up.store(true, std::sync::atomic::Ordering::SeqCst);
+    let settlement_id = settlement_event["id"].as_str().unwrap().to_owned();
+    let redeliver = |args: &[&str]| {
+        let out = fleet
+            .command("dispatcher")
+            .args(["notifications", "redeliver"])
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, stdout, stderr) = redeliver(&["TRACE-00001", "--subscriber", &down_url]);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(
+        stdout.starts_with(&format!(
+            "1 event(s) sent again to {down_url}\n- {settlement_id} settlement.recorded\n"
+        )),
+        "{stdout}"
+    );
+    eventually("the dead notification delivered on redelivery", || async {
+        down_seen.lock().unwrap().get(&settlement_id) == Some(&1)
+    })
+    .await;
+    let t = json_trace(&["TRACE-00001", "--json"]);
+    let again = delivery(&t, "settlement.recorded", &down_url);
+    assert_eq!(again["status"], "DELIVERED", "{again}");
+    assert_eq!(again["record"]["attempts"], 3, "{again}");
+    // A delivered one, by topic, to the other subscriber: sent once more.
+    let created_id = t["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["topic"] == "booking.created")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (code, stdout, stderr) = redeliver(&[
+        "TRACE-00001",
+        "--subscriber",
+        &hook_url,
+        "--topic",
+        "booking.created",
+    ]);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(stdout.starts_with("1 event(s) sent again"), "{stdout}");
+    eventually("booking.created sent again", || async {
+        receiver.counts().get(&created_id) == Some(&2)
+    })
+    .await;
+    // Each to the subscriber asked for only.
+    assert_eq!(receiver.counts().get(&settlement_id), Some(&1));
+    assert_eq!(down_seen.lock().unwrap().len(), 1, "only the settlement");
+    let (code, _, stderr) =
+        redeliver(&["TRACE-00001", "--subscriber", "http://127.0.0.1:9/nobody"]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("is not a configured subscriber"),
+        "{stderr}"
+    );
+
     // The relay stopped: a new booking's event waits in the outbox, and its
     // notification is not sent, with where to look.
     dispatcher.signal("-TERM");
@@ -939,6 +1032,15 @@ async fn trace_answers_where_the_notification_of_a_booking_is(
     );
 
     // Nothing to trace: exit 1 and why.
+    // Redelivering it now sends nothing: the relay has not published it.
+    let (code, stdout, stderr) = redeliver(&["TRACE-00002", "--subscriber", &hook_url]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.starts_with("0 event(s) sent again"), "{stdout}");
+    assert!(
+        stdout.contains("not sent: booking.created is pending"),
+        "{stdout}"
+    );
+
     let (code, stdout, stderr) = trace(&["NO-SUCH-CODE"]);
     assert_eq!(code, Some(1), "{stdout}{stderr}");
     assert!(
