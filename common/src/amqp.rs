@@ -37,6 +37,10 @@ pub const INGEST_EXCHANGE: &str = "entrip.ingest";
 pub const INGEST_QUEUE: &str = "entrip.ingest";
 /// Header carrying why a message was dead-lettered by a consumer.
 pub const ERROR_HEADER: &str = "x-entrip-error";
+/// Header of an event copy that `dispatcher notifications redeliver`
+/// publishes to `entrip.notifications`: the one subscriber (its URL) the
+/// copy is for.
+pub const SUBSCRIBER_HEADER: &str = "x-entrip-subscriber";
 
 /// A consumed queue (with its retry path and DLQ), the exchange it is
 /// bound to and the routing keys.

@@ -9,7 +9,7 @@ use entrip_dispatcher::{
     outbox::{self, Redrive},
     redeliver::{self, RedeliverError},
     relay::{self, Relay},
-    trace::{self, Target, TraceError},
+    trace::{self, Target},
 };
 use uuid::Uuid;
 
@@ -134,44 +134,18 @@ async fn main() -> anyhow::Result<()> {
             subscriber,
             topic,
         }) => {
-            let pool = db::connect_and_migrate(&settings.database).await?;
-            let conn = amqp::connect(&settings.amqp.url, "entrip-dispatcher-cli")
-                .await
-                .context("cannot connect to RabbitMQ (key `amqp.url`)")?;
-            let channel = conn.create_channel().await?;
-            amqp::declare_topology(&channel, &settings.amqp).await?;
-            let outcome = redeliver::redeliver(
-                &pool,
-                &channel,
-                &booking,
-                &subscriber,
-                topic.as_deref(),
-                &settings.notifications.webhooks,
-            )
-            .await;
-            let _ = conn.close(200, "done".into()).await;
-            match outcome {
-                Ok(done) => {
-                    println!("{} event(s) sent again to {subscriber}", done.sent.len());
-                    for (id, topic) in &done.sent {
-                        println!("- {id} {topic}");
-                    }
-                    for (id, why) in &done.skipped {
-                        println!("- {id} not sent: {why}");
-                    }
-                }
-                Err(
-                    err @ (RedeliverError::UnknownSubscriber(_)
-                    | RedeliverError::Trace(
-                        TraceError::NoBooking(_)
-                        | TraceError::NoKey(_)
-                        | TraceError::Ambiguous { .. },
-                    )),
-                ) => {
+            // Exit 1: the input is wrong (no such booking, subscriber or
+            // topic); exit 2: a service failed (nothing was reopened).
+            match redeliver_cmd(&settings, &booking, &subscriber, topic.as_deref()).await {
+                Ok(()) => {}
+                Err(err) if err.is_input() => {
                     eprintln!("dispatcher: {err}");
                     std::process::exit(1);
                 }
-                Err(err) => return Err(err.into()),
+                Err(err) => {
+                    eprintln!("dispatcher: {err}");
+                    std::process::exit(2);
+                }
             }
             Ok(())
         }
@@ -184,14 +158,20 @@ async fn main() -> anyhow::Result<()> {
                 (Some(booking), None) => Target::Booking(booking),
                 (None, None) => anyhow::bail!("name a booking (id or code) or --key"),
             };
-            let pool = db::connect_and_migrate(&settings.database).await?;
-            match trace::trace(&pool, &target, &settings.notifications.webhooks).await {
+            // Exit 1: nothing to trace; exit 2: the database failed.
+            let found = match db::connect_and_migrate(&settings.database).await {
+                Ok(pool) => trace::trace(&pool, &target, &settings.notifications.webhooks).await,
+                Err(err) => {
+                    eprintln!("dispatcher: cannot reach the database: {err:#}");
+                    std::process::exit(2);
+                }
+            };
+            match found {
                 Ok(found) if args.json => println!("{}", serde_json::to_string_pretty(&found)?),
                 Ok(found) => print!("{}", found.render()),
-                Err(err @ TraceError::Database(_)) => return Err(err.into()),
                 Err(err) => {
                     eprintln!("dispatcher: {err}");
-                    std::process::exit(1);
+                    std::process::exit(if err.is_input() { 1 } else { 2 });
                 }
             }
             Ok(())
@@ -262,6 +242,43 @@ async fn main() -> anyhow::Result<()> {
     // Spans of the last moments, when exported.
     telemetry::shutdown();
     result
+}
+
+/// `notifications redeliver`: checks and plans from the database first,
+/// then connects to the broker and sends.
+async fn redeliver_cmd(
+    settings: &Settings,
+    booking: &str,
+    subscriber: &str,
+    topic: Option<&str>,
+) -> Result<(), RedeliverError> {
+    let pool = db::connect_and_migrate(&settings.database).await?;
+    let plan = redeliver::plan(
+        &pool,
+        booking,
+        subscriber,
+        topic,
+        &settings.notifications.webhooks,
+    )
+    .await?;
+    let sent = if plan.events().next().is_some() {
+        let conn = amqp::connect(&settings.amqp.url, "entrip-dispatcher-cli").await?;
+        let channel = conn.create_channel().await?;
+        amqp::declare_topology(&channel, &settings.amqp).await?;
+        let sent = redeliver::send(&pool, &channel, &plan).await;
+        let _ = conn.close(200, "done".into()).await;
+        sent?
+    } else {
+        0
+    };
+    println!("{sent} event(s) sent again to {subscriber}");
+    for (id, topic) in plan.events() {
+        println!("- {id} {topic}");
+    }
+    for (id, why) in &plan.skipped {
+        println!("- {id} not sent: {why}");
+    }
+    Ok(())
 }
 
 async fn run(settings: Settings) -> anyhow::Result<()> {

@@ -52,6 +52,14 @@ pub enum TraceError {
     Database(#[from] sqlx::Error),
 }
 
+impl TraceError {
+    /// Whether the question is at fault (nothing to trace: exit 1), not
+    /// the database (exit 2).
+    pub fn is_input(&self) -> bool {
+        !matches!(self, Self::Database(_))
+    }
+}
+
 /// Everything known of one booking or key.
 #[derive(Debug, Serialize)]
 pub struct Trace {
@@ -108,18 +116,23 @@ pub async fn trace(
     target: &Target,
     webhooks: &[WebhookSettings],
 ) -> Result<Trace, TraceError> {
-    let mut conn = pool.acquire().await?;
+    // One snapshot: an event and its deliveries as of one moment.
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .execute(&mut *tx)
+        .await?;
+    let conn = &mut *tx;
     let (booking, mut keys) = match target {
         Target::Booking(id_or_code) => {
             let row = match Uuid::parse_str(id_or_code) {
-                Ok(id) => bookings::get(&mut conn, id).await?,
-                Err(_) => bookings::get_by_code(&mut conn, id_or_code).await?,
+                Ok(id) => bookings::get(conn, id).await?,
+                Err(_) => bookings::get_by_code(conn, id_or_code).await?,
             };
             let row = row.ok_or_else(|| TraceError::NoBooking(id_or_code.clone()))?;
             (Some(row.id), Vec::new())
         }
         Target::Key { key, client } => {
-            let keys = idempotency::records(&mut conn, key, client.as_deref()).await?;
+            let keys = idempotency::records(conn, key, client.as_deref()).await?;
             if keys.is_empty() {
                 return Err(TraceError::NoKey(key.clone()));
             }
@@ -144,31 +157,29 @@ pub async fn trace(
         events: Vec::new(),
     };
     if let Some(id) = booking {
-        trace.booking = store::booking_detail(&mut conn, id).await?;
-        let payments = payments::all_for_booking(&mut conn, id).await?;
-        let approvals = approvals::all_for_booking(&mut conn, id).await?;
+        trace.booking = store::booking_detail(conn, id).await?;
+        let payments = payments::all_for_booking(conn, id).await?;
+        let approvals = approvals::all_for_booking(conn, id).await?;
         let mut entities = vec![(AggregateType::Booking, id)];
         entities.extend(payments.iter().map(|p| (AggregateType::Payment, p.id)));
         entities.extend(approvals.iter().map(|a| (AggregateType::Approval, a.id)));
         if let Some(s) = trace.booking.as_ref().and_then(|b| b.settlement.as_ref()) {
             entities.push((AggregateType::Settlement, s.id));
         }
-        trace.audit = audit::trail(&mut conn, &entities).await?;
+        trace.audit = audit::trail(conn, &entities).await?;
         trace.payments = payments.iter().map(|p| p.view()).collect();
         for a in &approvals {
-            trace
-                .approvals
-                .push(store::approval_view(&mut conn, a).await?);
+            trace.approvals.push(store::approval_view(conn, a).await?);
         }
         if matches!(target, Target::Booking(_)) {
-            keys = keys_of(&mut conn, &trace.audit).await?;
+            keys = keys_of(conn, &trace.audit).await?;
         }
     }
     trace.keys = keys;
     let event_ids: Vec<Uuid> = trace.audit.iter().filter_map(|a| a.event_id).collect();
-    let states = outbox::events(&mut conn, &event_ids).await?;
-    drop(conn);
-    let recorded = deliveries::for_events(pool, &event_ids).await?;
+    let states = outbox::events(conn, &event_ids).await?;
+    let recorded = deliveries::for_events(conn, &event_ids).await?;
+    tx.commit().await?;
     trace.events = event_ids
         .iter()
         .map(|id| event_trace(*id, &states, &recorded, webhooks))
@@ -230,10 +241,10 @@ fn event_trace(
             subscriber: d.subscriber.clone(),
             status: d.status.clone(),
             hint: match d.status.as_str() {
-                "PENDING" => {
-                    Some("being retried: entrip.notifications.retry, then entrip.notifications.dlq")
-                }
-                "DEAD" => Some("dead-lettered: dispatcher dlq replay entrip.notifications.dlq"),
+                "PENDING" => Some("being retried (entrip.notifications.retry, then its DLQ)"),
+                "DEAD" => Some(
+                    "given up: dispatcher notifications redeliver <booking> --subscriber <url>",
+                ),
                 _ => None,
             },
             record: Some(d.clone()),
@@ -393,7 +404,7 @@ impl Trace {
                 None => "purged from the outbox after its retention (published)".to_owned(),
             };
             let _ = writeln!(out, "  {} {topic}: {state}", e.id);
-            if e.deliveries.is_empty() {
+            if e.deliveries.is_empty() && e.topic.is_some() {
                 out.push_str("    -> no subscriber wants this topic\n");
             }
             for d in &e.deliveries {

@@ -66,6 +66,7 @@ impl Checker {
                 .json(&report.ticket())
                 .send()
                 .await
+                .and_then(reqwest::Response::error_for_status)
         {
             tracing::warn!(%err, "cannot post the integrity alert");
         }
@@ -179,7 +180,7 @@ pub const RUNBOOK: &str = "docs/operations.md#an-integrity-alert";
 pub struct Offender {
     /// `booking`, `payment`, `settlement` or `outbox`.
     pub entity: String,
-    /// Its primary key: a UUID, or the outbox row's number.
+    /// Its primary key (a UUID).
     pub id: String,
     /// What is wrong with it, where the check alone does not say.
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -4,12 +4,14 @@
 //! `notification_deliveries` records each (event, subscriber): a delivered
 //! pair is never sent again, and a message is retried until every matching
 //! subscriber answered 2xx, then dead-lettered (its undelivered pairs DEAD).
+//! A copy with header `x-entrip-subscriber` (a redelivery) is for that
+//! subscriber alone.
 
 use std::time::Duration;
 
 use chrono::Utc;
 use entrip_common::{
-    amqp::{NOTIFICATIONS_QUEUE, topic_matches},
+    amqp::{NOTIFICATIONS_QUEUE, SUBSCRIBER_HEADER, topic_matches},
     config::{NotificationsSettings, WebhookSettings},
     signing,
     trace::{TRACEPARENT_HEADER, TraceParent},
@@ -187,11 +189,25 @@ impl Handler for Notifications {
                 Ok(e) => e,
                 Err(reason) => return Outcome::Poison(reason),
             };
+            // A redelivery is for one subscriber (`dispatcher
+            // notifications redeliver`); it must be one of ours.
+            let only = msg.header_text(SUBSCRIBER_HEADER);
+            if let Some(url) = &only
+                && !self.subscribers.iter().any(|s| &s.url == url)
+            {
+                return Outcome::Poison(format!(
+                    "a redelivery for {url}, which is not a configured subscriber here"
+                ));
+            }
             let mut failures = Vec::new();
             let mut matched = 0;
             // Pairs sent now, whatever the receiver answered.
             let mut attempted = 0;
-            for sub in self.subscribers.iter().filter(|s| s.wants(&event.kind)) {
+            let chosen = self
+                .subscribers
+                .iter()
+                .filter(|s| s.wants(&event.kind) && only.as_ref().is_none_or(|url| &s.url == url));
+            for sub in chosen {
                 matched += 1;
                 match self.deliver(sub, &event, msg).await {
                     Ok(PairOutcome::AlreadyDelivered) => {}
@@ -221,7 +237,11 @@ impl Handler for Notifications {
             let Ok(event) = Event::parse(msg) else {
                 return;
             };
-            if let Err(err) = deliveries::mark_dead(&self.pool, &event, reason).await {
+            // A redelivery's copy gives up on its own subscriber only.
+            let only = msg.header_text(SUBSCRIBER_HEADER);
+            if let Err(err) =
+                deliveries::mark_dead(&self.pool, &event, reason, only.as_deref()).await
+            {
                 tracing::warn!(%err, "cannot mark the deliveries dead");
             }
         })
@@ -324,14 +344,21 @@ pub mod deliveries {
         Ok(())
     }
 
-    /// The event's undelivered pairs failed for good: DEAD, with `reason`.
-    pub(crate) async fn mark_dead(pool: &PgPool, event: &Event, reason: &str) -> sqlx::Result<()> {
+    /// The event's undelivered pairs (of subscriber `only`, when given)
+    /// failed for good: DEAD, with `reason`.
+    pub(crate) async fn mark_dead(
+        pool: &PgPool,
+        event: &Event,
+        reason: &str,
+        only: Option<&str>,
+    ) -> sqlx::Result<()> {
         sqlx::query(
             "UPDATE notification_deliveries SET status = 'DEAD', last_error = $2
-              WHERE event_id = $1 AND status = 'PENDING'",
+              WHERE event_id = $1 AND status = 'PENDING' AND ($3::text IS NULL OR subscriber = $3)",
         )
         .bind(event.id)
         .bind(reason)
+        .bind(only)
         .execute(pool)
         .await?;
         Ok(())
@@ -354,7 +381,10 @@ pub mod deliveries {
 
     /// The recorded pairs of these events (`dispatcher trace`), by event
     /// then subscriber: one index lookup per event.
-    pub async fn for_events(pool: &PgPool, events: &[Uuid]) -> sqlx::Result<Vec<DeliveryRecord>> {
+    pub async fn for_events(
+        conn: &mut PgConnection,
+        events: &[Uuid],
+    ) -> sqlx::Result<Vec<DeliveryRecord>> {
         sqlx::query_as(
             "SELECT event_id, subscriber, topic, status, attempts, last_status_code, last_error,
                     delivered_at, updated_at
@@ -362,16 +392,19 @@ pub mod deliveries {
               ORDER BY created_at, subscriber",
         )
         .bind(events)
-        .fetch_all(pool)
+        .fetch_all(conn)
         .await
     }
 
     /// Reopens the pairs of these events for one subscriber, delivered or
     /// dead, so that the next copy of the event the consumer handles sends
     /// them again (`dispatcher notifications redeliver`); a pair never
-    /// tried is created PENDING. Returns how many pairs are open.
+    /// tried is created PENDING. In the caller's transaction: the rows stay
+    /// locked until it ends, so a worker handling a copy waits for the
+    /// commit (and a rollback leaves the pairs as they were). Returns how
+    /// many pairs are open.
     pub async fn reopen(
-        pool: &PgPool,
+        conn: &mut PgConnection,
         events: &[(Uuid, String)],
         subscriber: &str,
     ) -> sqlx::Result<u64> {
@@ -390,7 +423,7 @@ pub mod deliveries {
         .bind(ids)
         .bind(topics)
         .bind(subscriber)
-        .execute(pool)
+        .execute(conn)
         .await?;
         Ok(done.rows_affected())
     }

@@ -726,9 +726,11 @@ async fn trace_answers_where_the_notification_of_a_booking_is(
     let fleet = Fleet {
         db_url: role.url().to_owned(),
         amqp_url: vhost.url(),
+        // The one that is down first: the workers try subscribers in this
+        // order, so a copy sent to both has met it before the receiver.
         config: write_webhooks(&[
-            (&hook_url, r#"["booking.*", "settlement.recorded"]"#),
             (&down_url, r#"["settlement.recorded"]"#),
+            (&hook_url, r#"["booking.*", "settlement.recorded"]"#),
         ]),
     };
     let (ingest_port, dispatcher_port, workers_port) = (free_port(), free_port(), free_port());
@@ -908,7 +910,7 @@ async fn trace_answers_where_the_notification_of_a_booking_is(
         dead["hint"]
             .as_str()
             .unwrap()
-            .contains("dlq replay entrip.notifications.dlq"),
+            .contains("dispatcher notifications redeliver"),
         "{dead}"
     );
     // The webhook the trace calls delivered did arrive, once.
@@ -938,8 +940,6 @@ async fn trace_answers_where_the_notification_of_a_booking_is(
         assert!(text.contains(&needle), "{needle:?} in\n{text}");
     }
 
-    // The subscriber is back: its notification is sent again, to it alone.
-    up.store(true, std::sync::atomic::Ordering::SeqCst);
     let settlement_id = settlement_event["id"].as_str().unwrap().to_owned();
     let redeliver = |args: &[&str]| {
         let out = fleet
@@ -954,6 +954,37 @@ async fn trace_answers_where_the_notification_of_a_booking_is(
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
     };
+    // Sent again to the receiver while the other subscriber is still down
+    // and DEAD: the copy is for the receiver alone.
+    let (code, stdout, stderr) = redeliver(&[
+        "TRACE-00001",
+        "--subscriber",
+        &hook_url,
+        "--topic",
+        "settlement.*",
+    ]);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(stdout.starts_with("1 event(s) sent again"), "{stdout}");
+    eventually("the settlement sent again to the receiver", || async {
+        receiver.counts().get(&settlement_id) == Some(&2)
+            && delivery(
+                &json_trace(&["TRACE-00001", "--json"]),
+                "settlement.recorded",
+                &hook_url,
+            )["record"]["attempts"]
+                == 2
+    })
+    .await;
+    let t = json_trace(&["TRACE-00001", "--json"]);
+    let still = delivery(&t, "settlement.recorded", &down_url);
+    assert_eq!(still["status"], "DEAD", "{still}");
+    assert_eq!(
+        still["record"]["attempts"], 2,
+        "not tried by the copy: {still}"
+    );
+
+    // The subscriber is back: its notification is sent again, to it alone.
+    up.store(true, std::sync::atomic::Ordering::SeqCst);
     let (code, stdout, stderr) = redeliver(&["TRACE-00001", "--subscriber", &down_url]);
     assert_eq!(code, Some(0), "{stdout}{stderr}");
     assert!(
@@ -994,7 +1025,7 @@ async fn trace_answers_where_the_notification_of_a_booking_is(
     })
     .await;
     // Each to the subscriber asked for only.
-    assert_eq!(receiver.counts().get(&settlement_id), Some(&1));
+    assert_eq!(receiver.counts().get(&settlement_id), Some(&2));
     assert_eq!(down_seen.lock().unwrap().len(), 1, "only the settlement");
     let (code, _, stderr) =
         redeliver(&["TRACE-00001", "--subscriber", "http://127.0.0.1:9/nobody"]);
@@ -1002,6 +1033,30 @@ async fn trace_answers_where_the_notification_of_a_booking_is(
     assert!(
         stderr.contains("is not a configured subscriber"),
         "{stderr}"
+    );
+    // A pattern of none of the subscriber's topics (or none at all).
+    for pattern in ["payment.*", "settlement"] {
+        let (code, _, stderr) =
+            redeliver(&["TRACE-00001", "--subscriber", &down_url, "--topic", pattern]);
+        assert_eq!(code, Some(1), "{pattern}: {stderr}");
+        assert!(
+            stderr.contains(&format!("--topic {pattern:?} matches none")),
+            "{stderr}"
+        );
+    }
+    // A database that cannot be reached is not "not found": exit 2.
+    let out = fleet
+        .command("dispatcher")
+        .args(["trace", "TRACE-00001"])
+        .env("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none")
+        .env("ENTRIP__DATABASE__STARTUP_TIMEOUT_SECS", "1")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
 
     // The relay stopped: a new booking's event waits in the outbox, and its
