@@ -308,6 +308,38 @@ impl Report {
     }
 }
 
+/// The ticket of a run whose checks could not run (`workers integrity
+/// --once --json`, exit 2): the same kind of ticket, with the reason.
+#[derive(Debug, Serialize)]
+pub struct ErrorTicket {
+    pub kind: &'static str,
+    /// Always `error`.
+    pub status: &'static str,
+    pub severity: &'static str,
+    pub title: &'static str,
+    pub text: String,
+    /// Why the checks could not run.
+    pub error: String,
+    pub checked_at: DateTime<Utc>,
+    pub runbook: &'static str,
+}
+
+impl ErrorTicket {
+    pub fn new(error: String) -> Self {
+        let title = "Entrip integrity: the checks could not run";
+        Self {
+            kind: "entrip.integrity.report",
+            status: "error",
+            severity: "critical",
+            title,
+            text: format!("{title}: {error}\nRunbook: {RUNBOOK}\n"),
+            error,
+            checked_at: Utc::now(),
+            runbook: RUNBOOK,
+        }
+    }
+}
+
 /// A report in the shape of a ticket (and of a chat message: `text`).
 #[derive(Debug, Serialize)]
 pub struct Ticket<'a> {

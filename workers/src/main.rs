@@ -4,7 +4,7 @@
 use clap::{Parser, Subcommand};
 use entrip_common::{config::Settings, db, metrics::new_registry, service::Service, telemetry};
 use entrip_workers::{
-    integrity::{Checker, Report},
+    integrity::{Checker, ErrorTicket, Report},
     metrics::WorkerMetrics,
     notifications::{Notifications, undelivered_gauge_loop},
     runtime::Consumer,
@@ -57,6 +57,12 @@ async fn main() -> anyhow::Result<()> {
                 Ok(report) => report,
                 Err(err) => {
                     eprintln!("workers: the integrity check could not run: {err:#}");
+                    if json
+                        && let Ok(ticket) =
+                            serde_json::to_string_pretty(&ErrorTicket::new(format!("{err:#}")))
+                    {
+                        println!("{ticket}");
+                    }
                     std::process::exit(2);
                 }
             };

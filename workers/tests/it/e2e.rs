@@ -72,9 +72,14 @@ impl Fleet {
     /// An HTTP client with the key of a new API client (scope `*`), issued
     /// by `ingest clients create`, which prints the key alone on stdout.
     fn api_client(&self) -> reqwest::Client {
+        self.api_client_named("e2e")
+    }
+
+    /// The same for a client of this name.
+    fn api_client_named(&self, name: &str) -> reqwest::Client {
         let out = self
             .command("ingest")
-            .args(["clients", "create", "e2e", "--scopes", "*"])
+            .args(["clients", "create", name, "--scopes", "*"])
             .output()
             .unwrap();
         assert!(
@@ -1080,14 +1085,37 @@ async fn trace_answers_where_the_notification_of_a_booking_is(
             .contains("not published yet"),
         "{waiting}"
     );
-    // Without the client, the key is found all the same.
+    // The same key from another client for another booking: without the
+    // client the key is ambiguous (exit 1), with it each is its own.
+    let other = Api {
+        base: api.base.clone(),
+        client: fleet.api_client_named("other"),
+    };
+    let third = other
+        .post_keyed("/v1/bookings", booking_body("TRACE-00003"), &key2, None)
+        .await;
+    let (code, _, stderr) = trace(&["--key", &key2]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("answered for several bookings (e2e, other)"),
+        "{stderr}"
+    );
     assert_eq!(
-        json_trace(&["--key", &key2, "--json"])["booking"]["id"],
-        second["id"]
+        json_trace(&["--key", &key2, "--client", "other", "--json"])["booking"]["id"],
+        third["id"]
+    );
+    // A key of one client only, without the client: found all the same.
+    let key3 = format!("trace-{}", Uuid::new_v4().simple());
+    let fourth = api
+        .post_keyed("/v1/bookings", booking_body("TRACE-00004"), &key3, None)
+        .await;
+    assert_eq!(
+        json_trace(&["--key", &key3, "--json"])["booking"]["id"],
+        fourth["id"]
     );
 
-    // Nothing to trace: exit 1 and why.
-    // Redelivering it now sends nothing: the relay has not published it.
+    // Redelivering TRACE-00002 now sends nothing: the relay has not
+    // published it.
     let (code, stdout, stderr) = redeliver(&["TRACE-00002", "--subscriber", &hook_url]);
     assert_eq!(code, Some(0), "{stderr}");
     assert!(stdout.starts_with("0 event(s) sent again"), "{stdout}");
@@ -1096,6 +1124,7 @@ async fn trace_answers_where_the_notification_of_a_booking_is(
         "{stdout}"
     );
 
+    // Nothing to trace: exit 1 and why.
     let (code, stdout, stderr) = trace(&["NO-SUCH-CODE"]);
     assert_eq!(code, Some(1), "{stdout}{stderr}");
     assert!(

@@ -905,6 +905,59 @@ async fn json_prints_the_ticket_the_alert_webhook_receives_naming_the_rows(
 }
 
 #[sqlx::test(migrator = "entrip_common::db::MIGRATOR")]
+async fn a_ticket_shows_ten_rows_of_many_and_counts_the_rest(pool: PgPool) {
+    consistent(&pool).await;
+    let mut planted = Vec::new();
+    for _ in 0..12 {
+        let b = booking(&pool, false).await;
+        confirm_unsettled(&pool, b.booking).await;
+        planted.push(b.booking.to_string());
+    }
+    planted.sort();
+    let report = check(&pool).await;
+    assert_only(&report, "confirmed_without_settlement", 12);
+    let ticket = report.ticket();
+    assert_eq!(ticket.violations, 12);
+    let f = finding(&report, "confirmed_without_settlement");
+    // The first ten by id, so the same ones from run to run.
+    let shown: Vec<&str> = f.rows.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(
+        shown,
+        planted[..10].iter().map(String::as_str).collect::<Vec<_>>()
+    );
+    assert!(ticket.text.contains("  - and 2 more\n"), "{}", ticket.text);
+    assert_eq!(check(&pool).await.ticket().fingerprint, ticket.fingerprint);
+}
+
+#[tokio::test]
+async fn json_prints_an_error_ticket_when_the_checks_cannot_run() {
+    let mut cmd = Command::new(BIN);
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none")
+        .env("ENTRIP__DATABASE__STARTUP_TIMEOUT_SECS", "1")
+        .env("ENTRIP__LOG__LEVEL", "error")
+        .args(["integrity", "--once", "--json"]);
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let t: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("stdout is one JSON document ({e}):\n{}", text(&out)));
+    assert_eq!(t["kind"], "entrip.integrity.report");
+    assert_eq!(t["status"], "error");
+    assert_eq!(t["severity"], "critical");
+    let error = t["error"].as_str().unwrap();
+    assert!(error.contains("PostgreSQL"), "{t}");
+    assert!(t["text"].as_str().unwrap().contains(error), "{t}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("could not run"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[sqlx::test(migrator = "entrip_common::db::MIGRATOR")]
 async fn check_once_posts_the_report_to_the_alert_webhook_and_sets_the_gauges(pool: PgPool) {
     consistent(&pool).await;
     let (alert_url, alerts) = alert_server().await;
