@@ -246,6 +246,15 @@ pub struct WebhookSettings {
     pub topics: Vec<String>,
 }
 
+impl WebhookSettings {
+    /// Whether one of its patterns matches the event type `topic`.
+    pub fn wants(&self, topic: &str) -> bool {
+        self.topics
+            .iter()
+            .any(|p| crate::amqp::topic_matches(p, topic))
+    }
+}
+
 /// The periodic integrity checker.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]

@@ -27,7 +27,7 @@ use uuid::Uuid;
 use crate::{
     outbox::{self, OutboxRow},
     publisher,
-    trace::{self, Target, TraceError},
+    trace::{self, Publish, Target, TraceError},
 };
 
 /// How long the broker may take to confirm one message.
@@ -102,10 +102,7 @@ pub async fn plan(
         .iter()
         .find(|h| h.url == subscriber)
         .ok_or_else(|| RedeliverError::UnknownSubscriber(subscriber.to_owned()))?;
-    let wants = |kind: &str| {
-        hook.topics.iter().any(|p| topic_matches(p, kind))
-            && topic.is_none_or(|t| topic_matches(t, kind))
-    };
+    let wants = |kind: &str| hook.wants(kind) && topic.is_none_or(|t| topic_matches(t, kind));
     if let Some(pattern) = topic
         && !EventType::ALL.iter().any(|t| wants(t.as_str()))
     {
@@ -120,7 +117,7 @@ pub async fn plan(
     let mut chosen = Vec::new();
     for event in &found.events {
         match (event.topic.as_deref(), event.state) {
-            (Some(kind), "published") if wants(kind) => chosen.push(event.id),
+            (Some(kind), Publish::Published) if wants(kind) => chosen.push(event.id),
             (Some(kind), state) if wants(kind) => {
                 skipped.push((event.id, format!("{kind} is {state}")));
             }

@@ -14,7 +14,6 @@
 use std::fmt::Write as _;
 
 use entrip_common::{
-    amqp::topic_matches,
     audit::{self, AuditRecord},
     config::WebhookSettings,
     domain::AggregateType,
@@ -80,16 +79,49 @@ pub struct Trace {
     pub events: Vec<EventTrace>,
 }
 
+/// Where an event is on its way to the broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Publish {
+    /// The broker confirmed it.
+    Published,
+    /// Not yet: the relay publishes or retries it.
+    Pending,
+    /// Given up: needs `dispatcher outbox redrive`.
+    Dead,
+    /// Published, then deleted after `dispatcher.retention_hours`.
+    Purged,
+}
+
+impl Publish {
+    fn of(row: Option<&EventState>) -> Self {
+        match row {
+            None => Self::Purged,
+            Some(s) if s.published_at.is_some() => Self::Published,
+            Some(s) if s.dead_at.is_some() => Self::Dead,
+            Some(_) => Self::Pending,
+        }
+    }
+}
+
+impl std::fmt::Display for Publish {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Published => "published",
+            Self::Pending => "pending",
+            Self::Dead => "dead",
+            Self::Purged => "purged",
+        })
+    }
+}
+
 /// One event: its publish state and its webhook deliveries.
 #[derive(Debug, Serialize)]
 pub struct EventTrace {
     pub id: Uuid,
     /// Unknown once the published row was deleted after retention.
     pub topic: Option<String>,
-    /// `published`, `pending` (the relay retries it), `dead` (needs
-    /// `dispatcher outbox redrive`), or `purged` (published, then deleted
-    /// after `dispatcher.retention_hours`).
-    pub state: &'static str,
+    pub state: Publish,
     pub outbox: Option<EventState>,
     /// One per subscriber: each recorded pair, then each configured
     /// subscriber of the topic with no record yet.
@@ -137,6 +169,7 @@ pub async fn trace(
                 return Err(TraceError::NoKey(key.clone()));
             }
             let mut named: Vec<Uuid> = keys.iter().filter_map(booking_of).collect();
+            named.sort_unstable();
             named.dedup();
             if named.len() > 1 {
                 let clients = keys.iter().map(|k| k.client.as_str()).collect::<Vec<_>>();
@@ -228,12 +261,7 @@ fn event_trace(
     webhooks: &[WebhookSettings],
 ) -> EventTrace {
     let outbox = states.iter().find(|s| s.id == id).cloned();
-    let state = match &outbox {
-        None => "purged",
-        Some(s) if s.published_at.is_some() => "published",
-        Some(s) if s.dead_at.is_some() => "dead",
-        Some(_) => "pending",
-    };
+    let state = Publish::of(outbox.as_ref());
     let mut deliveries: Vec<DeliveryTrace> = recorded
         .iter()
         .filter(|d| d.event_id == id)
@@ -258,15 +286,14 @@ fn event_trace(
     });
     if let Some(topic) = &topic {
         for hook in webhooks {
-            let wanted = hook.topics.iter().any(|p| topic_matches(p, topic));
-            if wanted && !deliveries.iter().any(|d| d.subscriber == hook.url) {
+            if hook.wants(topic) && !deliveries.iter().any(|d| d.subscriber == hook.url) {
                 deliveries.push(DeliveryTrace {
                     subscriber: hook.url.clone(),
                     status: "NONE".to_owned(),
                     hint: Some(match state {
-                        "pending" => "not sent: the event is not published yet (dispatcher outbox stats)",
-                        "dead" => "not sent: the event is dead in the outbox (dispatcher outbox redrive)",
-                        _ => "published, no attempt recorded: in entrip.notifications or its DLQ (dispatcher dlq list entrip.notifications.dlq), or the subscriber was added later",
+                        Publish::Pending => "not sent: the event is not published yet (dispatcher outbox stats)",
+                        Publish::Dead => "not sent: the event is dead in the outbox (dispatcher outbox redrive)",
+                        Publish::Published | Publish::Purged => "published, no attempt recorded: in entrip.notifications or its DLQ (dispatcher dlq list entrip.notifications.dlq), or the subscriber was added later",
                     }),
                     record: None,
                 });

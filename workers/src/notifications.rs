@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use entrip_common::{
-    amqp::{NOTIFICATIONS_QUEUE, SUBSCRIBER_HEADER, topic_matches},
+    amqp::{NOTIFICATIONS_QUEUE, SUBSCRIBER_HEADER},
     config::{NotificationsSettings, WebhookSettings},
     signing,
     trace::{TRACEPARENT_HEADER, TraceParent},
@@ -35,23 +35,21 @@ const GAUGE_INTERVAL: Duration = Duration::from_secs(5);
 /// A subscriber with its key decoded once.
 #[derive(Debug, Clone)]
 struct Subscriber {
-    url: String,
+    hook: WebhookSettings,
     key: Vec<u8>,
-    patterns: Vec<String>,
 }
 
 impl Subscriber {
     /// `None` when the secret is not `whsec_` + base64.
     fn new(hook: &WebhookSettings) -> Option<Self> {
         Some(Self {
-            url: hook.url.clone(),
             key: signing::decode_secret(&hook.secret)?,
-            patterns: hook.topics.clone(),
+            hook: hook.clone(),
         })
     }
 
-    fn wants(&self, topic: &str) -> bool {
-        self.patterns.iter().any(|p| topic_matches(p, topic))
+    fn url(&self) -> &str {
+        &self.hook.url
     }
 }
 
@@ -110,7 +108,7 @@ impl Notifications {
         let signature = signing::sign(&sub.key, event_id, timestamp, body);
         let mut request = self
             .client
-            .post(&sub.url)
+            .post(sub.url())
             .header("content-type", "application/json")
             .header("webhook-id", event_id)
             .header("webhook-timestamp", timestamp.to_string())
@@ -148,7 +146,7 @@ impl Notifications {
         msg: &Message,
     ) -> sqlx::Result<PairOutcome> {
         let mut tx = self.pool.begin().await?;
-        match deliveries::lock_pair(&mut tx, event, &sub.url).await? {
+        match deliveries::lock_pair(&mut tx, event, sub.url()).await? {
             deliveries::Pair::AlreadyDelivered => return Ok(PairOutcome::AlreadyDelivered),
             deliveries::Pair::Locked => {}
         }
@@ -164,7 +162,7 @@ impl Notifications {
             Ok(code) => (Some(code), None),
             Err(not) => (not.status_code, Some(not.reason)),
         };
-        deliveries::record_attempt(&mut tx, event, &sub.url, status_code, failure.as_deref())
+        deliveries::record_attempt(&mut tx, event, sub.url(), status_code, failure.as_deref())
             .await?;
         tx.commit().await?;
         Ok(match failure {
@@ -193,7 +191,7 @@ impl Handler for Notifications {
             // notifications redeliver`); it must be one of ours.
             let only = msg.header_text(SUBSCRIBER_HEADER);
             if let Some(url) = &only
-                && !self.subscribers.iter().any(|s| &s.url == url)
+                && !self.subscribers.iter().any(|s| s.url() == url.as_str())
             {
                 return Outcome::Poison(format!(
                     "a redelivery for {url}, which is not a configured subscriber here"
@@ -203,10 +201,9 @@ impl Handler for Notifications {
             let mut matched = 0;
             // Pairs sent now, whatever the receiver answered.
             let mut attempted = 0;
-            let chosen = self
-                .subscribers
-                .iter()
-                .filter(|s| s.wants(&event.kind) && only.as_ref().is_none_or(|url| &s.url == url));
+            let chosen = self.subscribers.iter().filter(|s| {
+                s.hook.wants(&event.kind) && only.as_ref().is_none_or(|url| s.url() == url.as_str())
+            });
             for sub in chosen {
                 matched += 1;
                 match self.deliver(sub, &event, msg).await {
@@ -214,8 +211,8 @@ impl Handler for Notifications {
                     Ok(PairOutcome::Delivered) => attempted += 1,
                     Ok(PairOutcome::Failed(reason)) => {
                         attempted += 1;
-                        tracing::warn!(subscriber = %sub.url, %reason, "webhook not delivered");
-                        failures.push(format!("{}: {reason}", sub.url));
+                        tracing::warn!(subscriber = %sub.url(), %reason, "webhook not delivered");
+                        failures.push(format!("{}: {reason}", sub.url()));
                     }
                     // The receiver may get this event again: it dedupes by webhook-id.
                     Err(err) => return Outcome::Retry(format!("database: {err}")),
