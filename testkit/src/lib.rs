@@ -123,6 +123,21 @@ impl Vhost {
     pub fn url(&self) -> String {
         self.url_via(amqp_addr())
     }
+
+    /// Sets the permissions of user `guest` on this vhost (regexes, as
+    /// `rabbitmqctl set_permissions`); they apply to new connections.
+    /// `Vhost::new` gives `.*` for all three.
+    pub fn set_permissions(&self, configure: &str, write: &str, read: &str) {
+        rabbitmqctl(&[
+            "set_permissions",
+            "-p",
+            &self.name,
+            "guest",
+            configure,
+            write,
+            read,
+        ]);
+    }
 }
 
 impl Default for Vhost {

@@ -1068,6 +1068,38 @@ async fn trace_answers_where_the_notification_of_a_booking_is(
     // notification is not sent, with where to look.
     dispatcher.signal("-TERM");
     assert!(dispatcher.wait_exit().await.success());
+    // A redelivery the broker refuses (the dispatcher's user may no longer
+    // publish to the default exchange) leaves the pairs as they were: exit
+    // 2, the receiver's pair still DELIVERED with its attempts, nothing sent.
+    let before = delivery(
+        &json_trace(&["TRACE-00001", "--json"]),
+        "booking.created",
+        &hook_url,
+    );
+    assert_eq!(before["status"], "DELIVERED", "{before}");
+    vhost.set_permissions(".*", r"^entrip\..*", ".*");
+    let (code, stdout, stderr) = redeliver(&[
+        "TRACE-00001",
+        "--subscriber",
+        &hook_url,
+        "--topic",
+        "booking.created",
+    ]);
+    vhost.set_permissions(".*", ".*", ".*");
+    assert_eq!(code, Some(2), "{stdout}{stderr}");
+    assert!(stderr.contains("RabbitMQ"), "{stderr}");
+    let after = delivery(
+        &json_trace(&["TRACE-00001", "--json"]),
+        "booking.created",
+        &hook_url,
+    );
+    assert_eq!(after["status"], "DELIVERED", "rolled back: {after}");
+    assert_eq!(
+        after["record"]["attempts"], before["record"]["attempts"],
+        "{after}"
+    );
+    assert_eq!(receiver.counts().get(&created_id), Some(&2), "nothing sent");
+
     let key2 = format!("trace-{}", Uuid::new_v4().simple());
     let second = api
         .post_keyed("/v1/bookings", booking_body("TRACE-00002"), &key2, None)
