@@ -172,6 +172,9 @@ const CHECKS: &[Check] = &[
 /// How many offending rows a finding shows.
 const SHOWN: i64 = 10;
 
+/// The `kind` of every ticket: lets a receiver route it.
+const TICKET_KIND: &str = "entrip.integrity.report";
+
 /// Where the runbook section for an integrity alert is, named in tickets.
 pub const RUNBOOK: &str = "docs/operations.md#an-integrity-alert";
 
@@ -277,7 +280,7 @@ impl Report {
             ));
         }
         Ticket {
-            kind: "entrip.integrity.report",
+            kind: TICKET_KIND,
             status: if violations == 0 { "ok" } else { "violated" },
             severity: if violations == 0 { "info" } else { "critical" },
             title,
@@ -328,7 +331,7 @@ impl ErrorTicket {
     pub fn new(error: String) -> Self {
         let title = "Entrip integrity: the checks could not run";
         Self {
-            kind: "entrip.integrity.report",
+            kind: TICKET_KIND,
             status: "error",
             severity: "critical",
             title,
