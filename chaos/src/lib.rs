@@ -13,6 +13,7 @@ pub mod fleet;
 pub mod ingest_metrics;
 pub mod load;
 pub mod receiver;
+pub mod rehearsal;
 pub mod report;
 pub mod rng;
 pub mod tap;
@@ -237,7 +238,10 @@ async fn wait_healthy(fleet: &Mutex<Fleet>, deadline: Duration) -> Result<(), Er
 }
 
 /// Starts every service that is not running and waits until all answer.
-async fn start_all_healthy(fleet: &Mutex<Fleet>, deadline: Duration) -> Result<(), Error> {
+pub(crate) async fn start_all_healthy(
+    fleet: &Mutex<Fleet>,
+    deadline: Duration,
+) -> Result<(), Error> {
     fleet
         .lock()
         .unwrap_or_else(|e| e.into_inner())

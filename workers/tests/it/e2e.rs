@@ -43,14 +43,14 @@ fn bin(name: &str) -> PathBuf {
 }
 
 /// The environment every service of one test shares.
-struct Fleet {
-    db_url: String,
-    amqp_url: String,
-    config: PathBuf,
+pub(crate) struct Fleet {
+    pub(crate) db_url: String,
+    pub(crate) amqp_url: String,
+    pub(crate) config: PathBuf,
 }
 
 impl Fleet {
-    fn command(&self, name: &str) -> Command {
+    pub(crate) fn command(&self, name: &str) -> Command {
         let mut cmd = Command::new(bin(name));
         cmd.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -76,7 +76,7 @@ impl Fleet {
     }
 
     /// The same for a client of this name.
-    fn api_client_named(&self, name: &str) -> reqwest::Client {
+    pub(crate) fn api_client_named(&self, name: &str) -> reqwest::Client {
         let out = self
             .command("ingest")
             .args(["clients", "create", name, "--scopes", "*"])
@@ -99,7 +99,7 @@ impl Fleet {
             .unwrap()
     }
 
-    fn spawn(&self, name: &str, listen_key: &str, port: u16) -> Process {
+    pub(crate) fn spawn(&self, name: &str, listen_key: &str, port: u16) -> Process {
         Process::spawn(
             self.command(name)
                 .env(listen_key, format!("127.0.0.1:{port}")),
@@ -113,13 +113,13 @@ type Traced = (Option<String>, Value);
 /// A webhook receiver that records every delivery's webhook-id, and its
 /// `traceparent` with the event.
 #[derive(Clone, Default)]
-struct Receiver {
+pub(crate) struct Receiver {
     seen: Arc<Mutex<HashMap<String, usize>>>,
     traced: Arc<Mutex<Vec<Traced>>>,
 }
 
 impl Receiver {
-    async fn start(&self) -> String {
+    pub(crate) async fn start(&self) -> String {
         let (seen, traced) = (self.seen.clone(), self.traced.clone());
         let app = Router::new().route(
             "/hooks",
@@ -249,7 +249,7 @@ fn write_config(url: &str) -> PathBuf {
 }
 
 /// A config file with these subscribers: (url, topics as a TOML array).
-fn write_webhooks(hooks: &[(&str, &str)]) -> PathBuf {
+pub(crate) fn write_webhooks(hooks: &[(&str, &str)]) -> PathBuf {
     let path = std::env::temp_dir().join(format!("entrip-e2e-{}.toml", Uuid::new_v4().simple()));
     let config: String = hooks
         .iter()
@@ -263,13 +263,13 @@ fn write_webhooks(hooks: &[(&str, &str)]) -> PathBuf {
     path
 }
 
-struct Api {
-    base: String,
-    client: reqwest::Client,
+pub(crate) struct Api {
+    pub(crate) base: String,
+    pub(crate) client: reqwest::Client,
 }
 
 impl Api {
-    async fn post(&self, path: &str, body: Value) -> Value {
+    pub(crate) async fn post(&self, path: &str, body: Value) -> Value {
         self.post_traced(path, body, None).await
     }
 
@@ -278,7 +278,7 @@ impl Api {
         self.post_keyed(path, body, &key, traceparent).await
     }
 
-    async fn post_keyed(
+    pub(crate) async fn post_keyed(
         &self,
         path: &str,
         body: Value,
@@ -300,7 +300,7 @@ impl Api {
     }
 }
 
-async fn wait_ready(url: &str) {
+pub(crate) async fn wait_ready(url: &str) {
     eventually(&format!("{url} answers 2xx"), || async {
         reqwest::get(url)
             .await
@@ -421,7 +421,7 @@ async fn journey(api: &Api, user: &str, i: usize) -> (usize, String) {
 struct InTrace<'a>(&'a Api, &'a str);
 
 impl InTrace<'_> {
-    async fn post(&self, path: &str, body: Value) -> Value {
+    pub(crate) async fn post(&self, path: &str, body: Value) -> Value {
         self.0.post_traced(path, body, Some(self.1)).await
     }
 }

@@ -8,5 +8,6 @@ mod cuts;
 mod e2e;
 mod integrity;
 mod notifications;
+mod runbook;
 mod settlement;
 mod smoke;
