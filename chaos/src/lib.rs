@@ -136,6 +136,33 @@ impl Options {
     }
 }
 
+/// The command-line edge of the `chaos` and `rehearsal` binaries: progress
+/// lines on stderr (`RUST_LOG`, default `info`; colour only on a
+/// terminal), then `main` run, and its result as the exit code: 0 when every
+/// check passed, 1 when one failed, 2 (with the error) when the run could not
+/// be carried out.
+pub async fn cli_main<F>(name: &str, main: F) -> std::process::ExitCode
+where
+    F: std::future::Future<Output = anyhow::Result<bool>>,
+{
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    match main.await {
+        Ok(true) => std::process::ExitCode::SUCCESS,
+        Ok(false) => std::process::ExitCode::from(1),
+        Err(err) => {
+            eprintln!("{name}: {err:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
 /// The database name of a `postgres://…/name?…` URL.
 pub fn database_name(url: &str) -> Result<String, Error> {
     let opts = PgConnectOptions::from_str(url)?;

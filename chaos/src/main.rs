@@ -113,21 +113,7 @@ fn parse_rate(text: &str) -> Result<f64, String> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
-    match main_inner().await {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::from(1),
-        Err(err) => {
-            eprintln!("chaos: {err:#}");
-            ExitCode::from(2)
-        }
-    }
+    entrip_chaos::cli_main("chaos", main_inner()).await
 }
 
 async fn main_inner() -> anyhow::Result<bool> {

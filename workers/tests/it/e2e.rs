@@ -162,6 +162,47 @@ impl Receiver {
     }
 }
 
+/// A subscriber that answers 503 until it is `up` (its owner fixed it);
+/// what it took afterwards, by webhook-id.
+pub(crate) struct DownSubscriber {
+    pub(crate) url: String,
+    pub(crate) up: Arc<std::sync::atomic::AtomicBool>,
+    pub(crate) seen: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+impl DownSubscriber {
+    pub(crate) async fn start() -> Self {
+        let up = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let seen: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+        let url = {
+            let (up, seen) = (up.clone(), seen.clone());
+            let app = Router::new().route(
+                "/down",
+                post(move |headers: HeaderMap| {
+                    let (up, seen) = (up.clone(), seen.clone());
+                    async move {
+                        if !up.load(std::sync::atomic::Ordering::SeqCst) {
+                            return axum::http::StatusCode::SERVICE_UNAVAILABLE;
+                        }
+                        let id = headers
+                            .get("webhook-id")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or_default()
+                            .to_owned();
+                        *seen.lock().unwrap().entry(id).or_default() += 1;
+                        axum::http::StatusCode::OK
+                    }
+                }),
+            );
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+            format!("http://{addr}/down")
+        };
+        Self { url, up, seen }
+    }
+}
+
 /// A queue bound to every event on `entrip.events`: what a downstream
 /// subscriber sees. Declared after the topology, before the first request.
 async fn tap(amqp_url: &str) -> (lapin::Connection, lapin::Channel, String) {
@@ -298,6 +339,41 @@ impl Api {
         assert!(status.is_success(), "{path}: {status} {body}");
         body
     }
+}
+
+/// The user Kim, created through the API.
+pub(crate) async fn create_kim(api: &Api) -> Value {
+    api.post(
+        "/v1/users",
+        json!({"name": "Kim", "email": "kim@example.com", "phone": "010 1234 5678"}),
+    )
+    .await
+}
+
+/// A booking of Kim's with this code: ICN to NRT, 350000 KRW, no approval.
+pub(crate) fn kim_booking(code: &str, user: &Value) -> Value {
+    json!({
+        "code": code, "customerName": "Kim", "customerPhone": "010 1234 5678",
+        "itineraryFrom": "ICN", "itineraryTo": "NRT",
+        "departAt": "2026-12-24T09:30:00+09:00", "arriveAt": "2026-12-24T11:45:00+09:00",
+        "amount": "350000", "userId": user["id"], "requiresApproval": false,
+    })
+}
+
+/// The booking's payment (by card, its whole amount), approved by the
+/// gateway: the booking is settled next.
+pub(crate) async fn pay(api: &Api, booking_id: &Value) {
+    let payment = api
+        .post(
+            "/v1/payments",
+            json!({"bookingId": booking_id, "method": "CARD", "amount": "350000", "currency": "KRW", "tax": "31818"}),
+        )
+        .await;
+    api.post(
+        &format!("/v1/payments/{}/result", payment["id"].as_str().unwrap()),
+        json!({"status": "APPROVED", "approvalId": "PG-1"}),
+    )
+    .await;
 }
 
 pub(crate) async fn wait_ready(url: &str) {
@@ -699,35 +775,11 @@ async fn trace_answers_where_the_notification_of_a_booking_is(
     let vhost = Vhost::new();
     let receiver = Receiver::default();
     let hook_url = receiver.start().await;
-    // A subscriber that answers 503 until it is `up`; what it took, by
-    // webhook-id.
-    let up = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let down_seen: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
-    let down_url = {
-        let (up, seen) = (up.clone(), down_seen.clone());
-        let app = Router::new().route(
-            "/down",
-            post(move |headers: HeaderMap| {
-                let (up, seen) = (up.clone(), seen.clone());
-                async move {
-                    if !up.load(std::sync::atomic::Ordering::SeqCst) {
-                        return axum::http::StatusCode::SERVICE_UNAVAILABLE;
-                    }
-                    let id = headers
-                        .get("webhook-id")
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or_default()
-                        .to_owned();
-                    *seen.lock().unwrap().entry(id).or_default() += 1;
-                    axum::http::StatusCode::OK
-                }
-            }),
-        );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        format!("http://{addr}/down")
-    };
+    let DownSubscriber {
+        url: down_url,
+        up,
+        seen: down_seen,
+    } = DownSubscriber::start().await;
     let fleet = Fleet {
         db_url: role.url().to_owned(),
         amqp_url: vhost.url(),
@@ -758,36 +810,14 @@ async fn trace_answers_where_the_notification_of_a_booking_is(
         base,
         client: fleet.api_client(),
     };
-    let user = api
-        .post(
-            "/v1/users",
-            json!({"name": "Kim", "email": "kim@example.com", "phone": "010 1234 5678"}),
-        )
-        .await;
-    let booking_body = |code: &str| {
-        json!({
-            "code": code, "customerName": "Kim", "customerPhone": "010 1234 5678",
-            "itineraryFrom": "ICN", "itineraryTo": "NRT",
-            "departAt": "2026-12-24T09:30:00+09:00", "arriveAt": "2026-12-24T11:45:00+09:00",
-            "amount": "350000", "userId": user["id"], "requiresApproval": false,
-        })
-    };
+    let user = create_kim(&api).await;
+    let booking_body = |code: &str| kim_booking(code, &user);
     let key = format!("trace-{}", Uuid::new_v4().simple());
     let booking = api
         .post_keyed("/v1/bookings", booking_body("TRACE-00001"), &key, None)
         .await;
     let booking_id = booking["id"].as_str().unwrap().to_owned();
-    let payment = api
-        .post(
-            "/v1/payments",
-            json!({"bookingId": booking_id, "method": "CARD", "amount": "350000", "currency": "KRW", "tax": "31818"}),
-        )
-        .await;
-    api.post(
-        &format!("/v1/payments/{}/result", payment["id"].as_str().unwrap()),
-        json!({"status": "APPROVED", "approvalId": "PG-1"}),
-    )
-    .await;
+    pay(&api, &booking["id"]).await;
 
     let trace = |args: &[&str]| {
         let out = fleet

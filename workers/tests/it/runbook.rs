@@ -17,20 +17,19 @@ use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
     process::Command,
-    sync::{Arc, Mutex},
     time::Duration,
 };
 
-use axum::{Router, http::HeaderMap, routing::post};
 use entrip_testkit::{Process, Vhost, free_port, pg::ServiceRole};
-use serde_json::{Value, json};
 use sqlx::{
     PgPool,
     postgres::{PgConnectOptions, PgPoolOptions},
 };
 use uuid::Uuid;
 
-use crate::e2e::{Api, Fleet, Receiver, wait_ready, write_webhooks};
+use crate::e2e::{
+    Api, DownSubscriber, Fleet, Receiver, create_kim, kim_booking, pay, wait_ready, write_webhooks,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Phase {
@@ -192,33 +191,11 @@ async fn every_runbook_command_diagnoses_repairs_and_verifies_its_incident(
     let vhost = Vhost::new();
     let receiver = Receiver::default();
     let hook_url = receiver.start().await;
-    // A subscriber that answers 503 until it is `up` (its owner fixed it).
-    let up = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
-    let down_url = {
-        let (up, seen) = (up.clone(), seen.clone());
-        let app = Router::new().route(
-            "/down",
-            post(move |headers: HeaderMap| {
-                let (up, seen) = (up.clone(), seen.clone());
-                async move {
-                    if !up.load(std::sync::atomic::Ordering::SeqCst) {
-                        return axum::http::StatusCode::SERVICE_UNAVAILABLE;
-                    }
-                    let id = headers
-                        .get("webhook-id")
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or_default();
-                    seen.lock().unwrap().push(id.to_owned());
-                    axum::http::StatusCode::OK
-                }
-            }),
-        );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        format!("http://{addr}/down")
-    };
+    let DownSubscriber {
+        url: down_url,
+        up,
+        seen,
+    } = DownSubscriber::start().await;
     let fleet = Fleet {
         db_url: role.url().to_owned(),
         amqp_url: vhost.url(),
@@ -269,39 +246,12 @@ async fn every_runbook_command_diagnoses_repairs_and_verifies_its_incident(
         base: ingest.clone(),
         client: fleet.api_client_named("upstream"),
     };
-    let user = api
-        .post(
-            "/v1/users",
-            json!({"name": "Kim", "email": "kim@example.com", "phone": "010 1234 5678"}),
-        )
-        .await;
-    let booking = |code: &str| {
-        json!({
-            "code": code, "customerName": "Kim", "customerPhone": "010 1234 5678",
-            "itineraryFrom": "ICN", "itineraryTo": "NRT",
-            "departAt": "2026-12-24T09:30:00+09:00", "arriveAt": "2026-12-24T11:45:00+09:00",
-            "amount": "350000", "userId": user["id"], "requiresApproval": false,
-        })
-    };
-    let api = &api;
-    let paid = |id: Value| async move {
-        let payment = api
-            .post(
-                "/v1/payments",
-                json!({"bookingId": id, "method": "CARD", "amount": "350000", "currency": "KRW", "tax": "31818"}),
-            )
-            .await;
-        api.post(
-            &format!("/v1/payments/{}/result", payment["id"].as_str().unwrap()),
-            json!({"status": "APPROVED", "approvalId": "PG-1"}),
-        )
-        .await;
-    };
-
+    let user = create_kim(&api).await;
+    let booking = |code: &str| kim_booking(code, &user);
     // Planted: a settlement whose webhook the subscriber that is down never
     // got, and its notification in entrip.notifications.dlq.
     let missing = api.post("/v1/bookings", booking("MISS-00001")).await;
-    paid(missing["id"].clone()).await;
+    pay(&api, &missing["id"]).await;
     entrip_testkit::eventually("the subscriber that is down given up on", || async {
         sqlx::query_scalar::<_, i64>(
             "select count(*) from notification_deliveries where subscriber = $1 and status = 'DEAD'",
@@ -372,7 +322,7 @@ async fn every_runbook_command_diagnoses_repairs_and_verifies_its_incident(
     dispatcher.signal("-KILL");
     dispatcher.wait_exit().await;
     let unsettled = api.post("/v1/bookings", booking("INT-00001")).await;
-    paid(unsettled["id"].clone()).await;
+    pay(&api, &unsettled["id"]).await;
     assert!(kill_events(&pool, &[unsettled["id"].as_str().unwrap()]).await >= 3);
     tokio::time::sleep(Duration::from_millis(1500)).await; // past the grace
     dispatcher = spawn_dispatcher();
