@@ -174,12 +174,9 @@ fn setup(msg: impl Into<String>) -> Error {
     Error::Setup(msg.into())
 }
 
-/// Runs a hook with `bash -c`; fails naming it, with its output.
-async fn hook(name: &str, command: &str) -> Result<Duration, Error> {
-    hook_with(name, command, &[]).await
-}
-
-/// The same with these variables added to the environment.
+/// Runs a hook with `bash -c` and these variables added to the
+/// environment (`PATH` with the fleet's binaries first, so that the
+/// runbook's commands find them); fails naming it, with its output.
 async fn hook_with(name: &str, command: &str, env: &[(&str, String)]) -> Result<Duration, Error> {
     let t = Instant::now();
     tracing::info!(hook = name, command, "running hook");
@@ -248,6 +245,37 @@ async fn post(
     Ok((status, replayed, body))
 }
 
+/// The booking's payment, approved by the gateway; false when either
+/// request was not answered as it should (the outage).
+async fn pay(http: &reqwest::Client, base: &str, api_key: &str, booking: Uuid) -> bool {
+    let payment = json!({"bookingId": booking, "method": "CARD", "amount": "350000", "currency": "KRW", "tax": "31818"});
+    let Ok((201, _, answer)) = post(
+        http,
+        &format!("{base}/v1/payments"),
+        api_key,
+        &format!("rehearsal-pay-{}", Uuid::new_v4()),
+        &payment,
+    )
+    .await
+    else {
+        return false;
+    };
+    let Some(payment_id) = id_of(&answer) else {
+        return false;
+    };
+    matches!(
+        post(
+            http,
+            &format!("{base}/v1/payments/{payment_id}/result"),
+            api_key,
+            &format!("rehearsal-result-{}", Uuid::new_v4()),
+            &json!({"status": "APPROVED", "approvalId": "PG-REHEARSAL"}),
+        )
+        .await,
+        Ok((200, _, _))
+    )
+}
+
 fn id_of(body: &Value) -> Option<Uuid> {
     body.get("id")?.as_str()?.parse().ok()
 }
@@ -314,9 +342,10 @@ async fn traffic(t: Traffic, mut stop: watch::Receiver<bool>) -> u64 {
             break;
         };
         n += 1;
-        let (http, url, api_key, acks, failed) = (
+        let (http, url, base, api_key, acks, failed) = (
             http.clone(),
             url.clone(),
+            base.clone(),
             api_key.clone(),
             acks.clone(),
             failed.clone(),
@@ -334,6 +363,11 @@ async fn traffic(t: Traffic, mut stop: watch::Receiver<bool>) -> u64 {
                     acks.lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .push(Ack { key, body, id, at });
+                    // Every fourth booking is paid: its settlement is in
+                    // flight around the backup and the loss too.
+                    if n.is_multiple_of(4) && !pay(&http, &base, &api_key, id).await {
+                        failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
                 }
                 None => {
                     failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -384,6 +418,7 @@ async fn unpublished(db: &PgPool) -> Result<BTreeSet<Uuid>, Error> {
 /// target, and which of the two is there.
 #[allow(clippy::too_many_arguments)] // one call site, each argument named there
 async fn point_in_time(
+    path: &str,
     database_url: &str,
     db: &PgPool,
     http: &reqwest::Client,
@@ -440,7 +475,7 @@ async fn point_in_time(
     let restore_seconds = hook_with(
         "point-in-time restore",
         command,
-        &[("RESTORE_TO", target.clone())],
+        &[("RESTORE_TO", target.clone()), ("PATH", path.to_owned())],
     )
     .await?
     .as_secs_f64();
@@ -469,6 +504,11 @@ pub async fn run(opts: RehearsalOptions) -> Result<RehearsalReport, Error> {
     }
     let started_at = Utc::now();
     let bin_dir = fleet::find_bin_dir(opts.bin_dir.as_deref())?;
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
     std::fs::create_dir_all(&opts.log_dir)?;
     let config_file = opts.log_dir.join("entrip-rehearsal.toml");
     std::fs::write(
@@ -567,7 +607,7 @@ pub async fn run(opts: RehearsalOptions) -> Result<RehearsalReport, Error> {
         pause_relay();
     }
     let backup_started_at = Utc::now();
-    let backup = hook("backup", &opts.backup_hook).await;
+    let backup = hook_with("backup", &opts.backup_hook, &[("PATH", path.clone())]).await;
     let backup_seconds = match backup {
         Ok(d) => d.as_secs_f64(),
         Err(e) => {
@@ -588,7 +628,10 @@ pub async fn run(opts: RehearsalOptions) -> Result<RehearsalReport, Error> {
     db.close().await;
     let loss_at = Utc::now();
     tracing::info!(%loss_at, "losing the cluster");
-    let lost = hook("lose", &opts.lose_hook).await;
+    let lost = hook_with("lose", &opts.lose_hook, &[("PATH", path.clone())]).await;
+    // The cluster is gone by the end of the hook: the RPO is measured to
+    // then (an upper bound; `loss_at` is when the loss began).
+    let lost_at = Utc::now();
     let _ = stop_tx.send(true);
     let requests_sent = load.await.unwrap_or_default();
     fleet
@@ -601,7 +644,9 @@ pub async fn run(opts: RehearsalOptions) -> Result<RehearsalReport, Error> {
     // The restore, then the fleet again: the RTO.
     let restore_start = Instant::now();
     let restore_started_at = Utc::now();
-    let restore_hook_seconds = hook("restore", &opts.restore_hook).await?.as_secs_f64();
+    let restore_hook_seconds = hook_with("restore", &opts.restore_hook, &[("PATH", path.clone())])
+        .await?
+        .as_secs_f64();
     start_fleet(&fleet, &opts.log_dir).await?;
     let ready_seconds = restore_start.elapsed().as_secs_f64();
     let base = fleet.lock().unwrap_or_else(|e| e.into_inner()).ingest_url();
@@ -617,22 +662,15 @@ pub async fn run(opts: RehearsalOptions) -> Result<RehearsalReport, Error> {
     let rto_seconds = restore_start.elapsed().as_secs_f64();
     tracing::info!(rto_seconds, "a new booking was accepted after the restore");
     let verified = match &opts.verify_hook {
-        Some(command) => {
-            let path = format!(
-                "{}:{}",
-                bin_dir.display(),
-                std::env::var("PATH").unwrap_or_default()
-            );
-            Some(
-                hook_with(
-                    "verify",
-                    command,
-                    &[("INGEST", base.clone()), ("PATH", path)],
-                )
-                .await
-                .map(|_| ()),
+        Some(command) => Some(
+            hook_with(
+                "verify",
+                command,
+                &[("INGEST", base.clone()), ("PATH", path.clone())],
             )
-        }
+            .await
+            .map(|_| ()),
+        ),
         None => None,
     };
 
@@ -663,7 +701,7 @@ pub async fn run(opts: RehearsalOptions) -> Result<RehearsalReport, Error> {
     let first_missing = missing.iter().map(|a| a.at).min();
     let last_missing = missing.iter().map(|a| a.at).max();
     let rpo_seconds = first_missing
-        .map(|t| ((loss_at - t).num_milliseconds().max(0) as f64) / 1000.0)
+        .map(|t| ((lost_at - t).num_milliseconds().max(0) as f64) / 1000.0)
         .unwrap_or(0.0);
     let cutoff = loss_at
         - chrono::Duration::from_std(opts.rpo_target).unwrap_or_else(|_| chrono::Duration::zero());
@@ -711,6 +749,35 @@ pub async fn run(opts: RehearsalOptions) -> Result<RehearsalReport, Error> {
         tokio::time::sleep(Duration::from_millis(250)).await;
         left = unpublished(&db).await?;
     }
+    // Every restored approved payment is settled: a message consumed
+    // before the loss whose settlement the restore lost comes again with
+    // the republished window (RUNBOOK.md's restore/repair).
+    let unsettled = || async {
+        sqlx::query_scalar::<_, i64>(
+            "select count(*) from payments p where p.status = 'APPROVED'
+                and not exists (select 1 from settlements s where s.payment_id = p.id)",
+        )
+        .fetch_one(&db)
+        .await
+    };
+    let mut waiting = unsettled().await?;
+    while waiting > 0 && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        waiting = unsettled().await?;
+    }
+    let approved: i64 =
+        sqlx::query_scalar("select count(*) from payments where status = 'APPROVED'")
+            .fetch_one(&db)
+            .await?;
+    check(
+        &mut checks,
+        "approved_payments_settled",
+        waiting == 0 && approved > 0,
+        format!(
+            "{approved} approved payments restored; {waiting} without a settlement after {} s",
+            opts.publish_patience.as_secs()
+        ),
+    );
     let rows: Vec<(Uuid, Option<DateTime<Utc>>)> =
         sqlx::query_as("select id, published_at from outbox")
             .fetch_all(&db)
@@ -839,6 +906,7 @@ pub async fn run(opts: RehearsalOptions) -> Result<RehearsalReport, Error> {
     let pitr = match &opts.pitr_hook {
         Some(command) => {
             let outcome = point_in_time(
+                &path,
                 &opts.database_url,
                 &db,
                 &http,

@@ -82,6 +82,16 @@ enum OutboxCmd {
     Stats,
     /// Bring dead rows back to due (attempts reset).
     Redrive(RedriveArgs),
+    /// After a restore: publish again the rows published in the last
+    /// SECS before the newest publish mark, so that an effect the restore
+    /// lost comes back (consumers dedupe the rest). RUNBOOK.md, "A restore".
+    Republish {
+        /// The window, in seconds before the newest mark: at least the
+        /// longest a message waits in a queue (the retry delays; 900 covers
+        /// the default 600 s).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=604_800))]
+        window_secs: u64,
+    },
 }
 
 #[derive(Args)]
@@ -191,6 +201,15 @@ async fn main() -> anyhow::Result<()> {
                     println!("{topic:<24} {undelivered:>12} {dead:>8}");
                 }
             }
+            Ok(())
+        }
+        Cmd::Outbox(OutboxCmd::Republish { window_secs }) => {
+            let pool = db::connect_and_migrate(&settings.database).await?;
+            let n = outbox::republish_recent(&pool, std::time::Duration::from_secs(window_secs))
+                .await?;
+            println!(
+                "{n} rows published in the last {window_secs} s before the newest mark are due again"
+            );
             Ok(())
         }
         Cmd::Outbox(OutboxCmd::Redrive(args)) => {

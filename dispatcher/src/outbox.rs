@@ -263,6 +263,27 @@ pub async fn redrive(pool: &PgPool, which: &Redrive) -> sqlx::Result<u64> {
     Ok(done.rows_affected())
 }
 
+/// After a restore: the rows published in the `window` before the newest
+/// publish mark are due again (attempts reset). The broker and the
+/// consumers kept what happened after the restore point; the database did
+/// not. A message consumed before the loss whose effect (a settlement, a
+/// webhook record) committed after the restore point is gone from the
+/// database but not coming again: publishing the last minutes once more
+/// brings it back, and every consumer dedupes by `message_id` what it still
+/// has. Per aggregate, the rows published in the window are its latest, so
+/// they go out again in their order. Returns how many.
+pub async fn republish_recent(pool: &PgPool, window: Duration) -> sqlx::Result<u64> {
+    let done = sqlx::query(
+        "UPDATE outbox SET published_at = NULL, attempts = 0, next_attempt_at = now(),
+                last_error = 'republished after a restore'
+          WHERE published_at >= (SELECT max(published_at) FROM outbox) - make_interval(secs => $1)",
+    )
+    .bind(window.as_secs_f64())
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected())
+}
+
 /// Advisory lock key of the retention purge ("entrip-outbox-purge").
 const PURGE_LOCK: i64 = 0x656e_7472_6970_7075;
 

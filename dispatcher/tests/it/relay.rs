@@ -507,6 +507,62 @@ async fn stats_and_redrive_by_id(pool: PgPool) {
 }
 
 #[sqlx::test(migrator = "entrip_common::db::MIGRATOR")]
+async fn republish_brings_back_the_window_before_the_newest_mark_and_nothing_older(pool: PgPool) {
+    let rows = insert_events(&pool, 3, 2, EventType::PaymentApproved).await;
+    // Published 20 min, 10 min, 5 min, 1 s and 0 s before the newest
+    // mark; the sixth row is not published yet.
+    for (i, age) in [1200, 600, 300, 1, 0].iter().enumerate() {
+        sqlx::query(
+            "UPDATE outbox SET published_at = now() - make_interval(secs => $2), attempts = 1 WHERE id = $1",
+        )
+        .bind(rows[i].0)
+        .bind(f64::from(*age))
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    let n = outbox::republish_recent(&pool, Duration::from_secs(900))
+        .await
+        .unwrap();
+    assert_eq!(
+        n, 4,
+        "the rows published 600, 300, 1 and 0 s before the newest"
+    );
+    let old: Option<i32> = sqlx::query_scalar(
+        "SELECT attempts FROM outbox WHERE id = $1 AND published_at IS NOT NULL",
+    )
+    .bind(rows[0].0)
+    .fetch_optional(&pool)
+    .await
+    .unwrap();
+    assert_eq!(old, Some(1), "older than the window: untouched");
+    assert_eq!(
+        count(
+            &pool,
+            "published_at IS NULL AND attempts = 0 AND last_error = 'republished after a restore'"
+        )
+        .await,
+        4
+    );
+    // The relay publishes them again, as any due row, with the one that
+    // was waiting.
+    let vhost = Vhost::new();
+    let rec = Recorder::start(&vhost.url(), "test.all", &["#"]).await;
+    let relay = start_relay(&pool, &vhost.url(), fast_settings());
+    drained(&pool, "published_at IS NULL").await;
+    rec.received(5).await;
+    relay.stop().await;
+    let got: HashSet<String> = rec
+        .snapshot()
+        .await
+        .iter()
+        .map(|r| r.message_id())
+        .collect();
+    let expected: HashSet<String> = rows[1..].iter().map(|(id, _, _)| id.to_string()).collect();
+    assert_eq!(got, expected);
+}
+
+#[sqlx::test(migrator = "entrip_common::db::MIGRATOR")]
 async fn a_database_connection_cut_loses_nothing(
     _opts: sqlx::postgres::PgPoolOptions,
     connect: sqlx::postgres::PgConnectOptions,
