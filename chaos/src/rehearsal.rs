@@ -29,6 +29,7 @@ use uuid::Uuid;
 use crate::{
     Check, Error,
     fleet::{self, Fleet, FleetConfig},
+    receiver::{Receiver, Subscriber},
     tap,
 };
 
@@ -510,11 +511,17 @@ pub async fn run(opts: RehearsalOptions) -> Result<RehearsalReport, Error> {
         std::env::var("PATH").unwrap_or_default()
     );
     std::fs::create_dir_all(&opts.log_dir)?;
+    // One webhook subscriber of the booking events and settlements: its
+    // deliveries are effects the restore can lose too.
+    let receiver = Receiver::start(vec![Subscriber {
+        name: "bookings".to_owned(),
+        secret: "whsec_UmVoZWFyc2FsLXN1YnNjcmliZXIta2V5".to_owned(),
+        topics: vec!["booking.*".to_owned(), "settlement.recorded".to_owned()],
+    }])
+    .await?;
+    let subscriber_url = receiver.url("bookings");
     let config_file = opts.log_dir.join("entrip-rehearsal.toml");
-    std::fs::write(
-        &config_file,
-        "# The rehearsal's fleet: no webhook subscribers.\n",
-    )?;
+    std::fs::write(&config_file, receiver.config_toml())?;
     let env = [
         ("ENTRIP__LOG__LEVEL", "info"),
         ("ENTRIP__DATABASE__MAX_CONNECTIONS", "16"),
@@ -776,6 +783,36 @@ pub async fn run(opts: RehearsalOptions) -> Result<RehearsalReport, Error> {
         format!(
             "{approved} approved payments restored; {waiting} without a settlement after {} s",
             opts.publish_patience.as_secs()
+        ),
+    );
+    // Every restored event the subscriber wants is delivered to it.
+    let undelivered = || async {
+        sqlx::query_scalar::<_, i64>(
+            "select count(*) from outbox o
+              where (o.topic like 'booking.%' or o.topic = 'settlement.recorded')
+                and not exists (select 1 from notification_deliveries d
+                                 where d.event_id = o.id and d.subscriber = $1
+                                   and d.status = 'DELIVERED')",
+        )
+        .bind(&subscriber_url)
+        .fetch_one(&db)
+        .await
+    };
+    let mut not_delivered = undelivered().await?;
+    while not_delivered > 0 && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        not_delivered = undelivered().await?;
+    }
+    let seen = receiver.snapshot();
+    check(
+        &mut checks,
+        "webhooks_delivered",
+        not_delivered == 0 && !seen.counts.is_empty() && seen.bad_signatures == 0,
+        format!(
+            "{not_delivered} restored events the subscriber wants not delivered after {} s; {} webhooks received, {} with a bad signature",
+            opts.publish_patience.as_secs(),
+            seen.counts.values().sum::<u64>(),
+            seen.bad_signatures
         ),
     );
     let rows: Vec<(Uuid, Option<DateTime<Utc>>)> =

@@ -87,6 +87,7 @@ fn a_restore_rehearsal_meets_its_rpo_and_rto_and_loses_nothing_acknowledged_outs
         "integrity_once_exits_0",
         "idempotency_after_restore",
         "approved_payments_settled",
+        "webhooks_delivered",
         "verify_hook_passes",
         "point_in_time_restore",
     ] {
