@@ -881,7 +881,7 @@ pub async fn run(opts: RehearsalOptions) -> Result<RehearsalReport, Error> {
         "duplicates_only_as_at_least_once_allows",
         unexplained == 0,
         format!(
-            "{republished} events published again after the restore (their mark was in the lost WAL); {unexplained} copies beyond that"
+            "{republished} events published again after the restore (their mark was lost with the WAL, or `outbox republish` brought them back); {unexplained} copies beyond that"
         ),
     );
 
