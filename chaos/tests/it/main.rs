@@ -3,5 +3,6 @@
 //! short restore rehearsal.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod cluster;
 mod rehearsal;
 mod short;
