@@ -147,6 +147,18 @@ def main():
         target("commit -> published p99 <= 50 ms at 500/s (relay alone, 500 rows/s)", p99, 50,
                p99 is not None and p99 <= 50, "pgbench -R 500 inserting outbox rows")
 
+    # Relay on a 3-node cluster (scripts/bench-cluster): measured, no target
+    if g("cluster.raw_rps") is not None:
+        out += ["## Relay on a 3-node RabbitMQ cluster (quorum queues of 3)", "",
+                "| what | figure |", "|---|---|",
+                f"| raw publish with confirms through node 1 | {fmt(g('cluster.raw_rps'))} msg/s |",
+                f"| relay, 1 dispatcher, all three nodes in AMQP_URL | {fmt(g('cluster.one_rps'))} events/s "
+                f"({fmt(ratio(g('cluster.one_rps'), g('cluster.raw_rps')))} of raw) |",
+                f"| failover window: SIGKILL of the dispatcher's node -> first confirm on another | {fmt(g('cluster.failover_ms'))} ms |",
+                f"| commit -> published at 500/s, rows outside the window: p50 / p99 | {fmt(g('cluster.steady.p50_ms'))} / {fmt(g('cluster.steady.p99_ms'))} ms |",
+                f"| commit -> published, all rows: p99 / max | {fmt(g('cluster.steady.all_p99_ms'))} / {fmt(g('cluster.steady.max_ms'))} ms |",
+                ""]
+
     # Workers and end to end
     if g("workers.backlog_rps") is not None:
         out += ["## Workers and the fleet end to end", "",

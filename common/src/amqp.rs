@@ -1,6 +1,7 @@
-//! RabbitMQ: connections and the fleet's topology, declared idempotently by
-//! every service that publishes or consumes, so that no event published
-//! before a worker starts is lost.
+//! RabbitMQ: connections (to the first node of a cluster that answers) and
+//! the fleet's topology, declared idempotently by every service that
+//! publishes or consumes, so that no event published before a worker starts
+//! is lost.
 //!
 //! ```text
 //! entrip.events (topic, alternate exchange entrip.unrouted)
@@ -12,7 +13,7 @@
 //! <queue>.dlq: messages that failed for good (x-delivery-limit, poison)
 //! ```
 
-use std::time::Duration;
+use std::{sync::atomic::Ordering, time::Duration};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use lapin::{
@@ -125,16 +126,65 @@ pub async fn connect(url: &str, name: &str) -> Result<Connection, lapin::Error> 
     .await
 }
 
-/// Connects, retrying with exponential backoff and jitter until it succeeds
-/// or `shutdown` is cancelled (then `None`).
+/// Connects to the first of the settings' nodes that answers, trying the
+/// node this process last connected to first and then the next ones in
+/// order: a service whose node is lost moves on to the next, and every
+/// connection of a process follows it there. A node counts as answering only
+/// once the AMQP handshake is done within `connect_timeout_ms`, so a node
+/// that is booting or hangs is passed over too. The error is the last
+/// node's.
+pub async fn connect_any(settings: &AmqpSettings, name: &str) -> Result<Connection, lapin::Error> {
+    let nodes = settings.nodes();
+    let start = settings.last_node.load(Ordering::Relaxed) % nodes.len().max(1);
+    let timeout = Duration::from_millis(settings.connect_timeout_ms);
+    let mut last = None;
+    for i in (0..nodes.len()).map(|k| (start + k) % nodes.len()) {
+        let attempt = tokio::time::timeout(timeout, connect(nodes[i], name)).await;
+        let err = match attempt {
+            Ok(Ok(conn)) => {
+                if nodes.len() > 1 {
+                    tracing::info!(node = %node_address(nodes[i]), "connected to RabbitMQ");
+                }
+                settings.last_node.store(i, Ordering::Relaxed);
+                return Ok(conn);
+            }
+            Ok(Err(err)) => err,
+            Err(_) => lapin::Error::from(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no connection within {timeout:?}"),
+            )),
+        };
+        if nodes.len() > 1 {
+            tracing::warn!(node = %node_address(nodes[i]), %err, "RabbitMQ node not reachable; trying the next");
+        }
+        last = Some(err);
+    }
+    Err(last
+        .unwrap_or_else(|| lapin::Error::from(std::io::Error::other("no broker node configured"))))
+}
+
+/// A node's `host:port/vhost`, for logs: never its password.
+pub fn node_address(url: &str) -> String {
+    match url.parse::<lapin::uri::AMQPUri>() {
+        Ok(uri) => format!(
+            "{}:{}/{}",
+            uri.authority.host, uri.authority.port, uri.vhost
+        ),
+        Err(_) => "(unparsable URL)".to_owned(),
+    }
+}
+
+/// Connects to one of the nodes ([`connect_any`]), retrying every node with
+/// exponential backoff and jitter until one answers or `shutdown` is
+/// cancelled (then `None`).
 pub async fn connect_with_retry(
-    url: &str,
+    settings: &AmqpSettings,
     name: &str,
     shutdown: &CancellationToken,
 ) -> Option<Connection> {
     let mut delays = reconnect_backoff().build();
     loop {
-        match connect(url, name).await {
+        match connect_any(settings, name).await {
             Ok(conn) => return Some(conn),
             Err(err) => {
                 let wait = delays.next().unwrap_or(Duration::from_secs(10));

@@ -89,12 +89,90 @@ impl fmt::Debug for Password {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AmqpSettings {
+    /// A broker node, or several nodes of one cluster separated by commas.
     pub url: String,
+    /// The nodes of one cluster; when set, it takes the place of `url`.
+    pub urls: Vec<String>,
+    /// How long one node may take to accept a connection (TCP and the AMQP
+    /// handshake) before the next node is tried.
+    pub connect_timeout_ms: u64,
     /// `x-delivery-limit` of the worker queues: deliveries before a message
     /// that keeps failing (e.g. crashing its consumer) is dead-lettered.
     pub delivery_limit: u32,
     /// The growing delays of the retry path, one TTL queue each.
     pub retry_delays_ms: Vec<u64>,
+    /// The node in `nodes()` this process last connected to, shared by its
+    /// connections (clones share it): a reconnect tries that node first,
+    /// then the next ones in order.
+    #[serde(skip)]
+    pub last_node: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl AmqpSettings {
+    /// The broker nodes in their configured order: `urls` when set, else
+    /// `url` split at commas.
+    pub fn nodes(&self) -> Vec<&str> {
+        if self.urls.is_empty() {
+            self.url.split(',').map(str::trim).collect()
+        } else {
+            self.urls.iter().map(|u| u.trim()).collect()
+        }
+    }
+
+    /// The broker user every connection of this process authenticates as
+    /// (the first node's; `validate` makes all nodes name the same).
+    pub fn user(&self) -> String {
+        crate::amqp::user_of(self.nodes().first().copied().unwrap_or_default())
+    }
+
+    /// The position in `nodes()` of the node this process last connected to
+    /// (0 before any connection).
+    pub fn connected_node(&self) -> usize {
+        self.last_node.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The key the nodes came from, for error messages.
+    pub fn nodes_key(&self) -> &'static str {
+        if self.urls.is_empty() {
+            "amqp.url"
+        } else {
+            "amqp.urls"
+        }
+    }
+
+    /// Every node an `amqp://` or `amqps://` URL that parses, all with the
+    /// same user and vhost: several nodes are one cluster, and a service
+    /// must be the same broker user wherever it connects.
+    fn validate_nodes(&self) -> Result<(), ConfigError> {
+        let key = self.nodes_key();
+        let mut first: Option<(String, String)> = None;
+        for node in self.nodes() {
+            if !node.starts_with("amqp://") && !node.starts_with("amqps://") {
+                return invalid_owned(
+                    key.into(),
+                    "must be an amqp:// URL, or several separated by commas",
+                );
+            }
+            let uri = node
+                .parse::<lapin::uri::AMQPUri>()
+                .map_err(|e| ConfigError::Invalid {
+                    key: key.into(),
+                    message: format!("not a broker URL: {e}"),
+                })?;
+            let this = (uri.authority.userinfo.username, uri.vhost);
+            match &first {
+                None => first = Some(this),
+                Some(f) if *f != this => {
+                    return invalid_owned(
+                        key.into(),
+                        "every node must name the same user and vhost (the nodes of one cluster)",
+                    );
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -288,6 +366,9 @@ impl Default for AmqpSettings {
     fn default() -> Self {
         Self {
             url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            urls: Vec::new(),
+            connect_timeout_ms: 5_000,
+            last_node: std::sync::Arc::default(),
             delivery_limit: 20,
             retry_delays_ms: vec![1_000, 10_000, 60_000, 300_000],
         }
@@ -433,6 +514,7 @@ impl Settings {
                 .try_parsing(true)
                 .list_separator(",")
                 .with_list_parse_key("amqp.retry_delays_ms")
+                .with_list_parse_key("amqp.urls")
                 .source(Some(entrip_env.into_iter().collect())),
         );
         // The conventional variables apply unless the specific key is set.
@@ -459,8 +541,9 @@ impl Settings {
         {
             return invalid("database.url", "must be a postgres:// URL");
         }
-        if !self.amqp.url.starts_with("amqp://") && !self.amqp.url.starts_with("amqps://") {
-            return invalid("amqp.url", "must be an amqp:// URL");
+        self.amqp.validate_nodes()?;
+        if self.amqp.connect_timeout_ms == 0 {
+            return invalid("amqp.connect_timeout_ms", "must be at least 1");
         }
         if self.database.max_connections == 0 {
             return invalid("database.max_connections", "must be at least 1");
@@ -558,14 +641,6 @@ impl Settings {
             return invalid(
                 "workers.concurrency",
                 "must be between 1 and workers.prefetch",
-            );
-        }
-        // Each of the two consumers may hold one connection per message in
-        // flight (notifications across a webhook call); keep room for the rest.
-        if 2 * w.concurrency + 4 > self.database.max_connections as usize {
-            return invalid(
-                "workers.concurrency",
-                "2 x workers.concurrency + 4 must not exceed database.max_connections",
             );
         }
         for (i, hook) in self.notifications.webhooks.iter().enumerate() {
@@ -720,6 +795,52 @@ mod tests {
     }
 
     #[test]
+    fn several_broker_nodes_from_a_comma_list_or_amqp_urls() {
+        let s = Settings::load_from(env(&[(
+            "AMQP_URL",
+            "amqp://u:p@a:5672/v, amqp://u:p@b:5672/v,amqp://u:p@c:5672/v",
+        )]))
+        .unwrap();
+        assert_eq!(
+            s.amqp.nodes(),
+            [
+                "amqp://u:p@a:5672/v",
+                "amqp://u:p@b:5672/v",
+                "amqp://u:p@c:5672/v"
+            ]
+        );
+        assert_eq!(s.amqp.user(), "u");
+        let s = Settings::load_from(env(&[(
+            "ENTRIP__AMQP__URLS",
+            "amqp://w@a:1/%2f,amqp://w@b:2/%2f",
+        )]))
+        .unwrap();
+        assert_eq!(s.amqp.nodes(), ["amqp://w@a:1/%2f", "amqp://w@b:2/%2f"]);
+        assert_eq!(s.amqp.user(), "w");
+        assert_eq!(
+            Settings::load_from(env(&[])).unwrap().amqp.nodes(),
+            ["amqp://guest:guest@127.0.0.1:5672/%2f"]
+        );
+
+        for (var, list, key) in [
+            ("AMQP_URL", "amqp://u@a/v,amqp://other@b/v", "amqp.url"),
+            ("AMQP_URL", "amqp://u@a/v,amqp://u@b/w", "amqp.url"),
+            ("AMQP_URL", "amqp://u@a/v,http://b/", "amqp.url"),
+            ("AMQP_URL", "amqp://u@a/v,", "amqp.url"),
+            (
+                "ENTRIP__AMQP__URLS",
+                "amqp://u@a/v,amqp://u@b:notaport/v",
+                "amqp.urls",
+            ),
+        ] {
+            let err = Settings::load_from(env(&[(var, list)]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(&format!("`{key}`")), "{list}: {err}");
+        }
+    }
+
+    #[test]
     fn a_bad_value_names_its_key() {
         let err = Settings::load_from(env(&[("ENTRIP__INGEST__LISTEN", "not-an-address")]))
             .unwrap_err()
@@ -782,15 +903,20 @@ mod tests {
     }
 
     #[test]
-    fn worker_concurrency_must_fit_the_pool() {
-        let err = Settings::load_from(env(&[
-            ("ENTRIP__WORKERS__CONCURRENCY", "20"),
-            ("ENTRIP__DATABASE__MAX_CONNECTIONS", "32"),
-        ]))
-        .unwrap_err()
-        .to_string();
+    fn worker_concurrency_is_bounded_by_the_prefetch_not_the_pool() {
+        // No webhook call holds a connection (leases), so a concurrency above
+        // the pool only queues for connections.
+        assert!(
+            Settings::load_from(env(&[
+                ("ENTRIP__WORKERS__CONCURRENCY", "40"),
+                ("ENTRIP__DATABASE__MAX_CONNECTIONS", "8"),
+            ]))
+            .is_ok()
+        );
+        let err = Settings::load_from(env(&[("ENTRIP__WORKERS__CONCURRENCY", "201")]))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("workers.concurrency"), "{err}");
-        assert!(Settings::load_from(env(&[("ENTRIP__WORKERS__CONCURRENCY", "14")])).is_ok());
     }
 
     #[test]

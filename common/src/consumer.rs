@@ -257,8 +257,7 @@ impl<H: Handler> Consumer<H> {
         let name = format!("entrip-{}-{}", self.handler.name(), std::process::id());
         let mut backoff = amqp::reconnect_backoff().build();
         while !shutdown.is_cancelled() {
-            let Some(conn) = amqp::connect_with_retry(&self.amqp.url, &name, &shutdown).await
-            else {
+            let Some(conn) = amqp::connect_with_retry(&self.amqp, &name, &shutdown).await else {
                 break;
             };
             match self.session(&conn, &shutdown).await {
@@ -313,7 +312,7 @@ impl<H: Handler> Consumer<H> {
             queue = self.handler.queue(),
             "consuming"
         );
-        let own_user: Arc<str> = amqp::user_of(&self.amqp.url).into();
+        let own_user: Arc<str> = self.amqp.user().into();
         let mut in_flight: JoinSet<Result<(), lapin::Error>> = JoinSet::new();
         loop {
             tokio::select! {

@@ -226,9 +226,14 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Dlq(cmd) => {
-            let conn = amqp::connect(&settings.amqp.url, "entrip-dispatcher-cli")
+            let conn = amqp::connect_any(&settings.amqp, "entrip-dispatcher-cli")
                 .await
-                .context("cannot connect to RabbitMQ (key `amqp.url`)")?;
+                .with_context(|| {
+                    format!(
+                        "cannot connect to RabbitMQ (key `{}`)",
+                        settings.amqp.nodes_key()
+                    )
+                })?;
             let channel = conn.create_channel().await?;
             match cmd {
                 DlqCmd::List { queue, limit } => {
@@ -246,7 +251,7 @@ async fn main() -> anyhow::Result<()> {
                     }
                 }
                 DlqCmd::Replay { queue, limit } => {
-                    let own = amqp::user_of(&settings.amqp.url);
+                    let own = settings.amqp.user();
                     let n = dlq::replay(&channel, &queue, limit, &own).await?;
                     println!(
                         "{n} message(s) replayed from {queue} to {}",
@@ -281,7 +286,7 @@ async fn redeliver_cmd(
     )
     .await?;
     let sent = if plan.events().next().is_some() {
-        let conn = amqp::connect(&settings.amqp.url, "entrip-dispatcher-cli").await?;
+        let conn = amqp::connect_any(&settings.amqp, "entrip-dispatcher-cli").await?;
         let channel = conn.create_channel().await?;
         amqp::declare_topology(&channel, &settings.amqp).await?;
         let sent = redeliver::send(&pool, &channel, &plan).await;

@@ -55,7 +55,7 @@ pub enum RedeliverError {
     Connect(#[from] entrip_common::db::DbError),
     #[error(transparent)]
     Database(#[from] sqlx::Error),
-    #[error("RabbitMQ (key `amqp.url`): {0}")]
+    #[error("RabbitMQ (key `amqp.url` or `amqp.urls`): {0}")]
     Amqp(#[from] lapin::Error),
 }
 

@@ -69,8 +69,7 @@ impl Relay {
         let mut db_backoff = retry_backoff().build();
         while !shutdown.is_cancelled() {
             let Some(current) = publisher.as_ref() else {
-                let Some(conn) =
-                    amqp::connect_with_retry(&self.amqp.url, &self.name, &shutdown).await
+                let Some(conn) = amqp::connect_with_retry(&self.amqp, &self.name, &shutdown).await
                 else {
                     break;
                 };

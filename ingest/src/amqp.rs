@@ -69,11 +69,11 @@ pub fn consumer(app: &App, amqp: AmqpSettings) -> Consumer<AmqpIngest> {
     let handler = AmqpIngest {
         pool: app.pool.clone(),
         settings: app.settings.clone(),
-        replies: Replier::new(amqp.url.clone(), app.metrics.reply_failures.clone()),
+        replies: Replier::new(amqp.clone(), app.metrics.reply_failures.clone()),
         users: UserCache::new(Duration::from_secs(app.settings.auth_cache_secs)),
         auth_failures: app.metrics.auth_failures.clone(),
         replays: app.metrics.replays.clone(),
-        own_user: amqp::user_of(&amqp.url),
+        own_user: amqp.user(),
     };
     Consumer::new(handler, amqp, settings, metrics)
 }
@@ -367,18 +367,18 @@ impl UserCache {
 }
 
 /// Publishes replies on a connection of its own, opened when first needed
-/// and again after it broke.
+/// and again after it broke (on whichever node answers).
 struct Replier {
-    url: String,
+    amqp: AmqpSettings,
     channel: AsyncMutex<Option<(Connection, Channel)>>,
     /// By reason: `unroutable`, `broker`.
     failures: IntCounterVec,
 }
 
 impl Replier {
-    fn new(url: String, failures: IntCounterVec) -> Self {
+    fn new(amqp: AmqpSettings, failures: IntCounterVec) -> Self {
         Self {
-            url,
+            amqp,
             channel: AsyncMutex::new(None),
             failures,
         }
@@ -499,7 +499,7 @@ impl Replier {
             return Ok(channel.clone());
         }
         let name = format!("entrip-ingest-replies-{}", std::process::id());
-        let conn = amqp::connect(&self.url, &name).await?;
+        let conn = amqp::connect_any(&self.amqp, &name).await?;
         let channel = conn.create_channel().await?;
         channel
             .confirm_select(ConfirmSelectOptions::default())

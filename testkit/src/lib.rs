@@ -1,5 +1,6 @@
 //! Test helpers shared by the crates' integration tests: the messaging
-//! contract as an oracle ([`asyncapi`]), a TCP proxy that
+//! contract as an oracle ([`asyncapi`]), a 3-node RabbitMQ cluster of a
+//! test's own ([`cluster`]), a TCP proxy that
 //! cuts real connections, a RabbitMQ vhost per test, database URLs, a
 //! non-superuser role per test database and a look at the binaries'
 //! sessions ([`pg`]), service processes, waits bounded by progress rather
@@ -7,6 +8,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod asyncapi;
+pub mod cluster;
 pub mod pg;
 
 use std::{

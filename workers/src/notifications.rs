@@ -32,6 +32,13 @@ pub const CONSUMER: &str = "notifications";
 /// How often `entrip_notifications_undelivered` is refreshed.
 const GAUGE_INTERVAL: Duration = Duration::from_secs(5);
 
+/// How much longer than the POST's timeout a lease runs: a worker stalled
+/// beyond it (not dead, only frozen) may see its pair sent by another.
+pub const LEASE_MARGIN: Duration = Duration::from_secs(10);
+
+/// How often a copy waiting for another's lease looks again.
+const LEASE_POLL: Duration = Duration::from_millis(50);
+
 /// A subscriber with its key decoded once.
 #[derive(Debug, Clone)]
 struct Subscriber {
@@ -58,6 +65,8 @@ pub struct Notifications {
     pool: PgPool,
     client: reqwest::Client,
     subscribers: Vec<Subscriber>,
+    /// How long a pair is leased for one POST: its timeout + [`LEASE_MARGIN`].
+    lease: Duration,
 }
 
 /// Why a POST was not a delivery.
@@ -93,6 +102,7 @@ impl Notifications {
                 .iter()
                 .filter_map(Subscriber::new)
                 .collect(),
+            lease: Duration::from_millis(settings.timeout_ms) + LEASE_MARGIN,
         })
     }
 
@@ -136,19 +146,30 @@ impl Notifications {
         }
     }
 
-    /// Delivers the event to one subscriber at most once: the pair's row is
-    /// created and locked first, so that copies of the event handled at the
-    /// same time (here or in another worker) wait, then see it delivered.
+    /// Delivers the event to one subscriber, once per 2xx: the pair is
+    /// leased first (its own statement, committed), then POSTed with no
+    /// database connection held, then the outcome is recorded. A copy of
+    /// the event handled at the same time (here or in another worker) finds
+    /// the lease and waits for it to end, then sees the pair delivered. A
+    /// worker that dies between the receiver's 2xx and the record leaves the
+    /// lease to run out: the next copy sends once more (receivers dedupe by
+    /// `webhook-id`).
     async fn deliver(
         &self,
         sub: &Subscriber,
         event: &Event,
         msg: &Message,
     ) -> sqlx::Result<PairOutcome> {
-        let mut tx = self.pool.begin().await?;
-        match deliveries::lock_pair(&mut tx, event, sub.url()).await? {
-            deliveries::Pair::AlreadyDelivered => return Ok(PairOutcome::AlreadyDelivered),
-            deliveries::Pair::Locked => {}
+        let owner = uuid::Uuid::new_v4();
+        loop {
+            match deliveries::claim(&self.pool, event, sub.url(), owner, self.lease).await? {
+                deliveries::Claim::AlreadyDelivered => return Ok(PairOutcome::AlreadyDelivered),
+                deliveries::Claim::Leased => break,
+                deliveries::Claim::Busy(left) => {
+                    tracing::debug!(subscriber = %sub.url(), ?left, "another copy is being sent; waiting for its outcome");
+                    tokio::time::sleep(left.clamp(Duration::from_millis(10), LEASE_POLL)).await;
+                }
+            }
         }
         let (status_code, failure) = match self
             .post(
@@ -162,9 +183,15 @@ impl Notifications {
             Ok(code) => (Some(code), None),
             Err(not) => (not.status_code, Some(not.reason)),
         };
-        deliveries::record_attempt(&mut tx, event, sub.url(), status_code, failure.as_deref())
-            .await?;
-        tx.commit().await?;
+        deliveries::record_attempt(
+            &self.pool,
+            event,
+            sub.url(),
+            owner,
+            status_code,
+            failure.as_deref(),
+        )
+        .await?;
         Ok(match failure {
             None => PairOutcome::Delivered,
             Some(reason) => PairOutcome::Failed(reason),
@@ -266,77 +293,104 @@ pub async fn undelivered_gauge_loop(
 
 /// Table `notification_deliveries`: one row per (event, subscriber).
 pub mod deliveries {
+    use std::time::Duration;
+
     use chrono::{DateTime, Utc};
     use sqlx::{PgConnection, PgPool};
     use uuid::Uuid;
 
     use crate::event::Event;
 
-    /// An (event, subscriber) pair as [`lock_pair`] found it.
+    /// An (event, subscriber) pair as [`claim`] found it.
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-    pub(crate) enum Pair {
+    pub(crate) enum Claim {
         /// Delivered before: nothing to send.
         AlreadyDelivered,
-        /// Not delivered yet, and locked until the caller's transaction
-        /// ends: send it, then [`record_attempt`].
-        Locked,
+        /// Leased to the caller: send it, then [`record_attempt`].
+        Leased,
+        /// Another copy holds the lease for this much longer.
+        Busy(Duration),
     }
 
-    /// Creates the pair's row if needed and locks it, unless it was already
-    /// delivered.
-    pub(crate) async fn lock_pair(
-        conn: &mut PgConnection,
+    /// Creates the pair's row if needed and leases it to `owner` for
+    /// `lease`, unless it was delivered or another lease still runs. One
+    /// statement, committed at once: nothing stays locked.
+    pub(crate) async fn claim(
+        pool: &PgPool,
         event: &Event,
         subscriber: &str,
-    ) -> sqlx::Result<Pair> {
-        sqlx::query(
-            "INSERT INTO notification_deliveries (id, event_id, subscriber, topic)
-             VALUES ($1, $2, $3, $4) ON CONFLICT (event_id, subscriber) DO NOTHING",
+        owner: Uuid,
+        lease: Duration,
+    ) -> sqlx::Result<Claim> {
+        let leased = sqlx::query(
+            "INSERT INTO notification_deliveries
+                    (id, event_id, subscriber, topic, lease_owner, lease_until)
+             VALUES ($1, $2, $3, $4, $5, now() + make_interval(secs => $6))
+             ON CONFLICT (event_id, subscriber) DO UPDATE
+                SET lease_owner = EXCLUDED.lease_owner, lease_until = EXCLUDED.lease_until
+              WHERE notification_deliveries.status <> 'DELIVERED'
+                AND (notification_deliveries.lease_until IS NULL
+                     OR notification_deliveries.lease_until <= now())",
         )
         .bind(Uuid::now_v7())
         .bind(event.id)
         .bind(subscriber)
         .bind(&event.kind)
-        .execute(&mut *conn)
-        .await?;
-        let delivered: bool = sqlx::query_scalar(
-            "SELECT status = 'DELIVERED' FROM notification_deliveries
-              WHERE event_id = $1 AND subscriber = $2 FOR UPDATE",
+        .bind(owner)
+        .bind(lease.as_secs_f64())
+        .execute(pool)
+        .await?
+        .rows_affected()
+            == 1;
+        if leased {
+            return Ok(Claim::Leased);
+        }
+        let (delivered, left): (bool, Option<f64>) = sqlx::query_as(
+            "SELECT status = 'DELIVERED',
+                    extract(epoch FROM lease_until - now())::float8
+               FROM notification_deliveries WHERE event_id = $1 AND subscriber = $2",
         )
         .bind(event.id)
         .bind(subscriber)
-        .fetch_one(conn)
+        .fetch_one(pool)
         .await?;
         Ok(if delivered {
-            Pair::AlreadyDelivered
+            Claim::AlreadyDelivered
         } else {
-            Pair::Locked
+            // A lease that ended between the two statements: claim again.
+            Claim::Busy(Duration::from_secs_f64(left.unwrap_or(0.0).max(0.0)))
         })
     }
 
-    /// Counts an attempt on the locked pair: DELIVERED on a 2xx (`failure`
-    /// none), else PENDING with the failure.
+    /// Counts an attempt and ends `owner`'s lease: DELIVERED on a 2xx
+    /// (`failure` none); a failure leaves the status as it is (PENDING,
+    /// or what another copy recorded meanwhile) and never undoes a delivery.
     pub(crate) async fn record_attempt(
-        conn: &mut PgConnection,
+        pool: &PgPool,
         event: &Event,
         subscriber: &str,
+        owner: Uuid,
         status_code: Option<u16>,
         failure: Option<&str>,
     ) -> sqlx::Result<()> {
         sqlx::query(
             "UPDATE notification_deliveries
                 SET attempts = attempts + 1,
-                    last_status_code = $3,
-                    last_error = $4,
-                    status = CASE WHEN $4::text IS NULL THEN 'DELIVERED' ELSE 'PENDING' END,
-                    delivered_at = CASE WHEN $4::text IS NULL THEN now() END
+                    last_status_code = $4,
+                    last_error = $5,
+                    status = CASE WHEN $5::text IS NULL THEN 'DELIVERED' ELSE status END,
+                    delivered_at = CASE WHEN $5::text IS NULL THEN coalesce(delivered_at, now())
+                                        ELSE delivered_at END,
+                    lease_owner = CASE WHEN lease_owner = $3 THEN NULL ELSE lease_owner END,
+                    lease_until = CASE WHEN lease_owner = $3 THEN NULL ELSE lease_until END
               WHERE event_id = $1 AND subscriber = $2",
         )
         .bind(event.id)
         .bind(subscriber)
+        .bind(owner)
         .bind(status_code.map(|c| i16::try_from(c).unwrap_or(0)))
         .bind(failure)
-        .execute(conn)
+        .execute(pool)
         .await?;
         Ok(())
     }

@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod claim_plan;
+mod cluster;
 mod process;
 mod relay;
 mod support;

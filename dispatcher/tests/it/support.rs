@@ -61,11 +61,21 @@ impl Running {
 }
 
 pub fn start_relay(pool: &PgPool, url: &str, settings: DispatcherSettings) -> Running {
+    start_relay_with(pool, amqp_settings(url), settings)
+}
+
+/// A relay with these broker settings (a clone of them shares which node
+/// it is connected to).
+pub fn start_relay_with(
+    pool: &PgPool,
+    amqp: AmqpSettings,
+    settings: DispatcherSettings,
+) -> Running {
     let registry = prometheus::Registry::new();
     let metrics = RelayMetrics::register(&registry).unwrap();
     let relay = Relay {
         pool: pool.clone(),
-        amqp: amqp_settings(url),
+        amqp,
         settings,
         metrics: metrics.clone(),
         name: format!("test-relay-{}", Uuid::new_v4().simple()),

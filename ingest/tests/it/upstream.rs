@@ -29,6 +29,7 @@ pub fn amqp_settings(url: &str) -> AmqpSettings {
         url: url.to_owned(),
         retry_delays_ms: RETRY_DELAYS_MS.to_vec(),
         delivery_limit: 20,
+        ..AmqpSettings::default()
     }
 }
 

@@ -1207,3 +1207,171 @@ async fn trace_answers_where_the_notification_of_a_booking_is(
     role.drop_role().await.unwrap();
     pool.close().await;
 }
+
+/// What the killing receiver saw: per `webhook-id`, when each copy came.
+#[derive(Default)]
+struct KillState {
+    pid: std::sync::atomic::AtomicU32,
+    copies: Mutex<HashMap<String, Vec<std::time::Instant>>>,
+    killed_at: Mutex<Option<std::time::Instant>>,
+}
+
+/// The workers are SIGKILLed by the webhook receiver itself, while it
+/// handles the 10th event: the receiver has taken that event (and may have
+/// answered 2xx to others in flight) and the worker recorded none of them,
+/// the state of a death between the receiver's 2xx and the record. After a
+/// restart, exactly the events the receiver had taken whose pair was not
+/// DELIVERED at the kill come once more, and only once the dead worker's
+/// lease ran out; every other event comes once.
+#[sqlx::test(migrator = "entrip_common::db::MIGRATOR")]
+async fn a_worker_killed_during_a_webhook_sends_it_at_most_once_more(
+    _opts: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let pool = PgPool::connect_with(connect.clone()).await.unwrap();
+    let role = ServiceRole::create(&pool).await.unwrap();
+    let vhost = Vhost::new();
+    let state = Arc::new(KillState::default());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook_url = format!("http://{}/hooks", listener.local_addr().unwrap());
+    let app = Router::new().route(
+        "/hooks",
+        post({
+            let state = state.clone();
+            move |headers: HeaderMap| {
+                let state = state.clone();
+                async move {
+                    let id = headers
+                        .get("webhook-id")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_owned();
+                    let kill = {
+                        let mut copies = state.copies.lock().unwrap();
+                        copies
+                            .entry(id)
+                            .or_default()
+                            .push(std::time::Instant::now());
+                        let mut killed = state.killed_at.lock().unwrap();
+                        let kill = killed.is_none() && copies.len() == 10;
+                        if kill {
+                            *killed = Some(std::time::Instant::now());
+                        }
+                        kill
+                    };
+                    if kill {
+                        let pid = state.pid.load(std::sync::atomic::Ordering::SeqCst);
+                        let status = Command::new("kill")
+                            .args(["-KILL", &pid.to_string()])
+                            .status()
+                            .unwrap();
+                        assert!(status.success());
+                    }
+                    axum::http::StatusCode::OK
+                }
+            }
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let timeout_ms: u64 = 2_000;
+    let fleet = Fleet {
+        db_url: role.url().to_owned(),
+        amqp_url: vhost.url(),
+        config: write_webhooks(&[(&hook_url, r#"["booking.created"]"#)]),
+    };
+    let spawn_workers = || {
+        Process::spawn(
+            fleet
+                .command("workers")
+                .env(
+                    "ENTRIP__WORKERS__LISTEN",
+                    format!("127.0.0.1:{}", free_port()),
+                )
+                .env("ENTRIP__NOTIFICATIONS__TIMEOUT_MS", timeout_ms.to_string()),
+        )
+    };
+    let (_conn, ch) = channel(&vhost.url()).await;
+    let events: Vec<Uuid> = (0..40).map(|_| Uuid::now_v7()).collect();
+    let mut workers = spawn_workers();
+    state
+        .pid
+        .store(workers.0.id(), std::sync::atomic::Ordering::SeqCst);
+    for id in &events {
+        publish_event(
+            &ch,
+            *id,
+            "booking.created",
+            json!({"id": id, "code": "BK-0001", "status": "PENDING"}),
+        )
+        .await;
+    }
+    assert!(
+        !workers.wait_exit().await.success(),
+        "killed by the receiver"
+    );
+    let killed_at = state.killed_at.lock().unwrap().expect("killed");
+    let delivered_at_kill: HashSet<String> = sqlx::query_scalar(
+        "SELECT event_id::text FROM notification_deliveries WHERE status = 'DELIVERED'",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap()
+    .into_iter()
+    .collect();
+    let taken_at_kill: HashSet<String> = state.copies.lock().unwrap().keys().cloned().collect();
+    let resent: HashSet<String> = taken_at_kill
+        .difference(&delivered_at_kill)
+        .cloned()
+        .collect();
+    assert!(
+        !resent.is_empty(),
+        "at least the 10th was taken and not recorded"
+    );
+
+    let mut again = spawn_workers();
+    let copies = || {
+        let c = state.copies.lock().unwrap();
+        c.values().map(Vec::len).sum::<usize>()
+    };
+    let expected = events.len() + resent.len();
+    progress(
+        "every event delivered, the unrecorded ones twice",
+        || async {
+            let n = copies();
+            (n, n >= expected)
+        },
+    )
+    .await;
+    eventually("every pair recorded DELIVERED", || async {
+        scalar(
+            &pool,
+            "SELECT count(*) FROM notification_deliveries WHERE status = 'DELIVERED'",
+        )
+        .await
+            == events.len() as i64
+    })
+    .await;
+    let lease = Duration::from_millis(timeout_ms) + entrip_workers::notifications::LEASE_MARGIN;
+    let copies = state.copies.lock().unwrap().clone();
+    assert_eq!(copies.len(), events.len());
+    for (id, times) in &copies {
+        let want = if resent.contains(id) { 2 } else { 1 };
+        assert_eq!(times.len(), want, "{id}: {} copies", times.len());
+        if want == 2 {
+            // Not before the dead worker's lease ran out (claimed before
+            // the kill, so at most `lease` after it, and at least `lease`
+            // after the first copy was claimed).
+            let gap = times[1] - times[0];
+            assert!(
+                gap >= lease - Duration::from_secs(1),
+                "{id}: sent again {gap:?} after the first copy, within the lease"
+            );
+            assert!(times[1] > killed_at);
+        }
+    }
+    again.signal("-TERM");
+    assert!(again.wait_exit().await.success());
+    let _ = std::fs::remove_file(&fleet.config);
+    role.drop_role().await.unwrap();
+    pool.close().await;
+}

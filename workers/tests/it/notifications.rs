@@ -850,3 +850,72 @@ async fn an_event_no_subscriber_wants_counts_as_processed_not_duplicate(pool: Pg
     assert_eq!(worker.count(CONSUMER, "processed"), 1);
     worker.stop().await;
 }
+
+/// A hanging receiver holds consumer slots, not database connections: with
+/// twice as many webhook calls hanging as the pool has connections,
+/// settlement on the same pool goes on, none of its messages retried for
+/// want of a connection, and the pool closes with the calls still hanging
+/// (no connection is checked out across a call).
+#[sqlx::test(migrator = "entrip_common::db::MIGRATOR")]
+async fn a_hanging_receiver_holds_no_connection_and_settlement_goes_on(pool: PgPool) {
+    let vhost = Vhost::new();
+    let hang = Receiver::start(Mode::Hang).await;
+    let small = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(3)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_with((*pool.connect_options()).clone())
+        .await
+        .unwrap();
+    let (_conn, ch) = channel(&vhost.url()).await;
+    let hooks = NotificationsSettings {
+        webhooks: vec![hang.hook(&["booking.created"])],
+        // Longer than the receiver hangs for: the calls stay open.
+        timeout_ms: 120_000,
+    };
+    let concurrency = 6;
+    let notifications = start(
+        entrip_workers::notifications::Notifications::new(small.clone(), &hooks).unwrap(),
+        &vhost.url(),
+        entrip_common::config::WorkersSettings {
+            concurrency,
+            ..workers_settings()
+        },
+    );
+    for _ in 0..concurrency {
+        publish_known(&ch, Uuid::now_v7(), "booking.created").await;
+    }
+    until_count("every webhook call open", concurrency, || async {
+        hang.requests().len()
+    })
+    .await;
+
+    let fixtures = approved_bookings(&pool, 20).await;
+    let settlement = start(
+        entrip_workers::settlement::Settlement::new(small.clone()),
+        &vhost.url(),
+        workers_settings(),
+    );
+    publish_approved(&ch, &fixtures).await;
+    until_count("20 settlements", 20, || async {
+        scalar(&pool, "SELECT count(*) FROM settlements").await
+    })
+    .await;
+    // Settled while every call still hangs.
+    assert_eq!(hang.requests().len(), concurrency);
+    assert!(hang.requests().iter().all(|r| r.status.is_none()));
+    assert_eq!(settlement.count("settlement", "retried"), 0);
+    assert_eq!(notifications.count(CONSUMER, "processed"), 0);
+    // Each hanging pair is leased, and its row is locked by nobody.
+    assert_eq!(
+        scalar(
+            &pool,
+            "SELECT count(*) FROM notification_deliveries WHERE lease_until > now()"
+        )
+        .await,
+        concurrency as i64
+    );
+    tokio::time::timeout(Duration::from_secs(10), small.close())
+        .await
+        .expect("no connection is held across a webhook call");
+    settlement.stop().await;
+}

@@ -52,6 +52,7 @@ pub fn amqp_settings(url: &str) -> AmqpSettings {
         url: url.to_owned(),
         retry_delays_ms: RETRY_DELAYS_MS.to_vec(),
         delivery_limit: DELIVERY_LIMIT,
+        ..AmqpSettings::default()
     }
 }
 
