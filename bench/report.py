@@ -154,7 +154,7 @@ def main():
                 f"| raw publish with confirms through node 1 | {fmt(g('cluster.raw_rps'))} msg/s |",
                 f"| relay, 1 dispatcher, all three nodes in AMQP_URL | {fmt(g('cluster.one_rps'))} events/s "
                 f"({fmt(ratio(g('cluster.one_rps'), g('cluster.raw_rps')))} of raw) |",
-                f"| failover window: SIGKILL of the dispatcher's node -> first confirm on another | {fmt(g('cluster.failover_ms'))} ms |",
+                f"| failover window: last confirm before the SIGKILL of the dispatcher's node -> first on another | {fmt(g('cluster.failover_ms'))} ms |",
                 f"| commit -> published at 500/s, rows outside the window: p50 / p99 | {fmt(g('cluster.steady.p50_ms'))} / {fmt(g('cluster.steady.p99_ms'))} ms |",
                 f"| commit -> published, all rows: p99 / max | {fmt(g('cluster.steady.all_p99_ms'))} / {fmt(g('cluster.steady.max_ms'))} ms |",
                 ""]

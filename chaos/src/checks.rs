@@ -108,13 +108,9 @@ impl ReadyProbe {
     async fn ready(&mut self, names: &[String]) -> Result<i64, String> {
         let conn = match self.conn.take() {
             Some(c) if c.status().connected() => c,
-            _ => lapin::Connection::connect(
-                &self.url,
-                lapin::ConnectionProperties::default()
-                    .with_connection_name("entrip-chaos-drain".into()),
-            )
-            .await
-            .map_err(|e| format!("connect: {e}"))?,
+            _ => crate::broker_connect(&self.url, "entrip-chaos-drain")
+                .await
+                .map_err(|e| format!("connect: {e}"))?,
         };
         let channel = conn
             .create_channel()
@@ -1443,7 +1439,8 @@ pub fn explain_duplicate(
             | Fault::KillIngest
             | Fault::WebhookFailures
             | Fault::WebhookHang
-            | Fault::BrokerRestart => false,
+            | Fault::BrokerRestart
+            | Fault::NodeKill => false,
         })
         .collect();
     // When several overlap, the most direct cause is named: the process

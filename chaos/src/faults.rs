@@ -45,6 +45,8 @@ pub struct FaultSettings {
     /// Pause between two faults: uniform in this range.
     pub interval: (Duration, Duration),
     pub broker_restart: bool,
+    /// On a 3-node cluster: node kills (see [`Fault::NodeKill`]).
+    pub cluster: bool,
     /// Planned length of the load phase (places the broker restarts).
     pub load_duration: Duration,
     pub webhook_timeout: Duration,
@@ -82,6 +84,12 @@ pub enum Fault {
     /// with `--broker-restart`, and not part of [`MIX`] but placed at about a
     /// third and two thirds of the load.
     BrokerRestart,
+    /// On a 3-node cluster (`--cluster`) only: SIGKILL of one node, started
+    /// again 3–6 s later (it rejoins), at about a fifth, two fifths, three
+    /// fifths and four fifths of the load, by turns the node leading
+    /// `entrip.settlement` and the node most of the fleet's connections are
+    /// on.
+    NodeKill,
 }
 
 impl Fault {
@@ -97,14 +105,17 @@ impl Fault {
             Self::WebhookFailures => "webhook 500 windows",
             Self::WebhookHang => "webhook hang windows",
             Self::BrokerRestart => "broker stop_app/start_app",
+            Self::NodeKill => "SIGKILL of a cluster node (leader or the fleet's), restarted",
         }
     }
 
-    /// The kinds a run injects: the mix, and the broker restart when asked.
-    pub fn injected(broker_restart: bool) -> impl Iterator<Item = Self> {
+    /// The kinds a run injects: the mix, the broker restart when asked, and
+    /// the node kills on a cluster.
+    pub fn injected(broker_restart: bool, cluster: bool) -> impl Iterator<Item = Self> {
         MIX.iter()
             .map(|(f, _)| *f)
             .chain(broker_restart.then_some(Self::BrokerRestart))
+            .chain(cluster.then_some(Self::NodeKill))
     }
 }
 
@@ -191,12 +202,43 @@ fn error(log: &Shared<FaultLog>, what: String) {
 /// stopped answering cannot hold the run forever.
 const RABBITMQCTL_TIMEOUT: Duration = Duration::from_secs(90);
 
-/// Runs `rabbitmqctl` with `args`; `Err` carries its output.
+/// `scripts/rabbit-cluster` when the run is on a 3-node cluster
+/// ([`set_cluster`]): `rabbitmqctl` then goes to its nodes.
+static CLUSTER: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
+/// Runs the broker commands of this process against the cluster that
+/// `script` (`scripts/rabbit-cluster`, with the cluster's settings in the
+/// environment) manages, from now on.
+pub fn set_cluster(script: std::path::PathBuf) {
+    let _ = CLUSTER.set(script);
+}
+
+/// Whether the run is on a cluster.
+pub fn on_cluster() -> bool {
+    CLUSTER.get().is_some()
+}
+
+/// Runs `rabbitmqctl` with `args`; `Err` carries its output. On a cluster,
+/// through `scripts/rabbit-cluster ctl N` on the first node that answers
+/// (the others may be down by a fault).
 pub async fn rabbitmqctl(args: &[&str]) -> Result<String, String> {
-    let run = tokio::process::Command::new("rabbitmqctl")
-        .args(args)
-        .kill_on_drop(true)
-        .output();
+    let Some(script) = CLUSTER.get() else {
+        return rabbitmqctl_on(tokio::process::Command::new("rabbitmqctl"), args).await;
+    };
+    let mut last = String::new();
+    for node in ["1", "2", "3"] {
+        let mut cmd = tokio::process::Command::new("bash");
+        cmd.arg(script).args(["ctl", node]);
+        match rabbitmqctl_on(cmd, args).await {
+            Ok(out) => return Ok(out),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+async fn rabbitmqctl_on(mut cmd: tokio::process::Command, args: &[&str]) -> Result<String, String> {
+    let run = cmd.args(args).kill_on_drop(true).output();
     let out = tokio::time::timeout(RABBITMQCTL_TIMEOUT, run)
         .await
         .map_err(|_| format!("rabbitmqctl {args:?}: no answer in {RABBITMQCTL_TIMEOUT:?}"))?
@@ -349,6 +391,118 @@ async fn broker_restart(log: &Shared<FaultLog>, down: Duration) {
     tracing::warn!("fault: broker application started again");
 }
 
+/// The cluster node (1–3) to kill: the leader of `entrip.settlement`, or
+/// the node most of the vhost's connections are on (by the server port
+/// each connection came in on: node N listens on the first node's port +
+/// N − 1).
+async fn node_to_kill(vhost: &str, leader: bool) -> Result<u8, String> {
+    if leader {
+        let out = rabbitmqctl(&["list_queues", "-p", vhost, "name", "leader"]).await?;
+        return out
+            .lines()
+            .find_map(|l| {
+                let (name, node) = l.split_once('\t')?;
+                (name.trim() == entrip_common::amqp::SETTLEMENT_QUEUE).then_some(node.trim())
+            })
+            .and_then(node_number)
+            .ok_or_else(|| format!("no leader of entrip.settlement in: {}", out.trim()));
+    }
+    let out = rabbitmqctl(&["list_connections", "vhost", "port"]).await?;
+    let ports: Vec<u16> = out
+        .lines()
+        .filter_map(|l| {
+            let (v, port) = l.split_once('\t')?;
+            (v.trim() == vhost).then(|| port.trim().parse().ok())?
+        })
+        .collect();
+    let first = ports
+        .iter()
+        .min()
+        .copied()
+        .ok_or("no connection of the vhost")?;
+    // Ports of one cluster are consecutive; the lowest seen is not always
+    // node 1's, so count by offset from the cluster's own first port.
+    let base = std::env::var("ENTRIP_RABBIT_CLUSTER_PORT")
+        .ok()
+        .and_then(|p| p.parse::<u16>().ok())
+        .unwrap_or(first);
+    let mut per_node = [0usize; 3];
+    for p in ports {
+        if let Some(slot) = p.checked_sub(base).map(usize::from).filter(|i| *i < 3) {
+            per_node[slot] += 1;
+        }
+    }
+    let busiest = (0..3).max_by_key(|i| per_node[*i]).unwrap_or(0);
+    Ok(u8::try_from(busiest + 1).unwrap_or(1))
+}
+
+/// `entrip-rc-2@localhost` → 2.
+fn node_number(node: &str) -> Option<u8> {
+    let (name, _) = node.split_once('@')?;
+    name.rsplit('-')
+        .next()?
+        .parse()
+        .ok()
+        .filter(|n| (1..=3).contains(n))
+}
+
+/// Kills one node of the cluster, waits `down`, starts it again (it
+/// rejoins; `scripts/rabbit-cluster start` waits until it runs).
+async fn node_kill(log: &Shared<FaultLog>, vhost: &str, leader: bool, down: Duration) {
+    let Some(script) = CLUSTER.get() else {
+        return error(log, "a node kill without a cluster".into());
+    };
+    let node = match node_to_kill(vhost, leader).await {
+        Ok(n) => n,
+        Err(e) => return error(log, format!("choosing the node to kill: {e}")),
+    };
+    let what = if leader {
+        "the settlement queue's leader"
+    } else {
+        "the fleet's node"
+    };
+    let node = node.to_string();
+    let run = |action: &'static str| {
+        let mut cmd = tokio::process::Command::new("bash");
+        cmd.arg(script)
+            .args([action, node.as_str()])
+            .kill_on_drop(true);
+        async move {
+            match tokio::time::timeout(RABBITMQCTL_TIMEOUT * 2, cmd.output()).await {
+                Ok(Ok(out)) if out.status.success() => Ok(()),
+                Ok(Ok(out)) => Err(format!(
+                    "rabbit-cluster {action}: {}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                )),
+                Ok(Err(e)) => Err(format!("rabbit-cluster {action}: {e}")),
+                Err(_) => Err(format!("rabbit-cluster {action}: no end in time")),
+            }
+        }
+    };
+    tracing::warn!(
+        "fault: SIGKILL of cluster node {node} ({what}), {:.1} s down",
+        down.as_secs_f64()
+    );
+    if let Err(e) = run("kill").await {
+        return error(log, e);
+    }
+    count(log, Fault::NodeKill);
+    tokio::time::sleep(down).await;
+    for attempt in 0..3 {
+        match run("start").await {
+            Ok(()) => {
+                tracing::warn!("fault: cluster node {node} started again");
+                return;
+            }
+            Err(e) => error(
+                log,
+                format!("starting node {node} again (attempt {attempt}): {e}"),
+            ),
+        }
+    }
+}
+
 /// How long the scrape of ingest's counters before its kill may take.
 const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -409,6 +563,8 @@ struct Injector {
     /// The round being drawn (0-based).
     round: u32,
     started: tokio::time::Instant,
+    /// Node kills so far (they alternate their target).
+    node_kills: u32,
 }
 
 impl Injector {
@@ -524,6 +680,17 @@ impl Injector {
                 let down = rng.between(Duration::from_secs(3), Duration::from_secs(6));
                 broker_restart(log, down).await;
             }
+            Fault::NodeKill => {
+                let down = rng.between(Duration::from_secs(3), Duration::from_secs(6));
+                let leader = self.node_kills.is_multiple_of(2);
+                self.node_kills += 1;
+                let vhost = self.settings.vhost.clone();
+                let log = log.clone();
+                let kill = tokio::spawn(async move {
+                    node_kill(&log, &vhost, leader, down).await;
+                });
+                self.pending.push((self.round, kill));
+            }
         }
         true
     }
@@ -557,6 +724,18 @@ pub async fn run(
     } else {
         Vec::new()
     };
+    // Node kills at about a fifth, two, three and four fifths of the load.
+    let mut node_kill_at: Vec<Duration> = if settings.cluster {
+        (1..=4)
+            .map(|i| {
+                settings
+                    .load_duration
+                    .mul_f64(0.2 * f64::from(i) - 0.05 + 0.1 * rng.unit())
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
     let mut injector = Injector {
         settings,
         fleet,
@@ -565,6 +744,7 @@ pub async fn run(
         pending: Vec::new(),
         round: 0,
         started: tokio::time::Instant::now(),
+        node_kills: 0,
     };
     let mut bag = round(&mut rng);
     loop {
@@ -592,6 +772,13 @@ pub async fn run(
         {
             broker_at.remove(0);
             injector.inject(Fault::BrokerRestart, &mut rng).await;
+            continue;
+        }
+        if let Some(at) = node_kill_at.first()
+            && injector.started.elapsed() >= *at
+        {
+            node_kill_at.remove(0);
+            injector.inject(Fault::NodeKill, &mut rng).await;
             continue;
         }
         if let Some(fault) = bag.pop()
@@ -653,7 +840,7 @@ mod tests {
 
     #[test]
     fn the_json_names_are_stable() {
-        let counts: BTreeMap<Fault, u64> = Fault::injected(true).map(|f| (f, 1)).collect();
+        let counts: BTreeMap<Fault, u64> = Fault::injected(true, true).map(|f| (f, 1)).collect();
         let json = serde_json::to_value(&counts).unwrap();
         let mut names: Vec<&str> = json
             .as_object()
@@ -671,11 +858,15 @@ mod tests {
                 "kill_dispatcher",
                 "kill_ingest",
                 "kill_workers",
+                "node_kill",
                 "terminate_backends",
                 "webhook_failures",
                 "webhook_hang",
             ]
         );
-        assert_eq!(Fault::injected(false).count(), MIX.len());
+        assert_eq!(Fault::injected(false, false).count(), MIX.len());
+        assert_eq!(node_number("entrip-rc-2@localhost"), Some(2));
+        assert_eq!(node_number("entrip-cc123-3@localhost"), Some(3));
+        assert_eq!(node_number("rabbit@localhost"), None);
     }
 }

@@ -82,6 +82,11 @@ pub struct Options {
     pub seed: Option<u64>,
     /// Broker-wide `stop_app`/`start_app`: never while other work uses the broker.
     pub broker_restart: bool,
+    /// `scripts/rabbit-cluster` of the 3-node cluster the run is on (its
+    /// settings in the environment; `amqp_url` lists its nodes): broker
+    /// commands go to its nodes, and nodes are killed and started again
+    /// ([`faults::Fault::NodeKill`]).
+    pub cluster: Option<PathBuf>,
     /// The drain fails when none of its figures (outbox rows undelivered and
     /// published, queued messages, settlements, webhooks) moved for this
     /// long. There is no deadline: a busy machine drains slowly, a stuck
@@ -111,6 +116,21 @@ pub struct Options {
     pub amqp_patience: Duration,
 }
 
+/// Connects to the first node of `urls` (one AMQP URL, or the nodes of a
+/// cluster comma-separated) that answers, as the services do.
+pub async fn broker_connect(urls: &str, name: &str) -> Result<lapin::Connection, lapin::Error> {
+    let settings = entrip_common::config::AmqpSettings {
+        url: urls.to_owned(),
+        ..entrip_common::config::AmqpSettings::default()
+    };
+    entrip_common::amqp::connect_any(&settings, name).await
+}
+
+/// The broker user of `urls` (the first node's: all name the same).
+pub fn broker_user(urls: &str) -> String {
+    entrip_common::amqp::user_of(urls.split(',').next().unwrap_or_default().trim())
+}
+
 impl Options {
     pub fn new(database_url: String, vhost: String, amqp_url: String) -> Self {
         Self {
@@ -123,6 +143,7 @@ impl Options {
             rate: 20.0,
             seed: None,
             broker_restart: false,
+            cluster: None,
             drain_stall: Duration::from_secs(60),
             fault_interval: (Duration::from_secs(1), Duration::from_secs(3)),
             min_fault_rounds: 1,
@@ -398,7 +419,7 @@ pub async fn run(opts: Options) -> Result<Report, Error> {
     // The load's API client (`ingest clients create` prints the key alone),
     // also the client of the run's broker user: its AMQP requests share the
     // HTTP requests' idempotency scope.
-    let broker_user = entrip_common::amqp::user_of(&opts.amqp_url);
+    let broker_user = broker_user(&opts.amqp_url);
     let issued = fleet
         .lock()
         .unwrap_or_else(|e| e.into_inner())
@@ -450,6 +471,7 @@ pub async fn run(opts: Options) -> Result<Report, Error> {
             database,
             interval: opts.fault_interval,
             broker_restart: opts.broker_restart,
+            cluster: opts.cluster.is_some(),
             load_duration: opts.duration,
             webhook_timeout: WEBHOOK_TIMEOUT,
         },
@@ -632,7 +654,7 @@ pub async fn run(opts: Options) -> Result<Report, Error> {
     });
     // Every kind the run injects, also the ones that did not come up.
     let mut faults_counts: std::collections::BTreeMap<faults::Fault, u64> =
-        faults::Fault::injected(opts.broker_restart)
+        faults::Fault::injected(opts.broker_restart, opts.cluster.is_some())
             .map(|f| (f, 0))
             .collect();
     faults_counts.extend(fault_log.counts.iter().map(|(f, n)| (*f, *n)));
@@ -658,6 +680,7 @@ pub async fn run(opts: Options) -> Result<Report, Error> {
         total_seconds: t0.elapsed().as_secs_f64(),
         rate: opts.rate,
         broker_restart: opts.broker_restart,
+        cluster: opts.cluster.is_some(),
         faults: faults_counts,
         fault_rounds: fault_log.rounds,
         backends_terminated: fault_log.backends_terminated,

@@ -44,6 +44,12 @@ struct Cli {
     /// stop_app`/`start_app`): disturbs everything else using the broker.
     #[arg(long)]
     broker_restart: bool,
+    /// The run is on a 3-node cluster managed by this `scripts/rabbit-cluster`
+    /// (its settings in the environment; --amqp-url lists the nodes):
+    /// broker commands go to its nodes, and nodes are SIGKILLed and started
+    /// again during the load.
+    #[arg(long)]
+    cluster: Option<std::path::PathBuf>,
     /// The drain fails when nothing moves (outbox, queues, settlements,
     /// webhooks) for this many seconds; there is no overall deadline.
     #[arg(long, default_value_t = 60)]
@@ -129,6 +135,10 @@ async fn main_inner() -> anyhow::Result<bool> {
     opts.rate = cli.rate;
     opts.seed = cli.seed;
     opts.broker_restart = cli.broker_restart;
+    if let Some(script) = &cli.cluster {
+        entrip_chaos::faults::set_cluster(script.clone());
+    }
+    opts.cluster = cli.cluster;
     opts.drain_stall = Duration::from_secs(cli.drain_stall);
     opts.give_up_after = Duration::from_secs(cli.give_up_after);
     opts.min_fault_rounds = cli.min_fault_rounds;

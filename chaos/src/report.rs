@@ -29,6 +29,8 @@ pub struct Report {
     /// Journeys started per second.
     pub rate: f64,
     pub broker_restart: bool,
+    /// On a 3-node RabbitMQ cluster, with node kills.
+    pub cluster: bool,
     /// Injected faults by kind (JSON keys: the kinds' snake_case names),
     /// every kind the run injects, zeros included.
     pub faults: BTreeMap<Fault, u64>,
@@ -87,6 +89,15 @@ impl Report {
             s,
             "- broker-wide stop_app/start_app: {}",
             if self.broker_restart { "yes" } else { "no" }
+        );
+        let _ = writeln!(
+            s,
+            "- broker: {}",
+            if self.cluster {
+                "a 3-node cluster (scripts/rabbit-cluster), nodes killed and started again"
+            } else {
+                "one node"
+            }
         );
         let _ = writeln!(
             s,

@@ -13,7 +13,7 @@ use std::time::Duration;
 use entrip_common::amqp::{EVENTS_EXCHANGE, UNROUTED};
 use futures::StreamExt as _;
 use lapin::{
-    BasicProperties, Connection, ConnectionProperties, ExchangeKind,
+    BasicProperties, Connection, ExchangeKind,
     options::{
         BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicQosOptions,
         ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
@@ -33,12 +33,9 @@ fn broker(what: &str, err: lapin::Error) -> Error {
 }
 
 async fn connect(amqp_url: &str) -> Result<Connection, Error> {
-    Connection::connect(
-        amqp_url,
-        ConnectionProperties::default().with_connection_name("entrip-chaos-tap".into()),
-    )
-    .await
-    .map_err(|e| broker("connect", e))
+    crate::broker_connect(amqp_url, "entrip-chaos-tap")
+        .await
+        .map_err(|e| broker("connect", e))
 }
 
 fn text(v: &str) -> AMQPValue {

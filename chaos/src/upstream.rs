@@ -138,7 +138,7 @@ impl Upstream {
     /// the connection is lost) until [`Upstream::close`]. Publishing waits
     /// for the connection.
     pub fn start(url: String, stats: Arc<Stats>) -> Self {
-        let user = amqp::user_of(&url);
+        let user = crate::broker_user(&url);
         let (link_tx, link) = watch::channel(None);
         let (stop, stop_rx) = watch::channel(false);
         let broken = Arc::new((AtomicU64::new(0), Notify::new()));
@@ -355,8 +355,15 @@ fn on_reply(delivery: &Delivery, pending: &Mutex<HashMap<String, Slot>>, stats: 
 /// returns the connection, a publishing channel with confirms, and the
 /// consumer.
 async fn connect(url: &str) -> Result<(Connection, Channel, lapin::Consumer), lapin::Error> {
-    let conn = amqp::connect(url, "entrip-chaos-upstream").await?;
+    let conn = crate::broker_connect(url, "entrip-chaos-upstream").await?;
     let replies = conn.create_channel().await?;
+    // A quorum queue, as the fleet's: on a cluster it outlives the death of
+    // the node it was declared on.
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        lapin::types::AMQPValue::LongString("quorum".into()),
+    );
     replies
         .queue_declare(
             REPLY_QUEUE.into(),
@@ -364,7 +371,7 @@ async fn connect(url: &str) -> Result<(Connection, Channel, lapin::Consumer), la
                 durable: true,
                 ..QueueDeclareOptions::default()
             },
-            FieldTable::default(),
+            args,
         )
         .await?;
     replies
@@ -484,7 +491,7 @@ pub async fn read_ingest_dlq(amqp_url: &str) -> Result<IngestDlq, Error> {
     let broker =
         |what: &str, e: lapin::Error| Error::Setup(format!("{INGEST_QUEUE}.dlq: {what}: {e}"));
     let dlq = amqp::dlq_name(INGEST_QUEUE);
-    let conn = amqp::connect(amqp_url, "entrip-chaos-dlq-reader")
+    let conn = crate::broker_connect(amqp_url, "entrip-chaos-dlq-reader")
         .await
         .map_err(|e| broker("connect", e))?;
     let channel = conn

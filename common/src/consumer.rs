@@ -532,8 +532,14 @@ impl<H: Handler> MessageTask<H> {
                     multiple: false,
                     requeue: true,
                 })
-                .await
-                .map(drop)
+                .await?;
+            // A channel whose quorum queue lost its leader (a cluster node
+            // died) was seen to nack every publish from then on: the
+            // session ends and the consumer reconnects on a new one.
+            Err(lapin::Error::from(lapin::ErrorKind::InvalidChannelState(
+                lapin::ChannelState::Error,
+                "a forward was nacked; the channel is replaced",
+            )))
         }
     }
 }

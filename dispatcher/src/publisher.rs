@@ -99,7 +99,18 @@ impl Publisher {
             Ok(results) => results
                 .into_iter()
                 .map(|result| match result {
-                    Ok(confirmation) => outcome(confirmation),
+                    Ok(confirmation) => {
+                        if matches!(confirmation, Confirmation::Nack(_)) {
+                            // Seen after a cluster node died: a channel
+                            // whose quorum queue lost its leader nacked
+                            // every publish from then on, while a new
+                            // channel was acked. Start over on a new one.
+                            reset.get_or_insert_with(|| {
+                                "nacked by the broker: the channel is replaced".to_owned()
+                            });
+                        }
+                        outcome(confirmation)
+                    }
                     Err(err) => {
                         reset.get_or_insert_with(|| format!("confirm failed: {err}"));
                         Outcome::Unknown

@@ -157,8 +157,8 @@ async fn a_broker_connection_cut_loses_nothing_and_marks_nothing_unconfirmed(poo
         marked_during_cut
     );
     assert!(marked_during_cut < 5000, "the cut came mid-stream");
-    let marked_ids: Vec<(Uuid,)> =
-        sqlx::query_as("SELECT id FROM outbox WHERE published_at IS NOT NULL")
+    let marked_ids: Vec<Uuid> =
+        sqlx::query_scalar("SELECT id FROM outbox WHERE published_at IS NOT NULL")
             .fetch_all(&pool)
             .await
             .unwrap();
@@ -166,18 +166,7 @@ async fn a_broker_connection_cut_loses_nothing_and_marks_nothing_unconfirmed(poo
     proxy.restore();
     drained(&pool, "published_at IS NULL").await;
     rec.received(5000).await;
-    let received: HashSet<String> = rec
-        .snapshot()
-        .await
-        .iter()
-        .map(|r| r.message_id())
-        .collect();
-    for (id,) in marked_ids {
-        assert!(
-            received.contains(&id.to_string()),
-            "{id} was marked but never reached the broker"
-        );
-    }
+    rec.assert_reached(&marked_ids).await;
     assert_ordered(&rec.sequences().await, 100);
     assert_eq!(
         count(&pool, "attempts > 0").await,

@@ -305,6 +305,23 @@ impl Recorder {
             .len()
     }
 
+    /// Asserts that every one of these outbox rows (marked published)
+    /// reached the broker: nothing is marked without a confirm.
+    pub async fn assert_reached<'a>(&self, marked: impl IntoIterator<Item = &'a Uuid>) {
+        let received: std::collections::HashSet<String> = self
+            .snapshot()
+            .await
+            .iter()
+            .map(Received::message_id)
+            .collect();
+        for id in marked {
+            assert!(
+                received.contains(&id.to_string()),
+                "{id} was marked but never reached the broker"
+            );
+        }
+    }
+
     /// For each aggregate (`subject`), the `data.n` values in arrival order.
     pub async fn sequences(&self) -> HashMap<String, Vec<u64>> {
         let mut out: HashMap<String, Vec<u64>> = HashMap::new();
