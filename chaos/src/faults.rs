@@ -565,6 +565,7 @@ struct Injector {
     started: tokio::time::Instant,
     /// Node kills so far (they alternate their target).
     node_kills: u32,
+    node_kill_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Injector {
@@ -686,7 +687,12 @@ impl Injector {
                 self.node_kills += 1;
                 let vhost = self.settings.vhost.clone();
                 let log = log.clone();
+                // One node down at a time: a kill waits for the previous
+                // node to be back (with pause_minority, two down would
+                // pause the third: an outage, not a node loss).
+                let one_at_a_time = self.node_kill_lock.clone();
                 let kill = tokio::spawn(async move {
+                    let _turn = one_at_a_time.lock().await;
                     node_kill(&log, &vhost, leader, down).await;
                 });
                 self.pending.push((self.round, kill));
@@ -745,6 +751,7 @@ pub async fn run(
         round: 0,
         started: tokio::time::Instant::now(),
         node_kills: 0,
+        node_kill_lock: Arc::default(),
     };
     let mut bag = round(&mut rng);
     loop {

@@ -135,6 +135,11 @@ async fn main_inner() -> anyhow::Result<bool> {
     opts.rate = cli.rate;
     opts.seed = cli.seed;
     opts.broker_restart = cli.broker_restart;
+    if cli.cluster.is_some() && cli.broker_restart {
+        anyhow::bail!(
+            "--cluster and --broker-restart do not go together: the broker restart stops the broker on 5672"
+        );
+    }
     if let Some(script) = &cli.cluster {
         entrip_chaos::faults::set_cluster(script.clone());
     }

@@ -228,6 +228,9 @@ pub trait Handler: Send + Sync + 'static {
     }
 }
 
+/// A session longer than this was healthy: the reconnect backoff restarts.
+const HEALTHY_SESSION: Duration = Duration::from_secs(30);
+
 /// Runs `handler` on its queue until `shutdown`.
 pub struct Consumer<H: Handler> {
     handler: Arc<H>,
@@ -260,7 +263,14 @@ impl<H: Handler> Consumer<H> {
             let Some(conn) = amqp::connect_with_retry(&self.amqp, &name, &shutdown).await else {
                 break;
             };
-            match self.session(&conn, &shutdown).await {
+            let began = std::time::Instant::now();
+            let ended = self.session(&conn, &shutdown).await;
+            // A session that lasted was a healthy one that broke: its
+            // reconnect starts from the shortest wait again.
+            if began.elapsed() > HEALTHY_SESSION {
+                backoff = amqp::reconnect_backoff().build();
+            }
+            match ended {
                 Ok(()) => {
                     let _ = conn.close(200, "shutdown".into()).await;
                     break;
@@ -533,6 +543,9 @@ impl<H: Handler> MessageTask<H> {
                     requeue: true,
                 })
                 .await?;
+            if !matches!(confirmation, Confirmation::Nack(_)) {
+                return Ok(());
+            }
             // A channel whose quorum queue lost its leader (a cluster node
             // died) was seen to nack every publish from then on: the
             // session ends and the consumer reconnects on a new one.

@@ -36,8 +36,13 @@ const GAUGE_INTERVAL: Duration = Duration::from_secs(5);
 /// beyond it (not dead, only frozen) may see its pair sent by another.
 pub const LEASE_MARGIN: Duration = Duration::from_secs(10);
 
-/// How often a copy waiting for another's lease looks again.
-const LEASE_POLL: Duration = Duration::from_millis(50);
+/// How often a copy waiting for another's lease looks again (a query each).
+const LEASE_POLL: Duration = Duration::from_millis(200);
+
+/// Tries of the record after a POST: a record lost after a 2xx sends the
+/// webhook again once the lease runs out, so a passing database error is
+/// retried first (after 100 ms, 400 ms, 1.6 s).
+const RECORD_TRIES: u32 = 4;
 
 /// A subscriber with its key decoded once.
 #[derive(Debug, Clone)]
@@ -167,7 +172,7 @@ impl Notifications {
                 deliveries::Claim::Leased => break,
                 deliveries::Claim::Busy(left) => {
                     tracing::debug!(subscriber = %sub.url(), ?left, "another copy is being sent; waiting for its outcome");
-                    tokio::time::sleep(left.clamp(Duration::from_millis(10), LEASE_POLL)).await;
+                    tokio::time::sleep(left.clamp(Duration::from_millis(20), LEASE_POLL)).await;
                 }
             }
         }
@@ -183,15 +188,28 @@ impl Notifications {
             Ok(code) => (Some(code), None),
             Err(not) => (not.status_code, Some(not.reason)),
         };
-        deliveries::record_attempt(
-            &self.pool,
-            event,
-            sub.url(),
-            owner,
-            status_code,
-            failure.as_deref(),
-        )
-        .await?;
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match deliveries::record_attempt(
+                &self.pool,
+                event,
+                sub.url(),
+                owner,
+                status_code,
+                failure.as_deref(),
+            )
+            .await
+            {
+                Ok(()) => break,
+                Err(err) if tries < RECORD_TRIES => {
+                    let wait = Duration::from_millis(100 * 4u64.pow(tries - 1));
+                    tracing::warn!(subscriber = %sub.url(), %err, ?wait, "cannot record the webhook's outcome; again");
+                    tokio::time::sleep(wait).await;
+                }
+                Err(err) => return Err(err),
+            }
+        }
         Ok(match failure {
             None => PairOutcome::Delivered,
             Some(reason) => PairOutcome::Failed(reason),
@@ -363,8 +381,11 @@ pub mod deliveries {
     }
 
     /// Counts an attempt and ends `owner`'s lease: DELIVERED on a 2xx
-    /// (`failure` none); a failure leaves the status as it is (PENDING,
-    /// or what another copy recorded meanwhile) and never undoes a delivery.
+    /// (`failure` none) while the lease is still `owner`'s, else PENDING
+    /// (a DEAD pair sent again by a DLQ replay is being retried), never
+    /// undoing a delivery. A lease taken away meanwhile (by [`reopen`], or
+    /// by another copy after it ran out) leaves the pair to that one: a
+    /// redelivery the operator asked for during this POST still goes out.
     pub(crate) async fn record_attempt(
         pool: &PgPool,
         event: &Event,
@@ -378,8 +399,11 @@ pub mod deliveries {
                 SET attempts = attempts + 1,
                     last_status_code = $4,
                     last_error = $5,
-                    status = CASE WHEN $5::text IS NULL THEN 'DELIVERED' ELSE status END,
-                    delivered_at = CASE WHEN $5::text IS NULL THEN coalesce(delivered_at, now())
+                    status = CASE WHEN $5::text IS NULL AND lease_owner = $3 THEN 'DELIVERED'
+                                  WHEN status = 'DELIVERED' THEN 'DELIVERED'
+                                  ELSE 'PENDING' END,
+                    delivered_at = CASE WHEN $5::text IS NULL AND lease_owner = $3
+                                        THEN coalesce(delivered_at, now())
                                         ELSE delivered_at END,
                     lease_owner = CASE WHEN lease_owner = $3 THEN NULL ELSE lease_owner END,
                     lease_until = CASE WHEN lease_owner = $3 THEN NULL ELSE lease_until END
@@ -468,8 +492,9 @@ pub mod deliveries {
              SELECT gen_random_uuid(), e.id, $3, e.topic, 'redelivery requested'
                FROM unnest($1::uuid[], $2::text[]) AS e(id, topic)
              ON CONFLICT (event_id, subscriber) DO UPDATE
-                SET status = 'PENDING', delivered_at = NULL,
-                    last_error = 'redelivery requested', updated_at = now()",
+                SET status = 'PENDING', delivered_at = NULL, lease_owner = NULL,
+                    lease_until = NULL, last_error = 'redelivery requested',
+                    updated_at = now()",
         )
         .bind(ids)
         .bind(topics)
