@@ -9,6 +9,8 @@
 
 use std::time::Duration;
 
+use backon::Retryable as _;
+
 use chrono::Utc;
 use entrip_common::{
     amqp::{NOTIFICATIONS_QUEUE, SUBSCRIBER_HEADER},
@@ -39,10 +41,15 @@ pub const LEASE_MARGIN: Duration = Duration::from_secs(10);
 /// How often a copy waiting for another's lease looks again (a query each).
 const LEASE_POLL: Duration = Duration::from_millis(200);
 
-/// Tries of the record after a POST: a record lost after a 2xx sends the
+/// Retries of the record after a POST: a record lost after a 2xx sends the
 /// webhook again once the lease runs out, so a passing database error is
 /// retried first (after 100 ms, 400 ms, 1.6 s).
-const RECORD_TRIES: u32 = 4;
+fn record_backoff() -> backon::ExponentialBuilder {
+    backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_factor(4.0)
+        .with_max_times(3)
+}
 
 /// A subscriber with its key decoded once.
 #[derive(Debug, Clone)]
@@ -188,10 +195,8 @@ impl Notifications {
             Ok(code) => (Some(code), None),
             Err(not) => (not.status_code, Some(not.reason)),
         };
-        let mut tries = 0;
-        loop {
-            tries += 1;
-            match deliveries::record_attempt(
+        (|| {
+            deliveries::record_attempt(
                 &self.pool,
                 event,
                 sub.url(),
@@ -199,17 +204,12 @@ impl Notifications {
                 status_code,
                 failure.as_deref(),
             )
-            .await
-            {
-                Ok(()) => break,
-                Err(err) if tries < RECORD_TRIES => {
-                    let wait = Duration::from_millis(100 * 4u64.pow(tries - 1));
-                    tracing::warn!(subscriber = %sub.url(), %err, ?wait, "cannot record the webhook's outcome; again");
-                    tokio::time::sleep(wait).await;
-                }
-                Err(err) => return Err(err),
-            }
-        }
+        })
+        .retry(record_backoff())
+        .notify(|err, wait| {
+            tracing::warn!(subscriber = %sub.url(), %err, ?wait, "cannot record the webhook's outcome; again");
+        })
+        .await?;
         Ok(match failure {
             None => PairOutcome::Delivered,
             Some(reason) => PairOutcome::Failed(reason),
