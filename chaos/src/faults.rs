@@ -227,9 +227,7 @@ pub async fn rabbitmqctl(args: &[&str]) -> Result<String, String> {
     };
     let mut last = String::new();
     for node in ["1", "2", "3"] {
-        let mut cmd = tokio::process::Command::new("bash");
-        cmd.arg(script).args(["ctl", node]);
-        match rabbitmqctl_on(cmd, args).await {
+        match rabbitmqctl_on(cluster_script(script, &["ctl", node]), args).await {
             Ok(out) => return Ok(out),
             Err(e) => last = e,
         }
@@ -237,12 +235,30 @@ pub async fn rabbitmqctl(args: &[&str]) -> Result<String, String> {
     Err(last)
 }
 
-async fn rabbitmqctl_on(mut cmd: tokio::process::Command, args: &[&str]) -> Result<String, String> {
+/// `scripts/rabbit-cluster <args>`.
+fn cluster_script(script: &std::path::Path, args: &[&str]) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new("bash");
+    cmd.arg(script).args(args);
+    cmd
+}
+
+async fn rabbitmqctl_on(cmd: tokio::process::Command, args: &[&str]) -> Result<String, String> {
+    run_tool("rabbitmqctl", cmd, args, RABBITMQCTL_TIMEOUT).await
+}
+
+/// Runs `cmd` with `args` for at most `timeout`: its stdout and stderr,
+/// or why it failed (named `what`).
+async fn run_tool(
+    what: &str,
+    mut cmd: tokio::process::Command,
+    args: &[&str],
+    timeout: Duration,
+) -> Result<String, String> {
     let run = cmd.args(args).kill_on_drop(true).output();
-    let out = tokio::time::timeout(RABBITMQCTL_TIMEOUT, run)
+    let out = tokio::time::timeout(timeout, run)
         .await
-        .map_err(|_| format!("rabbitmqctl {args:?}: no answer in {RABBITMQCTL_TIMEOUT:?}"))?
-        .map_err(|e| format!("cannot run rabbitmqctl: {e}"))?;
+        .map_err(|_| format!("{what} {args:?}: no answer in {timeout:?}"))?
+        .map_err(|e| format!("cannot run {what}: {e}"))?;
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -251,7 +267,7 @@ async fn rabbitmqctl_on(mut cmd: tokio::process::Command, args: &[&str]) -> Resu
     if out.status.success() {
         Ok(text)
     } else {
-        Err(format!("rabbitmqctl {args:?}: {}", text.trim()))
+        Err(format!("{what} {args:?}: {}", text.trim()))
     }
 }
 
@@ -462,22 +478,18 @@ async fn node_kill(log: &Shared<FaultLog>, vhost: &str, leader: bool, down: Dura
         "the fleet's node"
     };
     let node = node.to_string();
+    // `start` waits for the node to boot: longer than a CLI call.
     let run = |action: &'static str| {
-        let mut cmd = tokio::process::Command::new("bash");
-        cmd.arg(script)
-            .args([action, node.as_str()])
-            .kill_on_drop(true);
+        let args = [action, node.as_str()];
         async move {
-            match tokio::time::timeout(RABBITMQCTL_TIMEOUT * 2, cmd.output()).await {
-                Ok(Ok(out)) if out.status.success() => Ok(()),
-                Ok(Ok(out)) => Err(format!(
-                    "rabbit-cluster {action}: {}{}",
-                    String::from_utf8_lossy(&out.stdout),
-                    String::from_utf8_lossy(&out.stderr)
-                )),
-                Ok(Err(e)) => Err(format!("rabbit-cluster {action}: {e}")),
-                Err(_) => Err(format!("rabbit-cluster {action}: no end in time")),
-            }
+            run_tool(
+                "rabbit-cluster",
+                cluster_script(script, &[]),
+                &args,
+                RABBITMQCTL_TIMEOUT * 2,
+            )
+            .await
+            .map(drop)
         }
     };
     tracing::warn!(

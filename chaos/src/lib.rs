@@ -116,19 +116,23 @@ pub struct Options {
     pub amqp_patience: Duration,
 }
 
-/// Connects to the first node of `urls` (one AMQP URL, or the nodes of a
-/// cluster comma-separated) that answers, as the services do.
-pub async fn broker_connect(urls: &str, name: &str) -> Result<lapin::Connection, lapin::Error> {
-    let settings = entrip_common::config::AmqpSettings {
+/// The services' broker settings for `urls` (one AMQP URL, or the nodes of
+/// a cluster comma-separated).
+fn broker(urls: &str) -> entrip_common::config::AmqpSettings {
+    entrip_common::config::AmqpSettings {
         url: urls.to_owned(),
         ..entrip_common::config::AmqpSettings::default()
-    };
-    entrip_common::amqp::connect_any(&settings, name).await
+    }
 }
 
-/// The broker user of `urls` (the first node's: all name the same).
+/// Connects to the first node of `urls` that answers, as the services do.
+pub async fn broker_connect(urls: &str, name: &str) -> Result<lapin::Connection, lapin::Error> {
+    entrip_common::amqp::connect_any(&broker(urls), name).await
+}
+
+/// The broker user of `urls`, as the services find it.
 pub fn broker_user(urls: &str) -> String {
-    entrip_common::amqp::user_of(urls.split(',').next().unwrap_or_default().trim())
+    broker(urls).user()
 }
 
 impl Options {
