@@ -145,9 +145,10 @@ pub async fn plan(
 /// locked), publishes each copy with a confirm, and commits after the last
 /// confirm. A worker handling a copy meanwhile waits on the pair's lock and
 /// then sends it; a POST already under way loses its lease, so its answer
-/// does not mark the pair DELIVERED and the copy is still sent; a failure or a crash before the commit leaves the pairs
-/// as they were (a confirmed copy of a DEAD pair is still sent; one of a
-/// DELIVERED pair is skipped), so running the command again is safe.
+/// does not mark the pair DELIVERED and the copy is still sent; a failure
+/// or a crash before the commit leaves the pairs as they were (a confirmed
+/// copy of a DEAD pair is still sent; one of a DELIVERED pair is skipped),
+/// so running the command again is safe.
 /// Returns the events sent.
 pub async fn send(pool: &PgPool, channel: &Channel, plan: &Plan) -> Result<usize, RedeliverError> {
     let pairs: Vec<(Uuid, String)> = plan.rows.iter().map(|r| (r.id, r.topic.clone())).collect();
