@@ -142,6 +142,34 @@ impl Vhost {
     }
 }
 
+impl Vhost {
+    /// The client ports of the connections open on this vhost now (one per
+    /// connection, as the broker sees them).
+    pub fn connections(&self) -> Vec<String> {
+        let out = Command::new("rabbitmqctl")
+            .args([
+                "-q",
+                "list_connections",
+                "--no-table-headers",
+                "vhost",
+                "peer_port",
+            ])
+            .output()
+            .expect("rabbitmqctl is installed with RabbitMQ");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_once('\t'))
+            .filter(|(v, _)| v.trim() == self.name)
+            .map(|(_, port)| port.trim().to_owned())
+            .collect()
+    }
+}
+
 impl Default for Vhost {
     fn default() -> Self {
         Self::new()

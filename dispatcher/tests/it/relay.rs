@@ -627,3 +627,65 @@ async fn rows_behind_a_retry_do_not_hold_back_other_aggregates(pool: PgPool) {
     }
     relay.stop().await;
 }
+
+/// A nacked publish (here a queue that refuses everything; after a cluster
+/// node died, a channel whose quorum queue lost its leader nacked every
+/// publish) counts an attempt, and the lane gives up its connection for a
+/// new one: the channel is not trusted after a nack.
+#[sqlx::test(migrator = "entrip_common::db::MIGRATOR")]
+async fn a_nacked_publish_counts_an_attempt_and_replaces_the_connection(pool: PgPool) {
+    let vhost = Vhost::new();
+    let rec = Recorder::start(&vhost.url(), "test.all", &["#"]).await;
+    // A classic queue: a quorum queue's length limit is applied too late
+    // to nack the publish that goes over it.
+    let mut args = FieldTable::default();
+    args.insert(ShortString::from("x-max-length"), AMQPValue::LongLongInt(0));
+    args.insert(
+        ShortString::from("x-overflow"),
+        AMQPValue::LongString(LongString::from("reject-publish")),
+    );
+    rec.channel
+        .queue_declare("test.full".into(), QueueDeclareOptions::default(), args)
+        .await
+        .unwrap();
+    rec.channel
+        .queue_bind(
+            "test.full".into(),
+            amqp::EVENTS_EXCHANGE.into(),
+            "payment.failed".into(),
+            lapin::options::QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let before_relay: HashSet<String> = vhost.connections().into_iter().collect();
+    insert_events(&pool, 1, 1, EventType::BookingCreated).await;
+    let relay = start_relay(
+        &pool,
+        &vhost.url(),
+        entrip_common::config::DispatcherSettings {
+            lanes: 1,
+            ..fast_settings()
+        },
+    );
+    rows_reach(&pool, "published_at IS NOT NULL", 1).await;
+    let relay_conns: HashSet<String> = vhost
+        .connections()
+        .into_iter()
+        .filter(|c| !before_relay.contains(c))
+        .collect();
+    assert_eq!(relay_conns.len(), 1, "one lane, one connection");
+
+    insert_events(&pool, 1, 1, EventType::PaymentFailed).await;
+    eventually("the nacked row counted an attempt", || async {
+        count(&pool, "attempts > 0 AND last_error LIKE 'nacked%'").await == 1
+    })
+    .await;
+    eventually("the lane replaced its connection", || async {
+        let now: HashSet<String> = vhost.connections().into_iter().collect();
+        relay_conns.is_disjoint(&now)
+    })
+    .await;
+    assert_eq!(count(&pool, "published_at IS NOT NULL").await, 1);
+    relay.stop().await;
+}
