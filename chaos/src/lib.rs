@@ -621,25 +621,26 @@ pub async fn run(opts: Options) -> Result<Report, Error> {
             drained.webhooks_missing
         ),
     }];
-    let checked = checks::run_checks(
-        checks::Inputs {
-            pool: &pool,
-            vhost: &opts.vhost,
-            receiver: &receiver,
-            load: &load,
-            integrity,
-            hits: &fault_log.hits,
-            webhook_timeout: WEBHOOK_TIMEOUT,
-            tap: tap_log.as_ref(),
-            api_client: API_CLIENT,
-            ingest_dlq: ingest_dlq.as_ref(),
-            ingest_counts: &ingest_counts,
-            ingest_scrape_missing,
-        },
-        &mut totals,
-    )
+    let end_state = checks::EndState::load(checks::Sources {
+        pool: &pool,
+        vhost: &opts.vhost,
+        receiver: &receiver,
+        load: &load,
+        integrity,
+        hits: &fault_log.hits,
+        webhook_timeout: WEBHOOK_TIMEOUT,
+        tap: tap_log.as_ref(),
+        api_client: API_CLIENT,
+        ingest_dlq: ingest_dlq.as_ref(),
+        ingest_counts: &ingest_counts,
+        ingest_scrape_missing,
+    })
     .await
-    .map_err(|e| with_logs(format!("checks could not run: {e}")))?;
+    .map_err(|e| with_logs(format!("the end state could not be read: {e}")))?;
+    let checked = checks::run_checks(&end_state);
+    totals.extend(checks::totals(&end_state));
+    let tallies = checks::tallies(&end_state);
+    drop(end_state);
     all_checks.extend(checked);
 
     let service_exits = {
@@ -690,6 +691,7 @@ pub async fn run(opts: Options) -> Result<Report, Error> {
         backends_terminated: fault_log.backends_terminated,
         fault_errors: fault_log.errors,
         totals,
+        tallies,
         responses_by_status: load.stats.by_status(),
         amqp_share: opts.amqp_share,
         amqp_patience_seconds: opts.amqp_patience.as_secs_f64(),

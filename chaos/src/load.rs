@@ -286,7 +286,7 @@ impl Stats {
             .clone()
     }
 
-    fn status(&self, r: Response) {
+    pub(crate) fn status(&self, r: Response) {
         let mut m = self.by_status.lock().unwrap_or_else(|e| e.into_inner());
         *m.entry(r).or_default() += 1;
     }

@@ -1,11 +1,12 @@
-//! The run's report: seed, duration, faults, totals and each named check
-//! with its figures; rendered as Markdown for people and JSON for tools.
+//! The run's report: seed, duration, faults, totals, the lost / unexpected /
+//! duplicated counts of each history, and each named check with its
+//! figures; rendered as Markdown for people and JSON for tools.
 
 use std::{collections::BTreeMap, fmt::Write as _, path::Path};
 
 use serde::Serialize;
 
-use crate::{Error, faults::Fault, load::Response};
+use crate::{Error, checks::Tally, faults::Fault, load::Response};
 
 /// One named check with what it found.
 #[derive(Debug, Clone, Serialize)]
@@ -41,6 +42,8 @@ pub struct Report {
     pub fault_errors: Vec<String>,
     /// Figures for people; no code looks them up.
     pub totals: BTreeMap<String, u64>,
+    /// Lost, unexpected and duplicated, per history (Jepsen-style).
+    pub tallies: Vec<Tally>,
     /// The client's HTTP attempts by how they ended (JSON keys `"201"`,
     /// `"timeout"`, …).
     pub responses_by_status: BTreeMap<Response, u64>,
@@ -125,6 +128,17 @@ impl Report {
             for e in &self.fault_errors {
                 let _ = writeln!(s, "- {e}");
             }
+        }
+        let _ = writeln!(
+            s,
+            "\n## Lost, unexpected, duplicated\n\nPer history, of what had to be there (the checks below judge them: a duplicated event is allowed, at least once; a duplicated webhook only where a worker lost its record).\n\n| history | expected | ok | lost | unexpected | duplicated |\n|---|---:|---:|---:|---:|---:|"
+        );
+        for t in &self.tallies {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | {} |",
+                t.history, t.expected, t.ok, t.lost, t.unexpected, t.duplicated
+            );
         }
         let _ = writeln!(s, "\n## Totals\n\n| figure | value |\n|---|---:|");
         for (k, v) in &self.totals {

@@ -130,6 +130,21 @@ async fn chaos_short_run_keeps_every_guarantee(_opts: PgPoolOptions, connect: Pg
         "no AMQP resend: {:?}",
         report.totals
     );
+    // The Jepsen-style counts cover every history, with something in each
+    // of the main ones, nothing lost and nothing unexpected.
+    assert_eq!(report.tallies.len(), 7, "{:?}", report.tallies);
+    for t in &report.tallies {
+        assert_eq!((t.lost, t.unexpected), (0, 0), "{t:?}");
+        assert_eq!(t.ok, t.expected, "{t:?}");
+    }
+    for history in [
+        "acknowledged bookings",
+        "settlements",
+        "webhooks (event, subscriber)",
+    ] {
+        let t = report.tallies.iter().find(|t| t.history == history);
+        assert!(t.is_some_and(|t| t.expected > 0), "{history}: {t:?}");
+    }
     assert!(
         !report.faults.contains_key(&Fault::BrokerRestart),
         "the broker-wide stop must not run beside other tests"
