@@ -209,12 +209,12 @@ pub fn queues_empty(s: &EndState<'_>) -> Check {
     };
     let dlq: Vec<String> = depths
         .iter()
-        .filter(|(k, v)| is_dlq(k) && !is_ingest_dlq(k) && **v != 0)
+        .filter(|(k, v)| is_dlq(k) && !is_ingest_dlq(k) && v.messages != 0)
         .map(|(k, v)| format!("{k}={v}"))
         .collect();
     let queued: Vec<String> = depths
         .iter()
-        .filter(|(k, v)| is_work_queue(k) && **v != 0)
+        .filter(|(k, v)| is_work_queue(k) && v.messages != 0)
         .map(|(k, v)| format!("{k}={v}"))
         .collect();
     let any_dlq = depths.keys().any(|k| is_dlq(k));
@@ -303,6 +303,7 @@ fn first_arrival_order(
 
 #[cfg(test)]
 mod tests {
+    use super::super::drain::Depth;
     use super::super::end_state::{InboxRow, fixture::Fixture, fixture::outbox};
     use super::*;
 
@@ -449,8 +450,19 @@ mod tests {
     fn a_message_left_in_a_work_queue_or_dlq_fails() {
         let f = Fixture::new(Vec::new());
         let mut s = f.state();
-        let depths =
-            |pairs: &[(&str, i64)]| Ok(pairs.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect());
+        let depths = |pairs: &[(&str, i64)]| {
+            Ok(pairs
+                .iter()
+                .map(|(k, v)| {
+                    let d = Depth {
+                        messages: *v,
+                        ready: 0,
+                        unacked: 0,
+                    };
+                    ((*k).to_owned(), d)
+                })
+                .collect())
+        };
         s.queues = depths(&[
             ("entrip.settlement", 0),
             ("entrip.settlement.dlq", 0),
@@ -463,7 +475,9 @@ mod tests {
         ]);
         let c = queues_empty(&s);
         assert!(
-            !c.passed && c.detail.contains("retry.3000ms=8"),
+            !c.passed
+                && c.detail
+                    .contains("retry.3000ms=8 (0 ready, 0 unacked, 8 dead-lettered"),
             "{}",
             c.detail
         );

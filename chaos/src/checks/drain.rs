@@ -18,8 +18,41 @@ use crate::{
     receiver::{Receiver, Subscriber},
 };
 
-/// Messages in each queue of the vhost (ready + unacknowledged).
-pub async fn queue_depths(vhost: &str) -> Result<BTreeMap<String, i64>, String> {
+/// What `rabbitmqctl list_queues` tells of one queue.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Depth {
+    /// Every message the queue holds.
+    pub messages: i64,
+    pub ready: i64,
+    pub unacked: i64,
+}
+
+impl Depth {
+    /// Messages neither ready nor delivered: in a quorum queue with
+    /// at-least-once dead-lettering, those dead-lettered (a TTL retry queue's
+    /// expired messages) and not yet confirmed by their target queue.
+    pub fn dead_lettered_waiting(self) -> i64 {
+        self.messages - self.ready - self.unacked
+    }
+}
+
+impl std::fmt::Display for Depth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.messages)?;
+        let waiting = self.dead_lettered_waiting();
+        if waiting > 0 {
+            write!(
+                f,
+                " ({} ready, {} unacked, {waiting} dead-lettered and not yet moved)",
+                self.ready, self.unacked
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Messages in each queue of the vhost.
+pub async fn queue_depths(vhost: &str) -> Result<BTreeMap<String, Depth>, String> {
     let out = rabbitmqctl(&[
         "-q",
         "list_queues",
@@ -28,18 +61,28 @@ pub async fn queue_depths(vhost: &str) -> Result<BTreeMap<String, i64>, String> 
         "--no-table-headers",
         "name",
         "messages",
+        "messages_ready",
+        "messages_unacknowledged",
     ])
     .await?;
+    Ok(parse_depths(&out))
+}
+
+fn parse_depths(out: &str) -> BTreeMap<String, Depth> {
     let mut m = BTreeMap::new();
     for line in out.lines() {
-        let mut parts = line.split_whitespace();
-        if let (Some(name), Some(n)) = (parts.next(), parts.next())
-            && let Ok(n) = n.parse::<i64>()
-        {
-            m.insert(name.to_owned(), n);
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        let n = |i: usize| parts.get(i).and_then(|v| v.parse::<i64>().ok());
+        if let (Some(name), Some(messages)) = (parts.first(), n(1)) {
+            let depth = Depth {
+                messages,
+                ready: n(2).unwrap_or(messages),
+                unacked: n(3).unwrap_or(0),
+            };
+            m.insert((*name).to_owned(), depth);
         }
     }
-    Ok(m)
+    m
 }
 
 pub(super) fn is_dlq(name: &str) -> bool {
@@ -253,7 +296,7 @@ pub async fn drain(
                     let held: i64 = d
                         .iter()
                         .filter(|(k, _)| is_work_queue(k))
-                        .map(|(_, v)| *v)
+                        .map(|(_, v)| v.messages)
                         .sum();
                     state.work_messages = held;
                     if held == 0 {
@@ -263,7 +306,15 @@ pub async fn drain(
                     // Delivered, not acknowledged yet (redeliveries the
                     // workers find applied move no other figure): keep
                     // polling, and count their acknowledgement as progress.
-                    tracing::info!("drain: {held} messages delivered and not acknowledged yet");
+                    let held_in: Vec<String> = d
+                        .iter()
+                        .filter(|(k, v)| is_work_queue(k) && v.messages != 0)
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect();
+                    tracing::info!(
+                        "drain: {held} messages not acknowledged yet (or dead-lettered and not yet moved): {}",
+                        held_in.join(", ")
+                    );
                     if last_held != Some(held) {
                         moved_at = Instant::now();
                         last_held = Some(held);
@@ -287,4 +338,26 @@ pub async fn drain(
     state.still_for = moved_at.elapsed();
     probe.close().await;
     state
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn depths_tell_dead_lettered_messages_apart() {
+        let d = parse_depths(
+            "entrip.notifications.retry.3000ms\t8\t0\t0\nentrip.settlement\t3\t1\t2\nnot a queue line\n",
+        );
+        let retry = d["entrip.notifications.retry.3000ms"];
+        assert_eq!(retry.dead_lettered_waiting(), 8);
+        assert_eq!(
+            retry.to_string(),
+            "8 (0 ready, 0 unacked, 8 dead-lettered and not yet moved)"
+        );
+        let work = d["entrip.settlement"];
+        assert_eq!((work.messages, work.ready, work.unacked), (3, 1, 2));
+        assert_eq!(work.to_string(), "3");
+        assert_eq!(d.len(), 2);
+    }
 }

@@ -13,7 +13,7 @@ use std::{
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use super::drain::{queue_depths, wanted_webhooks};
+use super::drain::{Depth, queue_depths, wanted_webhooks};
 use crate::{
     Error,
     faults::Hit,
@@ -118,7 +118,7 @@ pub struct EndState<'a> {
     /// `notification_deliveries` rows by status.
     pub deliveries: BTreeMap<String, i64>,
     /// Messages in each queue of the vhost, or why they could not be read.
-    pub queues: Result<BTreeMap<String, i64>, String>,
+    pub queues: Result<BTreeMap<String, Depth>, String>,
     /// What the chaos-owned tap queue held, or why it could not be read.
     pub tap: Result<&'a TapLog, &'a str>,
     /// What `entrip.ingest.dlq` held, or why it could not be read.
@@ -361,7 +361,10 @@ pub(super) mod fixture {
                 audit: Vec::new(),
                 inbox: Vec::new(),
                 deliveries: BTreeMap::new(),
-                queues: Ok(BTreeMap::from([("entrip.settlement.dlq".to_owned(), 0)])),
+                queues: Ok(BTreeMap::from([(
+                    "entrip.settlement.dlq".to_owned(),
+                    Depth::default(),
+                )])),
                 tap: Ok(&self.tap),
                 ingest_dlq: Ok(&self.dlq),
                 ingest_counts: &self.counts,

@@ -16,7 +16,7 @@ mod webhooks;
 
 use serde::Serialize;
 
-pub use drain::{DrainState, drain, queue_depths, wanted_webhooks};
+pub use drain::{Depth, DrainState, drain, queue_depths, wanted_webhooks};
 pub use end_state::{EndState, IntegrityRun, Sources};
 pub use figures::{tallies, totals};
 pub use webhooks::{Cause, explain_duplicate};
