@@ -393,7 +393,7 @@ pub struct Poison {
 }
 
 impl Journey {
-    fn new(n: u64, requires_approval: bool) -> Self {
+    pub(crate) fn new(n: u64, requires_approval: bool) -> Self {
         Self {
             n,
             code: format!("CHAOS-{n:07}"),

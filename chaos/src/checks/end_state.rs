@@ -383,20 +383,11 @@ pub(super) mod fixture {
     /// A journey the client saw through: booked with `id` and, when given,
     /// paid with `payment` (`APPROVED`).
     pub fn journey(n: u64, id: Uuid, payment: Option<Uuid>) -> Journey {
-        Journey {
-            n,
-            code: format!("CHAOS-{n:07}"),
-            requires_approval: false,
-            booking: BookingOutcome::Acked(id),
-            payment,
-            payment_status: payment.map(|_| "APPROVED".to_owned()),
-            approval: None,
-            approval_status: None,
-            told_failed: None,
-            misuse_code: None,
-            indeterminate: false,
-            told: Vec::new(),
-        }
+        let mut j = Journey::new(n, false);
+        j.booking = BookingOutcome::Acked(id);
+        j.payment = payment;
+        j.payment_status = payment.map(|_| "APPROVED".to_owned());
+        j
     }
 
     pub fn booking(code: &str, id: Uuid, status: &str) -> BookingRow {
