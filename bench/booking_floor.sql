@@ -20,7 +20,7 @@ INSERT INTO bookings (id, code, user_id, customer_name, customer_phone, itinerar
           'Bench User', '+82 10 0000 0000', 'ICN', 'NRT', '2026-12-24T09:30:00Z', '2026-12-24T11:45:00Z',
           'KRW', 350000, false);
 INSERT INTO audit_log (actor, action, entity_type, entity_id, detail, idempotency_key, event_id)
-  VALUES ('client:bench', 'booking.create', 'booking', gen_random_uuid(), E'{"channel"\x3a"http","client"\x3a"bench"}',
+  VALUES (E'client\x3abench', 'booking.create', 'booking', gen_random_uuid(), E'{"channel"\x3a"http","client"\x3a"bench"}',
           'floor-key-' || :client_id || '-' || :r, gen_random_uuid());
 INSERT INTO outbox (id, aggregate_type, aggregate_id, topic, payload, headers)
   VALUES (gen_random_uuid(), 'booking', gen_random_uuid(), 'booking.created',
