@@ -6,6 +6,7 @@ mod support;
 
 mod cuts;
 mod e2e;
+mod forward;
 mod integrity;
 mod notifications;
 mod runbook;
