@@ -143,6 +143,21 @@ impl Vhost {
 }
 
 impl Vhost {
+    /// Applies a policy to this vhost's queues whose names match `pattern`
+    /// (`definition` as JSON, as `rabbitmqctl set_policy`).
+    pub fn set_queue_policy(&self, name: &str, pattern: &str, definition: &str) {
+        rabbitmqctl(&[
+            "set_policy",
+            "-p",
+            &self.name,
+            "--apply-to",
+            "queues",
+            name,
+            pattern,
+            definition,
+        ]);
+    }
+
     /// The client ports of the connections open on this vhost now (one per
     /// connection, as the broker sees them).
     pub fn connections(&self) -> Vec<String> {

@@ -182,26 +182,7 @@ async fn a_row_always_refused_dies_without_blocking_others_and_can_be_redriven(p
     let rec = Recorder::start(&vhost.url(), "test.all", &["#"]).await;
     // A full queue that rejects publishes makes the broker nack every
     // booking.canceled event.
-    let mut args = FieldTable::default();
-    args.insert(ShortString::from("x-max-length"), AMQPValue::LongLongInt(0));
-    args.insert(
-        ShortString::from("x-overflow"),
-        AMQPValue::LongString(LongString::from("reject-publish")),
-    );
-    rec.channel
-        .queue_declare("test.full".into(), QueueDeclareOptions::default(), args)
-        .await
-        .unwrap();
-    rec.channel
-        .queue_bind(
-            "test.full".into(),
-            amqp::EVENTS_EXCHANGE.into(),
-            "booking.canceled".into(),
-            Default::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    full_queue(&rec.channel, "booking.canceled").await;
 
     let a = Uuid::now_v7();
     let mut ids = Vec::new();
@@ -638,26 +619,7 @@ async fn a_nacked_publish_counts_an_attempt_and_replaces_the_connection(pool: Pg
     let rec = Recorder::start(&vhost.url(), "test.all", &["#"]).await;
     // A classic queue: a quorum queue's length limit is applied too late
     // to nack the publish that goes over it.
-    let mut args = FieldTable::default();
-    args.insert(ShortString::from("x-max-length"), AMQPValue::LongLongInt(0));
-    args.insert(
-        ShortString::from("x-overflow"),
-        AMQPValue::LongString(LongString::from("reject-publish")),
-    );
-    rec.channel
-        .queue_declare("test.full".into(), QueueDeclareOptions::default(), args)
-        .await
-        .unwrap();
-    rec.channel
-        .queue_bind(
-            "test.full".into(),
-            amqp::EVENTS_EXCHANGE.into(),
-            "payment.failed".into(),
-            lapin::options::QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    full_queue(&rec.channel, "payment.failed").await;
     let before_relay: HashSet<String> = vhost.connections().into_iter().collect();
     insert_events(&pool, 1, 1, EventType::BookingCreated).await;
     let relay = start_relay(
@@ -688,4 +650,29 @@ async fn a_nacked_publish_counts_an_attempt_and_replaces_the_connection(pool: Pg
     .await;
     assert_eq!(count(&pool, "published_at IS NOT NULL").await, 1);
     relay.stop().await;
+}
+
+/// Declares `test.full`, a classic queue of length 0 that rejects publishes,
+/// bound to `key`: the broker nacks every event with that topic.
+async fn full_queue(channel: &lapin::Channel, key: &str) {
+    let mut args = FieldTable::default();
+    args.insert(ShortString::from("x-max-length"), AMQPValue::LongLongInt(0));
+    args.insert(
+        ShortString::from("x-overflow"),
+        AMQPValue::LongString(LongString::from("reject-publish")),
+    );
+    channel
+        .queue_declare("test.full".into(), QueueDeclareOptions::default(), args)
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            "test.full".into(),
+            amqp::EVENTS_EXCHANGE.into(),
+            key.into(),
+            Default::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
 }

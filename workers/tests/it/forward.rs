@@ -5,7 +5,6 @@
 //! docs/failure-model.md, "A broker node of a cluster dies").
 
 use std::{
-    process::Command,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -67,24 +66,10 @@ async fn a_nacked_forward_puts_the_message_back_and_replaces_the_connection() {
     let vhost = Vhost::new();
     // The settlement retry queues (quorum, reject-publish) take one message
     // and nack every publish after it.
-    let out = Command::new("rabbitmqctl")
-        .args([
-            "-q",
-            "set_policy",
-            "-p",
-            &vhost.name,
-            "--apply-to",
-            "queues",
-            "retry-full",
-            r"^entrip\.settlement\.retry\.",
-            r#"{"max-length":0}"#,
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    vhost.set_queue_policy(
+        "retry-full",
+        r"^entrip\.settlement\.retry\.",
+        r#"{"max-length":0}"#,
     );
     let handler = RetryOnce::default();
     // A first retry delay longer than the test: `a` stays in the retry queue.
