@@ -266,8 +266,19 @@ fn is_transient_sqlstate(code: &str) -> bool {
 /// The constraint named by a unique violation (SQLSTATE 23505), if that is
 /// what the error is.
 pub fn unique_violation(err: &sqlx::Error) -> Option<String> {
+    violated(err, "23505")
+}
+
+/// The constraint of a foreign-key violation (SQLSTATE 23503), if `err` is
+/// one: a statement that relies on the reference instead of looking the
+/// row up first.
+pub fn foreign_key_violation(err: &sqlx::Error) -> Option<String> {
+    violated(err, "23503")
+}
+
+fn violated(err: &sqlx::Error, sqlstate: &str) -> Option<String> {
     match err {
-        sqlx::Error::Database(db) if db.code().as_deref() == Some("23505") => {
+        sqlx::Error::Database(db) if db.code().as_deref() == Some(sqlstate) => {
             Some(db.constraint().unwrap_or_default().to_owned())
         }
         _ => None,

@@ -272,17 +272,20 @@ async fn create_booking(
     booking: NewBooking,
     ctx: &Context,
 ) -> Result<Reply, CommandError> {
-    if !users::exists(conn, booking.user_id).await? {
-        return Err(CommandError::not_found("user", booking.user_id));
-    }
     let id = Uuid::now_v7();
     tracing::Span::current().record("booking_id", tracing::field::display(id));
+    // No lookup of the user first: the foreign key checks it (and holds it
+    // with `FOR KEY SHARE` until commit), one round trip fewer per booking.
+    let user_id = booking.user_id;
     let row = bookings::insert(conn, id, &booking).await.map_err(|e| {
-        conflict_on(
-            e,
-            "bookings_code_key",
-            "a booking with this code already exists",
-        )
+        match entrip_common::db::foreign_key_violation(&e) {
+            Some(c) if c == "bookings_user_id_fkey" => CommandError::not_found("user", user_id),
+            _ => conflict_on(
+                e,
+                "bookings_code_key",
+                "a booking with this code already exists",
+            ),
+        }
     })?;
     let view = EntityView::Booking(row.view());
     record(

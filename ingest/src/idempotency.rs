@@ -52,12 +52,22 @@ pub(crate) enum Claim {
     Replay(StoredResponse),
     /// The key was used for another endpoint or body.
     Mismatch(&'static str),
-    /// The holder vanished between our insert and our read (purged); retry.
+    /// Nothing to judge yet: the holder committed while our insert waited
+    /// (our read's snapshot predates it), or vanished (purged); claim again.
     Retry,
 }
 
-/// Claims `key` inside the caller's transaction. An expired key that has not
-/// been purged yet is taken over as new.
+/// Claims `key` inside the caller's transaction, in one statement that also
+/// reads an earlier use of the key: no lookup before the transaction, and
+/// no write for a replay.
+///
+/// `ON CONFLICT DO NOTHING` waits for a holder still in flight (the fifty
+/// requests with one key queue here) and takes no row lock on a committed
+/// key. The statement's own read of the key cannot see a holder that
+/// committed while the insert waited (its snapshot is older): that reads
+/// nothing and answers `Retry`, and the next statement sees the stored
+/// response. An expired key that has not been purged yet is taken over as
+/// new, by a second statement (rare).
 pub(crate) async fn claim(
     conn: &mut PgConnection,
     client: &str,
@@ -66,15 +76,57 @@ pub(crate) async fn claim(
     ttl: Duration,
 ) -> sqlx::Result<Claim> {
     let ttl_secs = ttl.as_secs_f64();
-    let inserted = sqlx::query(
-        "INSERT INTO idempotency_keys (client, key, method, path, request_hash, expires_at)
-         VALUES ($6, $1, $2, $3, $4, now() + make_interval(secs => $5))
-         ON CONFLICT (client, key) DO UPDATE
-            SET method = EXCLUDED.method, path = EXCLUDED.path,
-                request_hash = EXCLUDED.request_hash,
+    let row = sqlx::query(
+        "WITH claimed AS (
+             INSERT INTO idempotency_keys (client, key, method, path, request_hash, expires_at)
+             VALUES ($6, $1, $2, $3, $4, now() + make_interval(secs => $5))
+             ON CONFLICT (client, key) DO NOTHING
+             RETURNING 1)
+         SELECT true AS claimed, false AS expired, NULL::text AS method, NULL::text AS path,
+                NULL::bytea AS request_hash, NULL::smallint AS response_status,
+                NULL::jsonb AS response_body
+           FROM claimed
+         UNION ALL
+         SELECT false, expires_at <= now(), method, path, request_hash, response_status,
+                response_body
+           FROM idempotency_keys
+          WHERE client = $6 AND key = $1 AND NOT EXISTS (SELECT 1 FROM claimed)",
+    )
+    .bind(key.as_str())
+    .bind(&fp.method)
+    .bind(&fp.path)
+    .bind(&fp.hash[..])
+    .bind(ttl_secs)
+    .bind(client)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(row) = row else {
+        return Ok(Claim::Retry);
+    };
+    if row.try_get::<bool, _>("claimed")? {
+        return Ok(Claim::Claimed);
+    }
+    if row.try_get::<bool, _>("expired")? {
+        return take_over_expired(conn, client, key, fp, ttl_secs).await;
+    }
+    judge(&row, fp)
+}
+
+/// An expired key becomes this request's, unless another request took it
+/// over first (then `Retry`: the next claim judges that one).
+async fn take_over_expired(
+    conn: &mut PgConnection,
+    client: &str,
+    key: &IdempotencyKey,
+    fp: &Fingerprint,
+    ttl_secs: f64,
+) -> sqlx::Result<Claim> {
+    let taken = sqlx::query(
+        "UPDATE idempotency_keys
+            SET method = $2, path = $3, request_hash = $4,
                 response_status = NULL, response_body = NULL,
-                created_at = now(), expires_at = EXCLUDED.expires_at
-          WHERE idempotency_keys.expires_at <= now()
+                created_at = now(), expires_at = now() + make_interval(secs => $5)
+          WHERE client = $6 AND key = $1 AND expires_at <= now()
          RETURNING 1",
     )
     .bind(key.as_str())
@@ -85,44 +137,11 @@ pub(crate) async fn claim(
     .bind(client)
     .fetch_optional(&mut *conn)
     .await?;
-    if inserted.is_some() {
-        return Ok(Claim::Claimed);
-    }
-    let row = sqlx::query(
-        "SELECT method, path, request_hash, response_status, response_body
-           FROM idempotency_keys WHERE client = $2 AND key = $1",
-    )
-    .bind(key.as_str())
-    .bind(client)
-    .fetch_optional(&mut *conn)
-    .await?;
-    match row {
-        Some(row) => judge(&row, fp),
-        None => Ok(Claim::Retry),
-    }
-}
-
-/// The replay fast path, outside any transaction: a key whose response is
-/// committed and not expired answers without the claim's row lock (which
-/// would cost a write and a commit flush per replay). Committed responses
-/// never change until they expire. `None`: no such key, or still in flight;
-/// take the claim path.
-pub(crate) async fn replay_committed(
-    pool: &sqlx::PgPool,
-    client: &str,
-    key: &IdempotencyKey,
-    fp: &Fingerprint,
-) -> sqlx::Result<Option<Claim>> {
-    let row = sqlx::query(
-        "SELECT method, path, request_hash, response_status, response_body
-           FROM idempotency_keys
-          WHERE client = $2 AND key = $1 AND expires_at > now() AND response_status IS NOT NULL",
-    )
-    .bind(key.as_str())
-    .bind(client)
-    .fetch_optional(pool)
-    .await?;
-    row.map(|row| judge(&row, fp)).transpose()
+    Ok(if taken.is_some() {
+        Claim::Claimed
+    } else {
+        Claim::Retry
+    })
 }
 
 /// A stored key against this request: replay, misuse, or (no response yet)

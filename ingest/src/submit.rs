@@ -30,11 +30,6 @@ pub(crate) async fn submit(
     command: Command,
     ctx: &Context,
 ) -> Result<Outcome, CommandError> {
-    if let Some(claim) = idempotency::replay_committed(pool, &ctx.client, key, fingerprint).await?
-        && let Some(answer) = earlier_answer(claim, key)
-    {
-        return answer;
-    }
     let mut command = Some(command);
     for _ in 0..3 {
         let mut tx = pool.begin().await?;

@@ -236,9 +236,21 @@ async fn a_refused_request_stores_no_key(pool: PgPool) {
     let user = s.create_user().await;
     let k = key();
     let mut body = booking_body(&user, &unique_code(), false);
-    body["userId"] = json!(uuid::Uuid::new_v4());
+    let stranger = uuid::Uuid::new_v4();
+    body["userId"] = json!(stranger);
     let r = s.post("/v1/bookings", Some(&k), &body).await;
-    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    // The booking's foreign key finds the user missing (no lookup first):
+    // the same 404 naming the user, and nothing of the request stays.
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{:?}", r.body);
+    assert!(r.is_problem(), "{:?}", r.body);
+    let detail = r.body["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains("user") && detail.contains(&stranger.to_string()),
+        "{detail}"
+    );
+    assert_eq!(s.count("bookings").await, 0);
+    assert_eq!(s.count("audit_log WHERE entity_type = 'booking'").await, 0);
+    assert_eq!(s.count("outbox WHERE topic = 'booking.created'").await, 0);
     // The same key, corrected, now works: nothing was stored under it.
     body["userId"] = json!(user);
     let r = s.post("/v1/bookings", Some(&k), &body).await;
