@@ -188,6 +188,39 @@ def main():
                    p99 is not None and p99 <= 50,
                    f"{fmt(g('e2e.r500.completed_rps'))} journeys/s completed of 500 offered")
 
+    # Capacity without collapse (issue 15)
+    multiples = sorted({float(k.split(".")[1][1:]) for k in m if k.startswith("e2e.x")})
+    if g("e2e.capacity_rps") is not None:
+        out += [f"Capacity: {fmt(g('e2e.capacity_rps'))} journeys/s completed by 32 clients back to back. "
+                "Journeys offered at multiples of it; the client retries a 503 after its Retry-After "
+                "(same Idempotency-Key) and counts the retries apart:", "",
+                "| offered | /s | completed within the window /s | failed | shed by the client | refused (503) | refusal p50 / p99 ms | retries | journey p50 / p99 ms | payment result->settlement p50 / p99 ms |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
+
+        def key(x):
+            return f"e2e.x{x:g}"
+        for x in multiples:
+            k = key(x)
+            out.append(f"| {x:g}x | {fmt(g(k + '.rate'))} | {fmt(g(k + '.completed_rps'))} | {fmt(g(k + '.failed'))} "
+                       f"| {fmt(g(k + '.shed'))} | {fmt(g(k + '.refused'))} "
+                       f"| {fmt(g(k + '.refusal_p50_ms'))} / {fmt(g(k + '.refusal_p99_ms'))} | {fmt(g(k + '.retries'))} "
+                       f"| {fmt(g(k + '.journey_p50_ms'))} / {fmt(g(k + '.journey_p99_ms'))} "
+                       f"| {fmt(g(k + '.settled_p50_ms'))} / {fmt(g(k + '.settled_p99_ms'))} |")
+        out.append("")
+        base_rps, base_p99 = g("e2e.x1.completed_rps"), g("e2e.x1.settled_p99_ms")
+        for x in (2.0, 4.0):
+            if x not in multiples:
+                continue
+            k = key(x)
+            r = ratio(g(k + ".completed_rps"), base_rps)
+            target(f"journeys completed at {x:g}x capacity >= 0.9x the 1x rate", r, 0.9,
+                   r is not None and r >= 0.9,
+                   f"{fmt(g(k + '.completed_rps'))}/s against {fmt(base_rps)}/s at 1x")
+            p = ratio(g(k + ".settled_p99_ms"), base_p99)
+            target(f"payment result -> settlement p99 at {x:g}x capacity <= 2x its 1x value", p, 2,
+                   p is not None and p <= 2,
+                   f"{fmt(g(k + '.settled_p99_ms'))} ms against {fmt(base_p99)} ms at 1x")
+
     # Memory
     rss = {k: v for k, v in m.items() if k.startswith("rss_kb.")}
     unknown_rss = [k for k, v in rss.items() if v <= 0]
@@ -200,7 +233,7 @@ def main():
         target("each service <= 100 MB RSS", peak, 100, peak <= 100 and not unknown_rss,
                f"largest: {peak:.1f} MB" + (f"; not read (process gone): {', '.join(unknown_rss)}" if unknown_rss else ""))
 
-    out += ["## Targets (issues 5 and 10)", "", "| target | value | limit | met |", "|---|---|---|---|"]
+    out += ["## Targets (issues 5, 10 and 15)", "", "| target | value | limit | met |", "|---|---|---|---|"]
     for t in targets:
         met = {True: "yes", False: "**no**", None: "not measured"}[t["met"]]
         out.append(f"| {t['target']} | {fmt(t['value'])} ({t['detail']}) | {fmt(t['limit'])} | {met} |")

@@ -1,9 +1,18 @@
 //! Load for `scripts/bench-workers`.
 //!
-//! `loadgen steady <ingest url> <bookings per second> <seconds>`: drives
-//! bookings through ingest at a fixed rate (booking, payment, APPROVED
+//! `loadgen steady <ingest url> <journeys per second> <seconds>`: drives
+//! journeys through ingest at a fixed rate (booking, payment, APPROVED
 //! result), so that the commit-to-settlement latency can be read from the
 //! database afterwards.
+//!
+//! `loadgen closed <ingest url> <concurrency> <seconds>`: journeys back to
+//! back from `concurrency` clients: the fleet's capacity, the rate the
+//! steady runs offer multiples of.
+//!
+//! Both behave as a real upstream: a 503 is retried with the same
+//! Idempotency-Key after its `Retry-After` (at most [`MAX_RETRIES`] times
+//! per request), and the refusals, how fast they came, and the retries are
+//! counted apart from the journeys.
 //!
 //! `loadgen backlog <database url> <amqp url> <count>`: stores `count`
 //! bookings with approved payments and publishes their `payment.approved`
@@ -11,7 +20,10 @@
 //! throughput measurement.
 
 use std::{
-    sync::Arc,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -28,6 +40,56 @@ use uuid::Uuid;
 
 /// Journeys in flight before the steady load sheds.
 const MAX_IN_FLIGHT: usize = 2_000;
+/// Retries of one refused (503) request before the journey counts as failed.
+const MAX_RETRIES: u32 = 10;
+/// The wait when a 503 carries no usable `Retry-After`.
+const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// What the client saw besides the journeys themselves.
+#[derive(Default)]
+struct Tally {
+    /// 503 answers.
+    refused: AtomicU64,
+    /// Requests sent again after a 503.
+    retries: AtomicU64,
+    /// How long each refusal took to arrive, in microseconds.
+    refusal_us: Mutex<Vec<u64>>,
+    /// How long each completed journey took, retries included, in microseconds.
+    journey_us: Mutex<Vec<u64>>,
+}
+
+impl Tally {
+    fn push(list: &Mutex<Vec<u64>>, d: Duration) {
+        if let Ok(mut l) = list.lock() {
+            l.push(u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+        }
+    }
+
+    /// `name_p50_ms=… name_p99_ms=…` of a list (0 when empty).
+    fn percentiles(name: &str, list: &Mutex<Vec<u64>>) -> String {
+        let mut l = list.lock().map(|l| l.clone()).unwrap_or_default();
+        l.sort_unstable();
+        let at = |q: f64| {
+            if l.is_empty() {
+                0.0
+            } else {
+                let i = ((l.len() as f64 * q).ceil() as usize).clamp(1, l.len()) - 1;
+                l[i] as f64 / 1000.0
+            }
+        };
+        format!("{name}_p50_ms={:.1} {name}_p99_ms={:.1}", at(0.5), at(0.99))
+    }
+
+    fn summary(&self) -> String {
+        format!(
+            "refused={} retries={} {} {}",
+            self.refused.load(Ordering::Relaxed),
+            self.retries.load(Ordering::Relaxed),
+            Self::percentiles("refusal", &self.refusal_us),
+            Self::percentiles("journey", &self.journey_us),
+        )
+    }
+}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -36,39 +98,70 @@ async fn main() -> anyhow::Result<()> {
         Some("steady") if args.len() == 5 => {
             steady(&args[2], args[3].parse()?, args[4].parse()?).await
         }
+        Some("closed") if args.len() == 5 => {
+            closed(&args[2], args[3].parse()?, args[4].parse()?).await
+        }
         Some("backlog") if args.len() == 5 => backlog(&args[2], &args[3], args[4].parse()?).await,
         _ => bail!(
-            "usage: loadgen steady <ingest url> <rate> <seconds> | loadgen backlog <db url> <amqp url> <count>"
+            "usage: loadgen steady <ingest url> <rate> <seconds> | loadgen closed <ingest url> <concurrency> <seconds> | loadgen backlog <db url> <amqp url> <count>"
         ),
     }
 }
 
-async fn post(client: &reqwest::Client, url: String, body: Value) -> anyhow::Result<Value> {
-    let resp = client
-        .post(url)
-        .header(
-            "idempotency-key",
-            format!("load-{}", Uuid::new_v4().simple()),
-        )
-        .json(&body)
-        .send()
-        .await?;
-    let status = resp.status();
-    let body: Value = resp.json().await?;
-    if !status.is_success() {
-        bail!("{status}: {body}");
+/// One request, sent again with the same key after each 503's `Retry-After`.
+async fn post(
+    client: &reqwest::Client,
+    tally: &Tally,
+    url: String,
+    body: Value,
+) -> anyhow::Result<Value> {
+    let key = format!("load-{}", Uuid::new_v4().simple());
+    for attempt in 0..=MAX_RETRIES {
+        if attempt > 0 {
+            tally.retries.fetch_add(1, Ordering::Relaxed);
+        }
+        let sent = Instant::now();
+        let resp = client
+            .post(&url)
+            .header("idempotency-key", &key)
+            .json(&body)
+            .send()
+            .await?;
+        let status = resp.status();
+        if status == reqwest::StatusCode::SERVICE_UNAVAILABLE {
+            Tally::push(&tally.refusal_us, sent.elapsed());
+            tally.refused.fetch_add(1, Ordering::Relaxed);
+            let wait = resp
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map_or(DEFAULT_RETRY_AFTER, Duration::from_secs);
+            // Read to the end, so that the connection is kept for reuse.
+            let _ = resp.bytes().await;
+            tokio::time::sleep(wait).await;
+            continue;
+        }
+        let body: Value = resp.json().await?;
+        if !status.is_success() {
+            bail!("{status}: {body}");
+        }
+        return Ok(body);
     }
-    Ok(body)
+    bail!("{url}: still 503 after {MAX_RETRIES} retries")
 }
 
 async fn journey(
     client: reqwest::Client,
+    tally: Arc<Tally>,
     base: String,
     user: String,
     n: u64,
 ) -> anyhow::Result<()> {
+    let started = Instant::now();
     let booking = post(
         &client,
+        &tally,
         format!("{base}/v1/bookings"),
         json!({
             "code": format!("LOAD-{}-{n}", &Uuid::new_v4().simple().to_string()[..6].to_uppercase()),
@@ -79,6 +172,7 @@ async fn journey(
     .await?;
     let payment = post(
         &client,
+        &tally,
         format!("{base}/v1/payments"),
         json!({"bookingId": booking["id"], "method": "CARD", "amount": "350000", "currency": "KRW", "tax": "31818"}),
     )
@@ -86,24 +180,78 @@ async fn journey(
     let id = payment["id"].as_str().context("payment id")?;
     post(
         &client,
+        &tally,
         format!("{base}/v1/payments/{id}/result"),
         json!({"status": "APPROVED", "approvalId": format!("PG-{n}")}),
     )
     .await?;
+    Tally::push(&tally.journey_us, started.elapsed());
     Ok(())
 }
 
-async fn steady(base: &str, rate: u64, secs: u64) -> anyhow::Result<()> {
+/// The client, the tally and a user for the journeys.
+async fn setup(base: &str) -> anyhow::Result<(reqwest::Client, Arc<Tally>, String)> {
     let client = reqwest::Client::builder()
         .default_headers(entrip_testkit::bearer_from_env()?)
         .build()?;
+    let tally = Arc::new(Tally::default());
     let user = post(
         &client,
+        &tally,
         format!("{base}/v1/users"),
         json!({"name": "Load", "email": format!("load-{}@example.com", Uuid::new_v4().simple()), "phone": "010 0000 0000"}),
     )
     .await?;
     let user = user["id"].as_str().context("user id")?.to_owned();
+    // The user's own request is not part of what is measured.
+    Ok((client, Arc::new(Tally::default()), user))
+}
+
+async fn closed(base: &str, concurrency: u64, secs: u64) -> anyhow::Result<()> {
+    let (client, tally, user) = setup(base).await?;
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(secs);
+    let next = Arc::new(AtomicU64::new(0));
+    let clients = (0..concurrency).map(|_| {
+        let (client, tally, user, base, next) = (
+            client.clone(),
+            tally.clone(),
+            user.clone(),
+            base.to_owned(),
+            next.clone(),
+        );
+        tokio::spawn(async move {
+            let (mut completed, mut failed) = (0u64, 0u64);
+            while Instant::now() < deadline {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                let done =
+                    journey(client.clone(), tally.clone(), base.clone(), user.clone(), n).await;
+                match done {
+                    Ok(()) if Instant::now() <= deadline => completed += 1,
+                    Ok(()) => {}
+                    Err(_) => failed += 1,
+                }
+            }
+            (completed, failed)
+        })
+    });
+    let (mut completed, mut failed) = (0, 0);
+    for r in join_all(clients).await {
+        let (c, f) = r?;
+        completed += c;
+        failed += f;
+    }
+    let secs = secs as f64;
+    println!(
+        "RESULT closed concurrency={concurrency} completed={completed} failed={failed} rps={:.1} {} secs={secs:.1}",
+        completed as f64 / secs,
+        tally.summary()
+    );
+    Ok(())
+}
+
+async fn steady(base: &str, rate: u64, secs: u64) -> anyhow::Result<()> {
+    let (client, tally, user) = setup(base).await?;
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     // Open loop, but not unbounded: past this many journeys in flight the
@@ -119,7 +267,13 @@ async fn steady(base: &str, rate: u64, secs: u64) -> anyhow::Result<()> {
             shed += 1;
             continue;
         };
-        let journey = journey(client.clone(), base.to_owned(), user.clone(), n);
+        let journey = journey(
+            client.clone(),
+            tally.clone(),
+            base.to_owned(),
+            user.clone(),
+            n,
+        );
         tasks.push(tokio::spawn(async move {
             let done = journey.await;
             drop(permit);
@@ -143,7 +297,8 @@ async fn steady(base: &str, rate: u64, secs: u64) -> anyhow::Result<()> {
     // The sustained rate counts only journeys finished while the load was
     // offered: a fleet falling behind finishes the rest afterwards.
     println!(
-        "RESULT steady bookings={n} shed={shed} failed={failed} completed={completed} in_window={in_window} secs={offered_secs:.1} drained_secs={:.1}",
+        "RESULT steady bookings={n} shed={shed} failed={failed} completed={completed} in_window={in_window} {} secs={offered_secs:.1} drained_secs={:.1}",
+        tally.summary(),
         start.elapsed().as_secs_f64()
     );
     Ok(())
