@@ -346,7 +346,10 @@ async fn backlog(db_url: &str, amqp_url: &str, count: i64) -> anyhow::Result<()>
             let id = Uuid::now_v7();
             let body = json!({"specversion": "1.0", "id": id, "source": "/entrip/ingest", "type": "payment.approved",
                               "subject": payment, "time": "2026-11-26T00:00:00Z", "datacontenttype": "application/json",
-                              "data": {"id": payment, "bookingId": booking, "status": "APPROVED"}});
+                              "data": {"id": payment, "bookingId": booking, "method": "CARD", "amount": "350000",
+                                       "tax": "31818", "currency": "KRW", "status": "APPROVED", "approvalId": "PG",
+                                       "reason": null, "decidedAt": "2026-11-26T00:00:00Z",
+                                       "createdAt": "2026-11-26T00:00:00Z", "updatedAt": "2026-11-26T00:00:00Z"}});
             let props = BasicProperties::default()
                 .with_delivery_mode(2)
                 .with_message_id(id.to_string().as_str().into())
