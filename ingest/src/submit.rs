@@ -52,29 +52,18 @@ pub(crate) async fn submit(
                 });
             }
             Claim::Retry => continue,
-            claim => {
-                if let Some(answer) = earlier_answer(claim, key) {
-                    return answer;
-                }
+            Claim::Replay(stored) => {
+                tracing::info!(idempotency_key = %key, "replaying the stored response");
+                return Ok(Outcome {
+                    status: stored.status,
+                    body: stored.body,
+                    replayed: true,
+                });
+            }
+            Claim::Mismatch(detail) => {
+                return Err(CommandError::IdempotencyMisuse(detail.to_owned()));
             }
         }
     }
     Err(CommandError::Contended)
-}
-
-/// What an earlier use of the key answers: its stored response replayed,
-/// or a misuse error. `None` when the claim leaves the key to this request.
-fn earlier_answer(claim: Claim, key: &IdempotencyKey) -> Option<Result<Outcome, CommandError>> {
-    match claim {
-        Claim::Replay(stored) => {
-            tracing::info!(idempotency_key = %key, "replaying the stored response");
-            Some(Ok(Outcome {
-                status: stored.status,
-                body: stored.body,
-                replayed: true,
-            }))
-        }
-        Claim::Mismatch(detail) => Some(Err(CommandError::IdempotencyMisuse(detail.to_owned()))),
-        Claim::Claimed | Claim::Retry => None,
-    }
 }
