@@ -230,6 +230,50 @@ async fn an_expired_key_is_purged_and_may_be_used_again(pool: PgPool) {
     assert_eq!(s.count("bookings").await, 2);
 }
 
+/// Simultaneous requests on an expired key that is not purged yet: one
+/// takes it over (`take_over_expired`), the others wait for it and then
+/// replay its answer, so the takeover causes one effect too.
+#[sqlx::test(migrator = "entrip_common::db::MIGRATOR")]
+async fn simultaneous_requests_on_an_expired_key_cause_one_effect(pool: PgPool) {
+    let s = Server::start(pool).await;
+    let user = s.create_user().await;
+    let k = key();
+    let first = s
+        .post(
+            "/v1/bookings",
+            Some(&k),
+            &booking_body(&user, &unique_code(), false),
+        )
+        .await;
+    assert_eq!(first.status, StatusCode::CREATED, "{:?}", first.body);
+    sqlx::query(
+        "UPDATE idempotency_keys SET created_at = now() - interval '2 days', expires_at = now() - interval '1 day' WHERE key = $1",
+    )
+    .bind(&k)
+    .execute(&s.pool)
+    .await
+    .unwrap();
+
+    let body = booking_body(&user, &unique_code(), false);
+    let answers = join_all((0..20).map(|_| s.post("/v1/bookings", Some(&k), &body))).await;
+    for a in &answers {
+        assert_eq!(a.status, StatusCode::CREATED, "{:?}", a.body);
+        assert_eq!(a.body, answers[0].body);
+    }
+    assert_ne!(answers[0].body["id"], first.body["id"], "a new booking");
+    let replayed = answers
+        .iter()
+        .filter(|a| a.headers.get("idempotent-replayed").is_some())
+        .count();
+    assert_eq!(replayed, 19, "exactly one request took the key over");
+    assert_eq!(s.count("bookings").await, 2);
+    assert_eq!(
+        s.count("idempotency_keys").await,
+        2,
+        "the user's key and this one"
+    );
+}
+
 #[sqlx::test(migrator = "entrip_common::db::MIGRATOR")]
 async fn a_refused_request_stores_no_key(pool: PgPool) {
     let s = Server::start(pool).await;
@@ -259,8 +303,8 @@ async fn a_refused_request_stores_no_key(pool: PgPool) {
 }
 
 /// A replay of a committed answer reads the key without locking it (the
-/// fast path: no write, no commit flush), so it is answered even while
-/// another transaction holds the key's row lock.
+/// claim's `ON CONFLICT DO NOTHING` and its read: no write), so it is
+/// answered even while another transaction holds the key's row lock.
 #[sqlx::test(migrator = "entrip_common::db::MIGRATOR")]
 async fn a_replay_of_a_committed_answer_takes_no_row_lock(pool: PgPool) {
     let s = Server::start(pool).await;
