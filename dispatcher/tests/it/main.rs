@@ -9,3 +9,4 @@ mod cluster;
 mod process;
 mod relay;
 mod support;
+mod watermark;
