@@ -103,24 +103,17 @@ pub fn set_application_name(binary: &str) -> bool {
 static APPLICATION_NAME: OnceLock<String> = OnceLock::new();
 
 /// Connect options with the statement timeout, the session's name and the
-/// password from `database.password_file` (when the URL had none) applied,
-/// and JIT compilation off: the services run short statements, and the
-/// relay's claim (estimated over the whole outbox above the watermark)
-/// spent 19 ms of its 38 compiling itself at PostgreSQL's default
-/// `jit_above_cost`.
+/// password from `database.password_file` (when the URL had none) applied.
 pub(crate) fn connect_options(settings: &DatabaseSettings) -> Result<PgConnectOptions, DbError> {
     let mut opts = PgConnectOptions::from_str(&settings.url).map_err(DbError::Url)?;
     if let Some(password) = &settings.password {
         opts = opts.password(password.expose());
     }
     Ok(opts
-        .options([
-            (
-                "statement_timeout",
-                settings.statement_timeout_ms.to_string(),
-            ),
-            ("jit", "off".to_owned()),
-        ])
+        .options([(
+            "statement_timeout",
+            settings.statement_timeout_ms.to_string(),
+        )])
         .application_name(application_name()))
 }
 

@@ -24,28 +24,26 @@ pub struct OutboxRow {
 }
 
 /// The claim statement (`$1`: the batch size); public so that a test can
-/// check its plan. Every scan starts at the watermark: below it every row is
-/// published or dead (see [`advance_watermark`]).
+/// check its plan.
 pub const CLAIM_SQL: &str = "WITH candidates AS (
              SELECT id, seq, aggregate_id, topic, payload, headers, attempts, created_at
                FROM outbox o
-              WHERE o.seq >= (SELECT low_seq FROM outbox_watermark)
-                AND published_at IS NULL AND dead_at IS NULL AND next_attempt_at <= now()
+              WHERE published_at IS NULL AND dead_at IS NULL AND next_attempt_at <= now()
                 -- Behind an older row waiting for its retry: cannot go now,
                 -- and must not fill the window ahead of rows that can.
                 -- A probe of the aggregate's index per row, whatever the
-                -- statistics say: OFFSET 0 keeps it a subplan.
+                -- statistics say: OFFSET 0 keeps it a subplan, and IS TRUE
+                -- keeps the retry index out of it (see below).
                 AND NOT EXISTS (
                     SELECT 1 FROM outbox w
                      WHERE w.aggregate_id = o.aggregate_id
                        AND (w.aggregate_id, w.seq) < (o.aggregate_id, o.seq)
-                       AND (w.aggregate_id, w.seq) >= (o.aggregate_id, (SELECT low_seq FROM outbox_watermark))
                        AND w.published_at IS NULL AND w.dead_at IS NULL
-                       AND w.next_attempt_at > now()
+                       AND (w.next_attempt_at > now()) IS TRUE
                     OFFSET 0)
               ORDER BY seq
               LIMIT $1
-                FOR UPDATE OF o SKIP LOCKED
+                FOR UPDATE SKIP LOCKED
          ), ranked AS (
              SELECT *, row_number() OVER (PARTITION BY aggregate_id ORDER BY seq) - 1 AS older_in_batch
                FROM candidates
@@ -54,15 +52,13 @@ pub const CLAIM_SQL: &str = "WITH candidates AS (
          SELECT c.id, c.aggregate_id, c.topic, c.payload::text AS payload,
                 c.headers->>'traceparent' AS traceparent, c.attempts, c.created_at
            FROM ranked c
-          -- The row comparisons below mean `low_seq <= seq <` within the
-          -- aggregate, written so that only the (aggregate_id, seq) index
-          -- can serve them: with statistics of a near-empty table,
-          -- PostgreSQL probed the seq index instead, scanning every older
-          -- row per candidate.
+          -- The row comparisons below mean `seq <` within the aggregate,
+          -- written so that only the (aggregate_id, seq) index can serve
+          -- them: with statistics of a near-empty table, PostgreSQL probed
+          -- the seq index instead, scanning every older row per candidate.
           WHERE (SELECT count(*) FROM outbox p
                   WHERE p.aggregate_id = c.aggregate_id
                     AND (p.aggregate_id, p.seq) < (c.aggregate_id, c.seq)
-                    AND (p.aggregate_id, p.seq) >= (c.aggregate_id, (SELECT low_seq FROM outbox_watermark))
                     AND p.published_at IS NULL AND p.dead_at IS NULL) = c.older_in_batch
           ORDER BY c.seq";
 
@@ -157,93 +153,6 @@ pub(crate) async fn mark_failed(
         .collect())
 }
 
-/// Advisory lock key of the watermark ("entrip-outbox-wmark"): taken by
-/// every writer of `outbox_watermark`, so that each one's statement sees
-/// the others' committed work.
-const WATERMARK_LOCK: i64 = 0x656e_7472_6970_776d;
-
-/// The advance, in one statement (one snapshot). A candidate is chosen from
-/// this snapshot: the first undelivered row, or past the newest row. The
-/// snapshot cannot see the rows of transactions still in flight, but every
-/// such transaction took its seq after its id (`entrip_outbox_next_seq`)
-/// and before this snapshot, so its id is older than this transaction's.
-/// Once the oldest running transaction is younger than that
-/// (`candidate_xid`), all of them have ended and their rows are visible:
-/// the watermark moves to the candidate, or to the first row below it that
-/// is still undelivered. A long transaction holds the watermark back (the
-/// claim then walks more published rows), never past a row.
-const ADVANCE_SQL: &str = "WITH w AS (SELECT * FROM outbox_watermark),
-     settled AS (
-         SELECT w.candidate_seq IS NOT NULL
-                AND pg_snapshot_xmin(pg_current_snapshot()) > w.candidate_xid AS ready,
-                w.candidate_seq IS NULL AS empty
-           FROM w
-     ),
-     low AS (
-         SELECT CASE WHEN s.ready THEN coalesce(
-                    (SELECT min(o.seq) FROM outbox o
-                      WHERE o.seq >= w.low_seq AND o.seq < w.candidate_seq
-                        AND o.published_at IS NULL AND o.dead_at IS NULL),
-                    w.candidate_seq)
-                ELSE w.low_seq END AS seq
-           FROM w, settled s
-     )
-     UPDATE outbox_watermark m
-        SET low_seq = l.seq,
-            candidate_seq = CASE WHEN s.ready OR s.empty THEN greatest(l.seq, coalesce(
-                (SELECT min(o.seq) FROM outbox o
-                  WHERE o.seq >= l.seq AND o.published_at IS NULL AND o.dead_at IS NULL),
-                (SELECT max(o.seq) + 1 FROM outbox o),
-                l.seq)) ELSE m.candidate_seq END,
-            candidate_xid = CASE WHEN s.ready OR s.empty THEN pg_current_xact_id()
-                            ELSE m.candidate_xid END
-       FROM low l, settled s
-     RETURNING m.low_seq";
-
-/// Moves the watermark up past published and dead rows, by one caller at a
-/// time (the others skip: `None`). It takes two calls to move past a row:
-/// one to choose the candidate, one after every transaction older than the
-/// choice has ended. Returns the watermark.
-pub async fn advance_watermark(pool: &PgPool) -> sqlx::Result<Option<i64>> {
-    let mut tx = pool.begin().await?;
-    // An advisory lock takes no transaction id: the id is drawn by the
-    // advance itself, after its snapshot, as `ADVANCE_SQL` requires.
-    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
-        .bind(WATERMARK_LOCK)
-        .fetch_one(&mut *tx)
-        .await?;
-    if !locked {
-        return Ok(None);
-    }
-    let low: i64 = sqlx::query_scalar(ADVANCE_SQL).fetch_one(&mut *tx).await?;
-    tx.commit().await?;
-    Ok(Some(low))
-}
-
-/// Brings the watermark down to `seq` (rows there are undelivered again),
-/// in the caller's transaction, which must hold [`lock_watermark`]. The
-/// candidate is dropped: it was chosen before these rows changed.
-async fn lower_watermark(conn: &mut PgConnection, seq: Option<i64>) -> sqlx::Result<()> {
-    let Some(seq) = seq else { return Ok(()) };
-    sqlx::query(
-        "UPDATE outbox_watermark
-            SET low_seq = least(low_seq, $1), candidate_seq = NULL, candidate_xid = NULL",
-    )
-    .bind(seq)
-    .execute(conn)
-    .await?;
-    Ok(())
-}
-
-/// Waits for the watermark's lock, until the caller's transaction ends.
-async fn lock_watermark(conn: &mut PgConnection) -> sqlx::Result<()> {
-    sqlx::query("SELECT pg_advisory_xact_lock($1)")
-        .bind(WATERMARK_LOCK)
-        .execute(conn)
-        .await?;
-    Ok(())
-}
-
 /// The outbox at a glance.
 #[derive(Debug, Clone, Default)]
 pub struct Stats {
@@ -260,15 +169,7 @@ pub async fn stats(pool: &PgPool) -> sqlx::Result<Stats> {
                 count(*) FILTER (WHERE dead_at IS NULL),
                 count(*) FILTER (WHERE dead_at IS NOT NULL),
                 EXTRACT(EPOCH FROM now() - min(created_at) FILTER (WHERE dead_at IS NULL))::float8
-           FROM (
-                 -- Undelivered rows are at or above the watermark; dead
-                 -- ones anywhere (below it, by their own index).
-                 SELECT topic, dead_at, created_at FROM outbox
-                  WHERE seq >= (SELECT low_seq FROM outbox_watermark) AND published_at IS NULL
-                 UNION ALL
-                 SELECT topic, dead_at, created_at FROM outbox
-                  WHERE dead_at IS NOT NULL AND seq < (SELECT low_seq FROM outbox_watermark)
-                ) u
+           FROM outbox WHERE published_at IS NULL
           GROUP BY topic ORDER BY topic",
     )
     .fetch_all(pool)
@@ -336,35 +237,30 @@ pub enum Redrive {
     Topic(String),
 }
 
-/// Dead rows back to due, with their attempts reset, and the watermark
-/// down to the oldest of them. Returns how many.
+/// Dead rows back to due, with their attempts reset. Returns how many.
 pub async fn redrive(pool: &PgPool, which: &Redrive) -> sqlx::Result<u64> {
     let base = "UPDATE outbox SET dead_at = NULL, attempts = 0, next_attempt_at = now()
                  WHERE dead_at IS NOT NULL AND published_at IS NULL";
-    let (sql, bind): (String, Option<Bind>) = match which {
-        Redrive::All => (base.to_owned(), None),
-        Redrive::Ids(ids) => (format!("{base} AND id = ANY($1)"), Some(Bind::Ids(ids))),
-        Redrive::Topic(topic) => (format!("{base} AND topic = $1"), Some(Bind::Topic(topic))),
+    let done = match which {
+        Redrive::All => {
+            sqlx::query(sqlx::AssertSqlSafe(base.to_owned()))
+                .execute(pool)
+                .await?
+        }
+        Redrive::Ids(ids) => {
+            sqlx::query(sqlx::AssertSqlSafe(format!("{base} AND id = ANY($1)")))
+                .bind(ids)
+                .execute(pool)
+                .await?
+        }
+        Redrive::Topic(topic) => {
+            sqlx::query(sqlx::AssertSqlSafe(format!("{base} AND topic = $1")))
+                .bind(topic)
+                .execute(pool)
+                .await?
+        }
     };
-    let sql = format!("WITH r AS ({sql} RETURNING seq) SELECT count(*), min(seq) FROM r");
-    let mut tx = pool.begin().await?;
-    lock_watermark(&mut tx).await?;
-    let query = sqlx::query_as(sqlx::AssertSqlSafe(sql));
-    let query = match bind {
-        None => query,
-        Some(Bind::Ids(ids)) => query.bind(ids),
-        Some(Bind::Topic(topic)) => query.bind(topic),
-    };
-    let (count, oldest): (i64, Option<i64>) = query.fetch_one(&mut *tx).await?;
-    lower_watermark(&mut tx, oldest).await?;
-    tx.commit().await?;
-    Ok(u64::try_from(count).unwrap_or(0))
-}
-
-/// The parameter of a redrive's statement.
-enum Bind<'a> {
-    Ids(&'a [Uuid]),
-    Topic(&'a str),
+    Ok(done.rows_affected())
 }
 
 /// After a restore: the rows published in the `window` before the newest
@@ -377,24 +273,15 @@ enum Bind<'a> {
 /// has. Per aggregate, the rows published in the window are its latest, so
 /// they go out again in their order. Returns how many.
 pub async fn republish_recent(pool: &PgPool, window: Duration) -> sqlx::Result<u64> {
-    let mut tx = pool.begin().await?;
-    lock_watermark(&mut tx).await?;
-    // A full scan: no index names `published_at` (see the migrations), and
-    // this runs once, after a restore.
-    let (count, oldest): (i64, Option<i64>) = sqlx::query_as(
-        "WITH r AS (
-             UPDATE outbox SET published_at = NULL, attempts = 0, next_attempt_at = now(),
-                    last_error = 'republished after a restore'
-              WHERE published_at >= (SELECT max(published_at) FROM outbox) - make_interval(secs => $1)
-             RETURNING seq)
-         SELECT count(*), min(seq) FROM r",
+    let done = sqlx::query(
+        "UPDATE outbox SET published_at = NULL, attempts = 0, next_attempt_at = now(),
+                last_error = 'republished after a restore'
+          WHERE published_at >= (SELECT max(published_at) FROM outbox) - make_interval(secs => $1)",
     )
     .bind(window.as_secs_f64())
-    .fetch_one(&mut *tx)
+    .execute(pool)
     .await?;
-    lower_watermark(&mut tx, oldest).await?;
-    tx.commit().await?;
-    Ok(u64::try_from(count).unwrap_or(0))
+    Ok(done.rows_affected())
 }
 
 /// Advisory lock key of the retention purge ("entrip-outbox-purge").
@@ -415,17 +302,11 @@ pub async fn purge_published(pool: &PgPool, retention: Duration, batch: i64) -> 
             return Ok(total);
         }
         let deleted = sqlx::query(
-            // The oldest rows first, by seq (no index names
-            // `published_at`): below the watermark, a row that is not dead
-            // is published. A batch with a row still inside the retention
-            // deletes less than `batch`, which ends the purge: the rows
-            // after it were published later.
-            "DELETE FROM outbox WHERE seq IN (
-                 SELECT seq FROM outbox
-                  WHERE seq < (SELECT low_seq FROM outbox_watermark) AND dead_at IS NULL
-                  ORDER BY seq
-                  LIMIT $2)
-               AND published_at < now() - make_interval(secs => $1)",
+            "DELETE FROM outbox WHERE id IN (
+                 SELECT id FROM outbox
+                  WHERE published_at IS NOT NULL
+                    AND published_at < now() - make_interval(secs => $1)
+                  LIMIT $2)",
         )
         .bind(retention.as_secs_f64())
         .bind(batch)

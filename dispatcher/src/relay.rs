@@ -150,6 +150,7 @@ impl Relay {
         let marked_at = started.elapsed();
         tx.commit().await?;
         let committed_at = started.elapsed();
+
         let now = Utc::now();
         for (row, outcome) in rows.iter().zip(&report.outcomes) {
             if *outcome == Outcome::Confirmed {
@@ -175,14 +176,6 @@ impl Relay {
             commit_ms = (committed_at - marked_at).as_millis() as u64,
             "batch relayed"
         );
-        // Past the rows just marked, so that the next claims start above
-        // them (it takes a later call to move past this batch's own rows).
-        // The batch is committed: a failure here only leaves the watermark
-        // lower, for the next batch or the housekeeping to move.
-        if let Err(err) = outbox::advance_watermark(&self.pool).await {
-            tracing::warn!(%err, "cannot advance the outbox watermark");
-        }
-
         match report.reset {
             Some(reason) => Err(BatchError::Broker(reason)),
             None => Ok(rows.len()),
@@ -285,7 +278,7 @@ pub async fn housekeeping(
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = stats_tick.tick() => match refresh(&pool).await {
+            _ = stats_tick.tick() => match outbox::stats(&pool).await {
                 Ok(stats) => metrics.set_stats(&stats),
                 Err(err) => tracing::warn!(%err, "cannot refresh outbox gauges"),
             },
@@ -296,11 +289,4 @@ pub async fn housekeeping(
             },
         }
     }
-}
-
-/// The watermark moved up (an idle relay claims nothing, so the lanes do
-/// not move it), then the gauges read.
-async fn refresh(pool: &PgPool) -> sqlx::Result<outbox::Stats> {
-    outbox::advance_watermark(pool).await?;
-    outbox::stats(pool).await
 }

@@ -9,4 +9,3 @@ mod cluster;
 mod process;
 mod relay;
 mod support;
-mod watermark;
