@@ -1,7 +1,7 @@
 //! Idempotency: replays, misuse, simultaneous requests with one key,
 //! simultaneous requests for one booking code, and key expiry.
 
-use crate::support::{Server, booking_body, key, unique_code};
+use crate::support::{Resp, Server, booking_body, key, unique_code};
 use futures::future::join_all;
 use reqwest::StatusCode;
 use serde_json::json;
@@ -125,10 +125,7 @@ async fn fifty_simultaneous_requests_with_one_key_cause_one_effect(pool: PgPool)
         assert_eq!(a.status, StatusCode::CREATED, "{:?}", a.body);
         assert_eq!(a.body, first.body);
     }
-    let replayed = answers
-        .iter()
-        .filter(|a| a.headers.get("idempotent-replayed").is_some())
-        .count();
+    let replayed = replayed(&answers);
     assert_eq!(replayed, 49, "exactly one request did the work");
     assert_eq!(s.count("bookings").await, 1);
     let outbox: i64 =
@@ -200,11 +197,7 @@ async fn an_expired_key_is_purged_and_may_be_used_again(pool: PgPool) {
     );
 
     // Age the key past its expiry.
-    sqlx::query("UPDATE idempotency_keys SET created_at = now() - interval '2 days', expires_at = now() - interval '1 day' WHERE key = $1")
-        .bind(&k)
-        .execute(&s.pool)
-        .await
-        .unwrap();
+    expire_keys(&s.pool, Some(&k)).await;
 
     // An expired key that is not purged yet is taken over as new: the new
     // request is executed (here: a different booking).
@@ -214,10 +207,7 @@ async fn an_expired_key_is_purged_and_may_be_used_again(pool: PgPool) {
     assert!(r.headers.get("idempotent-replayed").is_none());
     assert_eq!(s.count("bookings").await, 2);
 
-    sqlx::query("UPDATE idempotency_keys SET created_at = now() - interval '2 days', expires_at = now() - interval '1 day'")
-        .execute(&s.pool)
-        .await
-        .unwrap();
+    expire_keys(&s.pool, None).await;
     let purged = entrip_ingest::idempotency::purge_expired(&s.pool, 1)
         .await
         .unwrap();
@@ -246,13 +236,7 @@ async fn simultaneous_requests_on_an_expired_key_cause_one_effect(pool: PgPool) 
         )
         .await;
     assert_eq!(first.status, StatusCode::CREATED, "{:?}", first.body);
-    sqlx::query(
-        "UPDATE idempotency_keys SET created_at = now() - interval '2 days', expires_at = now() - interval '1 day' WHERE key = $1",
-    )
-    .bind(&k)
-    .execute(&s.pool)
-    .await
-    .unwrap();
+    expire_keys(&s.pool, Some(&k)).await;
 
     let body = booking_body(&user, &unique_code(), false);
     let answers = join_all((0..20).map(|_| s.post("/v1/bookings", Some(&k), &body))).await;
@@ -261,10 +245,7 @@ async fn simultaneous_requests_on_an_expired_key_cause_one_effect(pool: PgPool) 
         assert_eq!(a.body, answers[0].body);
     }
     assert_ne!(answers[0].body["id"], first.body["id"], "a new booking");
-    let replayed = answers
-        .iter()
-        .filter(|a| a.headers.get("idempotent-replayed").is_some())
-        .count();
+    let replayed = replayed(&answers);
     assert_eq!(replayed, 19, "exactly one request took the key over");
     assert_eq!(s.count("bookings").await, 2);
     assert_eq!(
@@ -346,4 +327,25 @@ async fn a_replay_of_a_committed_answer_takes_no_row_lock(pool: PgPool) {
     );
     holder.rollback().await.unwrap();
     assert_eq!(s.count("bookings").await, 1);
+}
+
+/// Ages `key` (every key when `None`) a day past its expiry.
+async fn expire_keys(pool: &PgPool, key: Option<&str>) {
+    sqlx::query(
+        "UPDATE idempotency_keys
+            SET created_at = now() - interval '2 days', expires_at = now() - interval '1 day'
+          WHERE $1::text IS NULL OR key = $1",
+    )
+    .bind(key)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+/// How many of `answers` say they replay a stored answer.
+fn replayed(answers: &[Resp]) -> usize {
+    answers
+        .iter()
+        .filter(|a| a.headers.get("idempotent-replayed").is_some())
+        .count()
 }
