@@ -141,19 +141,22 @@ def main():
                 f"| raw publish with confirms, two channels at once | {fmt(g('relay.raw2_rps'))} | {fmt(ratio(g('relay.raw2_rps'), raw))} |",
                 f"| relay, 1 dispatcher | {fmt(g('relay.one_rps'))} | {fmt(ratio(g('relay.one_rps'), raw))} |",
                 f"| relay, 3 dispatchers | {fmt(g('relay.three_rps'))} | {fmt(ratio(g('relay.three_rps'), raw))} |", ""]
+        out += [f"Relaying timed from 1 s after the first publish to the last (the raw runs time only their "
+                f"publishing too). From the processes' start to the drained outbox: 1 dispatcher "
+                f"{fmt(g('relay.one_wall_rps'))}/s, 3 dispatchers {fmt(g('relay.three_wall_rps'))}/s.", ""]
         r = ratio(g("relay.one_rps"), raw)
-        target("relay, 1 dispatcher >= 70 % of the raw ceiling", r, 0.70, r is not None and r >= 0.70,
+        target("relay, 1 dispatcher >= 0.8x the raw ceiling (issue 15)", r, 0.8, r is not None and r >= 0.8,
                f"{fmt(g('relay.one_rps'))} vs {fmt(raw)} msg/s")
         three, one = g("relay.three_rps"), g("relay.one_rps")
-        target("relay, 3 dispatchers faster than 1", ratio(three, one), 1,
-               three is not None and one is not None and three > one, f"{fmt(three)} vs {fmt(one)} events/s")
+        target("relay, 3 dispatchers >= 1 (issue 15)", ratio(three, one), 1,
+               three is not None and one is not None and three >= one, f"{fmt(three)} vs {fmt(one)} events/s")
     if g("relay.steady.p99_ms") is not None:
         out += [f"Commit -> published with only the relay running, {fmt(g('relay.steady.rate'))} rows/s "
                 f"(pgbench inserting outbox rows): p50 {fmt(g('relay.steady.p50_ms'))} ms, "
                 f"p99 {fmt(g('relay.steady.p99_ms'))} ms, max {fmt(g('relay.steady.max_ms'))} ms.", ""]
         p99 = g("relay.steady.p99_ms")
-        target("commit -> published p99 <= 50 ms at 500/s (relay alone, 500 rows/s)", p99, 50,
-               p99 is not None and p99 <= 50, "pgbench -R 500 inserting outbox rows")
+        target("commit -> published p99 <= 25 ms at 500/s (relay alone; issue 15)", p99, 25,
+               p99 is not None and p99 <= 25, "pgbench -R 500 inserting outbox rows")
 
     # Relay on a 3-node cluster (scripts/bench-cluster): measured, no target
     if g("cluster.raw_rps") is not None:

@@ -279,6 +279,11 @@ pub struct DispatcherSettings {
     /// Batches in flight at once, each in its own transaction on its own
     /// channel: one lane's database work overlaps another's publishing.
     pub lanes: u32,
+    /// Batches in flight at once across every dispatcher of the database:
+    /// a lane that finds them all taken stands by for `poll_interval_ms`.
+    /// On one PostgreSQL, lanes beyond what it can serve only contend for
+    /// the same rows, so more dispatchers add failover, not contention.
+    pub fleet_lanes: u32,
     /// Fallback polling when no NOTIFY arrives.
     pub poll_interval_ms: u64,
     /// How long a batch waits for the broker's confirms.
@@ -426,6 +431,7 @@ impl Default for DispatcherSettings {
             listen: SocketAddr::from(([127, 0, 0, 1], 9101)),
             batch_size: 2_000,
             lanes: 2,
+            fleet_lanes: 2,
             poll_interval_ms: 1_000,
             confirm_timeout_ms: 10_000,
             max_attempts: 10,
@@ -617,6 +623,9 @@ impl Settings {
                 "dispatcher.lanes",
                 "must be between 1 and 16, and at most database.max_connections - 3",
             );
+        }
+        if d.fleet_lanes == 0 || d.fleet_lanes > 64 {
+            return invalid("dispatcher.fleet_lanes", "must be between 1 and 64");
         }
         if d.max_attempts == 0 {
             return invalid("dispatcher.max_attempts", "must be at least 1");
@@ -872,6 +881,13 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("database.url"), "{err}");
+
+        for slots in ["0", "65"] {
+            let err = Settings::load_from(env(&[("ENTRIP__DISPATCHER__FLEET_LANES", slots)]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("dispatcher.fleet_lanes"), "{slots}: {err}");
+        }
     }
 
     #[test]

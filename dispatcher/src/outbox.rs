@@ -1,5 +1,5 @@
-//! The relay side of table `outbox`: claiming due rows in commit order per
-//! aggregate, marking them published or failed, statistics, redrive,
+//! The relay side of table `outbox`: the fleet's batch slots, claiming due
+//! rows in commit order per aggregate, marking them published or failed, statistics, redrive,
 //! retention, and the rows' states for `dispatcher trace`. (Rows are
 //! written by `entrip_common::events`.)
 
@@ -88,6 +88,26 @@ pub async fn claim(conn: &mut PgConnection, limit: u32) -> sqlx::Result<Vec<Outb
         .bind(i64::from(limit))
         .fetch_all(conn)
         .await
+}
+
+/// Advisory lock class of the relay's batch slots ("entr"); the slot
+/// number is the second key.
+pub const SLOT_LOCK_CLASS: i32 = 0x656e_7472;
+
+/// Takes one of `slots` batch slots shared by every dispatcher of the
+/// database (`dispatcher.fleet_lanes`), for the caller's transaction: a
+/// transaction-level advisory lock, so a crashed or disconnected lane frees
+/// its slot with its transaction. False when every slot is taken.
+pub async fn take_slot(conn: &mut PgConnection, slots: u32) -> sqlx::Result<bool> {
+    // EXISTS stops at the first slot it gets: one lock at most.
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM generate_series(0, $1 - 1) s
+                         WHERE pg_try_advisory_xact_lock($2, s))",
+    )
+    .bind(i32::try_from(slots).unwrap_or(i32::MAX))
+    .bind(SLOT_LOCK_CLASS)
+    .fetch_one(conn)
+    .await
 }
 
 /// Marks broker-confirmed rows published, in one statement. The time is

@@ -34,6 +34,14 @@ pub struct Relay {
     pub name: String,
 }
 
+/// What one turn of a lane did.
+enum Batch {
+    /// Claimed (and relayed) this many rows.
+    Relayed(usize),
+    /// Every batch slot of the fleet was taken (`dispatcher.fleet_lanes`).
+    Standby,
+}
+
 #[derive(Debug, thiserror::Error)]
 enum BatchError {
     #[error("database: {0}")]
@@ -86,7 +94,13 @@ impl Relay {
                 continue;
             };
             match self.relay_batch(current).await {
-                Ok(claimed) => {
+                Ok(Batch::Standby) => {
+                    db_backoff = retry_backoff().build();
+                    // Not woken by NOTIFY: the lanes holding the slots
+                    // relay what it announces.
+                    sleep_or_shutdown(poll, &shutdown).await;
+                }
+                Ok(Batch::Relayed(claimed)) => {
                     db_backoff = retry_backoff().build();
                     if claimed == 0 {
                         tokio::select! {
@@ -114,16 +128,24 @@ impl Relay {
         }
     }
 
-    /// One batch: claim, publish, await confirms, mark — in one transaction.
-    /// Returns how many rows were claimed.
-    async fn relay_batch(&self, publisher: &Publisher) -> Result<usize, BatchError> {
+    /// One batch: take a slot, claim, publish, await confirms, mark — in
+    /// one transaction.
+    async fn relay_batch(&self, publisher: &Publisher) -> Result<Batch, BatchError> {
         let started = std::time::Instant::now();
         let mut tx = self.pool.begin().await?;
+        if !outbox::take_slot(&mut tx, self.settings.fleet_lanes).await? {
+            tx.commit().await?;
+            tracing::debug!(
+                fleet_lanes = self.settings.fleet_lanes,
+                "every batch slot is taken; standing by"
+            );
+            return Ok(Batch::Standby);
+        }
         let rows = outbox::claim(&mut tx, self.settings.batch_size).await?;
         let claimed_at = started.elapsed();
         if rows.is_empty() {
             tx.commit().await?;
-            return Ok(0);
+            return Ok(Batch::Relayed(0));
         }
         let timeout = Duration::from_millis(self.settings.confirm_timeout_ms);
         let report = publisher.publish(&rows, timeout).await;
@@ -178,7 +200,7 @@ impl Relay {
         );
         match report.reset {
             Some(reason) => Err(BatchError::Broker(reason)),
-            None => Ok(rows.len()),
+            None => Ok(Batch::Relayed(rows.len())),
         }
     }
 

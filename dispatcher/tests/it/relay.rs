@@ -1,6 +1,6 @@
 //! The relay against the real PostgreSQL and RabbitMQ (a vhost per test):
 //! delivery, properties and CloudEvents bodies, order per aggregate with
-//! three dispatchers, broker connection cuts, refused rows dying and being
+//! three dispatchers, the fleet's batch slots, broker connection cuts, refused rows dying and being
 //! redriven, unrouted events, DLQ replay, retention and statistics.
 
 use std::{collections::HashSet, time::Duration};
@@ -126,6 +126,79 @@ async fn three_dispatchers_keep_order_per_aggregate(pool: PgPool) {
         })
         .collect();
     assert_eq!(per_relay.iter().sum::<u64>(), 5000, "{per_relay:?}");
+    for r in relays {
+        r.stop().await;
+    }
+}
+
+#[sqlx::test(migrator = "entrip_common::db::MIGRATOR")]
+async fn a_batch_slot_is_held_by_one_transaction_and_freed_by_its_end(pool: PgPool) {
+    let mut a = pool.begin().await.unwrap();
+    let mut b = pool.begin().await.unwrap();
+    let mut c = pool.begin().await.unwrap();
+    assert!(outbox::take_slot(&mut a, 2).await.unwrap());
+    assert!(outbox::take_slot(&mut b, 2).await.unwrap());
+    assert!(
+        !outbox::take_slot(&mut c, 2).await.unwrap(),
+        "two slots, both taken"
+    );
+    assert_eq!(slots_held(&pool).await, 2, "one lock per slot taken");
+    a.commit().await.unwrap();
+    assert!(
+        outbox::take_slot(&mut c, 2).await.unwrap(),
+        "freed by a's commit"
+    );
+    b.rollback().await.unwrap();
+    drop(c);
+    eventually("the slots to be freed", || async {
+        slots_held(&pool).await == 0
+    })
+    .await;
+}
+
+/// Granted batch slots (advisory locks of the relay's class) in this
+/// test's database.
+async fn slots_held(pool: &PgPool) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_locks
+          WHERE locktype = 'advisory' AND granted AND objsubid = 2 AND classid = $1::oid
+            AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+    )
+    .bind(i64::from(outbox::SLOT_LOCK_CLASS))
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+#[sqlx::test(migrator = "entrip_common::db::MIGRATOR")]
+async fn three_dispatchers_share_one_batch_slot_and_keep_order(pool: PgPool) {
+    let vhost = Vhost::new();
+    let rec = Recorder::start(&vhost.url(), "test.all", &["#"]).await;
+    let total = bulk_insert(&pool, 50, 40).await;
+    let settings = || entrip_common::config::DispatcherSettings {
+        batch_size: 50,
+        lanes: 2,
+        fleet_lanes: 1,
+        ..fast_settings()
+    };
+    let relays = [
+        start_relay(&pool, &vhost.url(), settings()),
+        start_relay(&pool, &vhost.url(), settings()),
+        start_relay(&pool, &vhost.url(), settings()),
+    ];
+    // Six lanes: never more than one batch at a time.
+    let mut most = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while count(&pool, "published_at IS NULL").await > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the outbox drains");
+        most = most.max(slots_held(&pool).await);
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert_eq!(most, 1, "one slot, and it was used");
+    rec.received(total as usize).await;
+    let sequences = rec.sequences().await;
+    assert_eq!(sequences.len(), 50);
+    assert_ordered(&sequences, 40);
     for r in relays {
         r.stop().await;
     }
