@@ -58,6 +58,9 @@ pub struct DatabaseSettings {
     /// [`Settings::load`]; never serialised.
     #[serde(skip)]
     pub password: Option<Password>,
+    /// The pool's size. A few per core of the database: transactions beyond
+    /// what its cores run at once only queue inside PostgreSQL, where
+    /// every one of them slows the others (docs/configuration.md).
     pub max_connections: u32,
     /// How long a request waits for a pooled connection before it gets a 503.
     pub acquire_timeout_ms: u64,
@@ -359,7 +362,7 @@ impl Default for DatabaseSettings {
             // Filled in from the environment by `Settings::load`.
             password_file: None,
             password: None,
-            max_connections: 32,
+            max_connections: 16,
             acquire_timeout_ms: 3_000,
             statement_timeout_ms: 30_000,
             startup_timeout_secs: 60,
