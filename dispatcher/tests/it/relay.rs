@@ -1,7 +1,8 @@
 //! The relay against the real PostgreSQL and RabbitMQ (a vhost per test):
 //! delivery, properties and CloudEvents bodies, order per aggregate with
-//! three dispatchers, the fleet's batch slots, broker connection cuts, refused rows dying and being
-//! redriven, unrouted events, DLQ replay, retention and statistics.
+//! three dispatchers, the fleet's batch slots, broker connection cuts,
+//! refused rows dying and being redriven, unrouted events, DLQ replay,
+//! retention and statistics.
 
 use std::{collections::HashSet, time::Duration};
 
@@ -154,6 +155,40 @@ async fn a_batch_slot_is_held_by_one_transaction_and_freed_by_its_end(pool: PgPo
         slots_held(&pool).await == 0
     })
     .await;
+}
+
+#[sqlx::test(migrator = "entrip_common::db::MIGRATOR")]
+async fn lanes_stand_by_while_the_slot_is_held_and_take_it_when_its_holder_is_cut(pool: PgPool) {
+    let vhost = Vhost::new();
+    let rec = Recorder::start(&vhost.url(), "test.all", &["#"]).await;
+    // The only slot, held by a connection that dies without a ROLLBACK,
+    // as a dispatcher killed in the middle of a batch.
+    let mut holder = pool.acquire().await.unwrap().detach();
+    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+    assert!(outbox::take_slot(&mut holder, 1).await.unwrap());
+    let settings = || entrip_common::config::DispatcherSettings {
+        fleet_lanes: 1,
+        ..fast_settings()
+    };
+    let relays = [
+        start_relay(&pool, &vhost.url(), settings()),
+        start_relay(&pool, &vhost.url(), settings()),
+    ];
+    let rows = insert_events(&pool, 3, 4, EventType::BookingCreated).await;
+    // Several polling intervals (200 ms): every lane stands by.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        count(&pool, "published_at IS NULL").await,
+        rows.len() as i64,
+        "nothing relayed while the slot is held"
+    );
+    sqlx::Connection::close_hard(holder).await.unwrap();
+    drained(&pool, "published_at IS NULL").await;
+    rec.received(rows.len()).await;
+    assert_ordered(&rec.sequences().await, 4);
+    for r in relays {
+        r.stop().await;
+    }
 }
 
 /// Granted batch slots (advisory locks of the relay's class) in this
