@@ -1,6 +1,7 @@
 //! The relay side of table `outbox`: the fleet's batch slots, claiming due
-//! rows in commit order per aggregate, marking them published or failed, statistics, redrive,
-//! retention, and the rows' states for `dispatcher trace`. (Rows are
+//! rows in commit order per aggregate, marking them published or failed,
+//! statistics, redrive, retention, and the rows' states for
+//! `dispatcher trace`. (Rows are
 //! written by `entrip_common::events`.)
 
 use std::time::Duration;
