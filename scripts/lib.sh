@@ -431,6 +431,51 @@ entrip_peak_rss_kb() { # <pid>
 	awk '/VmHWM/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0
 }
 
+# Benchmarks: CPU time (user + system, in clock ticks) spent so far by
+# the given processes together, with their children that have exited (so
+# PostgreSQL's postmaster carries its finished backends); a process that is
+# gone counts 0.
+entrip_cpu_ticks() { # <pid>...
+	local total=0 pid stat fields
+	for pid in "$@"; do
+		stat=$(cat "/proc/$pid/stat" 2>/dev/null) || continue
+		# Fields after "pid (comm) ": utime, stime, cutime and cstime are
+		# the 12th to the 15th.
+		read -r -a fields <<<"${stat##*) }"
+		total=$((total + fields[11] + fields[12] + fields[13] + fields[14]))
+	done
+	echo "$total"
+}
+
+# Benchmarks: the CPU profile of a run by process, as ticks spent so far:
+# "<broker> <postgres> <given pids> <whole machine busy>". Two snapshots'
+# difference tells where a run's CPU went (entrip_cpu_report).
+entrip_cpu_snapshot() { # <pid>...
+	local broker pg busy
+	# shellcheck disable=SC2046 # one pid per word
+	broker=$(entrip_cpu_ticks $(pgrep -x beam.smp))
+	# shellcheck disable=SC2046
+	pg=$(entrip_cpu_ticks $(pgrep -x postgres))
+	busy=$(awk '/^cpu / {print $2 + $3 + $4 + $7 + $8 + $9}' /proc/stat)
+	echo "$broker $pg $(entrip_cpu_ticks "$@") $busy"
+}
+
+# Benchmarks: where the CPU went between two snapshots, per event, and the
+# cores used, as "broker <us>/event, PostgreSQL <us>/event, <label>
+# <us>/event, the rest <us>/event; <busy> of <n> cores busy" (the rest: every
+# other process, the load generator's included).
+entrip_cpu_report() { # <before> <after> <events> <seconds> <label>
+	python3 - "$@" "$(getconf CLK_TCK)" "$(nproc)" <<'PY'
+import sys
+before, after, events, secs, label, tck, cores = sys.argv[1:]
+d = [(int(a) - int(b)) / int(tck) for a, b in zip(after.split(), before.split())]
+per = lambda x: x * 1e6 / max(int(events), 1)
+print(f"broker {per(d[0]):.0f} us/event, PostgreSQL {per(d[1]):.0f} us/event, "
+      f"{label} {per(d[2]):.0f} us/event, the rest {per(d[3] - d[0] - d[1] - d[2]):.0f} us/event; "
+      f"{d[3] / float(secs):.2f} of {cores} cores busy")
+PY
+}
+
 # Waits until a command succeeds, polling every 0.2 s; dies after <seconds>.
 entrip_wait_until() { # <seconds> <what> <command...>
 	local deadline=$((SECONDS + $1)) what=$2
