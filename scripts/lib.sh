@@ -461,17 +461,19 @@ entrip_cpu_snapshot() { # <pid>...
 }
 
 # Benchmarks: where the CPU went between two snapshots, per event, and the
-# cores used, as "broker <us>/event, PostgreSQL <us>/event, <label>
-# <us>/event, the rest <us>/event; <busy> of <n> cores busy" (the rest: every
-# other process, the load generator's included).
-entrip_cpu_report() { # <before> <after> <events> <seconds> <label>
-	python3 - "$@" "$(getconf CLK_TCK)" "$(nproc)" <<'PY'
+# cores used, as "broker <us>/event, PostgreSQL <us>/event, [<label>
+# <us>/event, ]the rest <us>/event; <busy> of <n> cores busy" (the label's
+# part only when one is given; the rest: every other process, the load
+# generator's included, and the kernel's network work).
+entrip_cpu_report() { # <before> <after> <events> <seconds> [label]
+	python3 - "$1" "$2" "$3" "$4" "${5:-}" "$(getconf CLK_TCK)" "$(nproc)" <<'PY'
 import sys
 before, after, events, secs, label, tck, cores = sys.argv[1:]
 d = [(int(a) - int(b)) / int(tck) for a, b in zip(after.split(), before.split())]
 per = lambda x: x * 1e6 / max(int(events), 1)
-print(f"broker {per(d[0]):.0f} us/event, PostgreSQL {per(d[1]):.0f} us/event, "
-      f"{label} {per(d[2]):.0f} us/event, the rest {per(d[3] - d[0] - d[1] - d[2]):.0f} us/event; "
+own = f"{label} {per(d[2]):.0f} us/event, " if label else ""
+print(f"broker {per(d[0]):.0f} us/event, PostgreSQL {per(d[1]):.0f} us/event, {own}"
+      f"the rest {per(d[3] - d[0] - d[1] - d[2]):.0f} us/event; "
       f"{d[3] / float(secs):.2f} of {cores} cores busy")
 PY
 }
