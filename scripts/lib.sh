@@ -438,7 +438,8 @@ entrip_peak_rss_kb() { # <pid>
 entrip_cpu_ticks() { # <pid>...
 	local total=0 pid stat fields
 	for pid in "$@"; do
-		stat=$(cat "/proc/$pid/stat" 2>/dev/null) || continue
+		# A builtin read, not cat: a snapshot reads every postgres process.
+		{ stat=$(<"/proc/$pid/stat"); } 2>/dev/null || continue
 		# Fields after "pid (comm) ": utime, stime, cutime and cstime are
 		# the 12th to the 15th.
 		read -r -a fields <<<"${stat##*) }"
@@ -447,9 +448,10 @@ entrip_cpu_ticks() { # <pid>...
 	echo "$total"
 }
 
-# Benchmarks: the CPU profile of a run by process, as ticks spent so far:
-# "<broker> <postgres> <given pids> <whole machine busy>". Two snapshots'
-# difference tells where a run's CPU went (entrip_cpu_report).
+# Benchmarks: the CPU profile of a run by process, as ticks spent so far,
+# and when: "<broker> <postgres> <given pids> <whole machine busy> <epoch
+# seconds>". Two snapshots' difference tells where a run's CPU went, and
+# over how long (entrip_cpu_report).
 entrip_cpu_snapshot() { # <pid>...
 	local broker pg busy
 	# shellcheck disable=SC2046 # one pid per word
@@ -457,7 +459,7 @@ entrip_cpu_snapshot() { # <pid>...
 	# shellcheck disable=SC2046
 	pg=$(entrip_cpu_ticks $(pgrep -x postgres))
 	busy=$(awk '/^cpu / {print $2 + $3 + $4 + $7 + $8 + $9}' /proc/stat)
-	echo "$broker $pg $(entrip_cpu_ticks "$@") $busy"
+	echo "$broker $pg $(entrip_cpu_ticks "$@") $busy $EPOCHREALTIME"
 }
 
 # Benchmarks: where the CPU went between two snapshots, per event, and the
@@ -465,16 +467,17 @@ entrip_cpu_snapshot() { # <pid>...
 # <us>/event, ]the rest <us>/event; <busy> of <n> cores busy" (the label's
 # part only when one is given; the rest: every other process, the load
 # generator's included, and the kernel's network work).
-entrip_cpu_report() { # <before> <after> <events> <seconds> [label]
-	python3 - "$1" "$2" "$3" "$4" "${5:-}" "$(getconf CLK_TCK)" "$(nproc)" <<'PY'
+entrip_cpu_report() { # <before> <after> <events> [label]
+	python3 - "$1" "$2" "$3" "${4:-}" "$(getconf CLK_TCK)" "$(nproc)" <<'PY'
 import sys
-before, after, events, secs, label, tck, cores = sys.argv[1:]
-d = [(int(a) - int(b)) / int(tck) for a, b in zip(after.split(), before.split())]
+before, after, events, label, tck, cores = sys.argv[1:]
+*ticks, secs = [float(a) - float(b) for a, b in zip(after.split(), before.split())]
+d = [t / int(tck) for t in ticks]
 per = lambda x: x * 1e6 / max(int(events), 1)
 own = f"{label} {per(d[2]):.0f} us/event, " if label else ""
 print(f"broker {per(d[0]):.0f} us/event, PostgreSQL {per(d[1]):.0f} us/event, {own}"
       f"the rest {per(d[3] - d[0] - d[1] - d[2]):.0f} us/event; "
-      f"{d[3] / float(secs):.2f} of {cores} cores busy")
+      f"{d[3] / secs:.2f} of {cores} cores busy")
 PY
 }
 
