@@ -3,6 +3,9 @@
 //! transaction committed, transient failures sent to the retry path with
 //! growing delay, poison messages dead-lettered at once with the reason in
 //! `x-entrip-error`, reconnects with backoff, and graceful shutdown.
+//! Acknowledgements are coalesced per channel (`acks.rs`).
+
+mod acks;
 
 use std::{
     panic::AssertUnwindSafe,
@@ -15,14 +18,15 @@ use crate::{
     config::AmqpSettings,
     trace::{TRACEPARENT_HEADER, TraceParent},
 };
+use acks::Acks;
 use backon::BackoffBuilder;
 use futures::{FutureExt, StreamExt, future::BoxFuture};
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection,
     message::Delivery,
     options::{
-        BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
-        BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+        BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions,
+        BasicQosOptions, ConfirmSelectOptions,
     },
     types::{AMQPValue, FieldTable, LongString, ShortString},
 };
@@ -323,15 +327,22 @@ impl<H: Handler> Consumer<H> {
             "consuming"
         );
         let own_user: Arc<str> = self.amqp.user().into();
+        let acks = Acks::new(self.settings.prefetch);
+        let flusher = acks.run();
+        tokio::pin!(flusher);
         let mut in_flight: JoinSet<Result<(), lapin::Error>> = JoinSet::new();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => {
                     let _ = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
-                    drain(&mut in_flight).await;
+                    drain(&mut in_flight, &acks).await;
                     let _ = channel.close(200, "shutdown".into()).await;
                     let _ = publisher.close(200, "shutdown".into()).await;
                     return Ok(());
+                }
+                err = &mut flusher => {
+                    drain(&mut in_flight, &acks).await;
+                    return Err(err);
                 }
                 Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
                     if let Ok(Err(err)) = done {
@@ -339,7 +350,7 @@ impl<H: Handler> Consumer<H> {
                         // effects commit; their acks fail and the redelivery is
                         // deduplicated): aborting one could cut a webhook between
                         // the receiver's 2xx and its record, and send it twice.
-                        drain(&mut in_flight).await;
+                        drain(&mut in_flight, &acks).await;
                         return Err(err);
                     }
                     log_finished(done);
@@ -347,9 +358,11 @@ impl<H: Handler> Consumer<H> {
                 next = deliveries.next(), if in_flight.len() < self.settings.concurrency => {
                     match next {
                         Some(Ok(delivery)) => {
+                            acks.delivered(&delivery);
                             let task = MessageTask {
                                 handler: self.handler.clone(),
                                 publisher: publisher.clone(),
+                                acks: acks.clone(),
                                 own_user: own_user.clone(),
                                 amqp: self.amqp.clone(),
                                 max_retries: self.settings.max_retries,
@@ -358,11 +371,11 @@ impl<H: Handler> Consumer<H> {
                             in_flight.spawn(task.process(delivery));
                         }
                         Some(Err(err)) => {
-                            drain(&mut in_flight).await;
+                            drain(&mut in_flight, &acks).await;
                             return Err(err);
                         }
                         None => {
-                            drain(&mut in_flight).await;
+                            drain(&mut in_flight, &acks).await;
                             return Err(lapin::ErrorKind::InvalidChannelState(lapin::ChannelState::Closed, "consumer ended").into());
                         }
                     }
@@ -383,8 +396,9 @@ const DRAIN_GRACE: Duration = Duration::from_secs(30);
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Waits for the messages in flight (dropping the set would abort them), at
-/// most `DRAIN_GRACE`.
-async fn drain(in_flight: &mut JoinSet<Result<(), lapin::Error>>) {
+/// most `DRAIN_GRACE`, then sends the acks still lingering (on a channel that
+/// is gone they fail, and the broker redelivers those messages).
+async fn drain(in_flight: &mut JoinSet<Result<(), lapin::Error>>, acks: &Acks) {
     let drained = tokio::time::timeout(DRAIN_GRACE, async {
         while let Some(done) = in_flight.join_next().await {
             log_finished(done);
@@ -400,6 +414,9 @@ async fn drain(in_flight: &mut JoinSet<Result<(), lapin::Error>>) {
         while let Some(done) = in_flight.join_next().await {
             log_finished(done);
         }
+    }
+    if let Err(err) = acks.flush().await {
+        tracing::debug!(%err, "lingering acks not sent; the broker redelivers those messages");
     }
 }
 
@@ -418,6 +435,7 @@ fn log_finished(done: Result<Result<(), lapin::Error>, tokio::task::JoinError>) 
 struct MessageTask<H: Handler> {
     handler: Arc<H>,
     publisher: Channel,
+    acks: Acks,
     /// The broker user the consumer connects as.
     own_user: Arc<str>,
     amqp: AmqpSettings,
@@ -446,8 +464,8 @@ impl<H: Handler> MessageTask<H> {
                 Ok(outcome) => outcome,
                 Err(_) => {
                     tracing::error!("handler panicked; the message goes back to its queue");
-                    delivery
-                        .nack(BasicNackOptions {
+                    self.acks
+                        .nack(&delivery, BasicNackOptions {
                             multiple: false,
                             requeue: true,
                         })
@@ -457,15 +475,15 @@ impl<H: Handler> MessageTask<H> {
             };
             let disposition = match &outcome {
                 Outcome::Processed => {
-                    delivery.ack(BasicAckOptions::default()).await?;
+                    self.acks.ack(&delivery);
                     Disposition::Processed
                 }
                 Outcome::Duplicate => {
-                    delivery.ack(BasicAckOptions::default()).await?;
+                    self.acks.ack(&delivery);
                     Disposition::Duplicate
                 }
                 Outcome::Refused => {
-                    delivery.ack(BasicAckOptions::default()).await?;
+                    self.acks.ack(&delivery);
                     Disposition::Refused
                 }
                 Outcome::Retry(reason) if msg.attempt < self.max_retries => {
@@ -534,14 +552,18 @@ impl<H: Handler> MessageTask<H> {
                 ))
             })??;
         if confirmation == Confirmation::Ack(None) {
-            delivery.ack(BasicAckOptions::default()).await.map(drop)
+            self.acks.ack(delivery);
+            Ok(())
         } else {
             tracing::warn!(%queue, "forward not confirmed; the message goes back to its queue");
-            delivery
-                .nack(BasicNackOptions {
-                    multiple: false,
-                    requeue: true,
-                })
+            self.acks
+                .nack(
+                    delivery,
+                    BasicNackOptions {
+                        multiple: false,
+                        requeue: true,
+                    },
+                )
                 .await?;
             if !matches!(confirmation, Confirmation::Nack(_)) {
                 return Ok(());

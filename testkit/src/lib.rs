@@ -185,6 +185,36 @@ impl Vhost {
     }
 }
 
+impl Vhost {
+    /// How many of `queue`'s messages are delivered and not yet acknowledged,
+    /// as the broker counts them.
+    pub fn unacked(&self, queue: &str) -> u64 {
+        let out = Command::new("rabbitmqctl")
+            .args([
+                "-q",
+                "list_queues",
+                "-p",
+                &self.name,
+                "--no-table-headers",
+                "name",
+                "messages_unacknowledged",
+            ])
+            .output()
+            .expect("rabbitmqctl is installed with RabbitMQ");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_once('\t'))
+            .find(|(name, _)| name.trim() == queue)
+            .and_then(|(_, n)| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("queue {queue} not listed on vhost {}", self.name))
+    }
+}
+
 impl Default for Vhost {
     fn default() -> Self {
         Self::new()

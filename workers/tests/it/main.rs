@@ -4,6 +4,7 @@
 
 mod support;
 
+mod acks;
 mod cuts;
 mod e2e;
 mod forward;
