@@ -327,33 +327,30 @@ impl<H: Handler> Consumer<H> {
             "consuming"
         );
         let own_user: Arc<str> = self.amqp.user().into();
-        let acks = Acks::new(self.settings.prefetch);
-        let flusher = acks.run();
-        tokio::pin!(flusher);
+        let (acks, flusher) = Acks::start(self.settings.prefetch);
         let mut in_flight: JoinSet<Result<(), lapin::Error>> = JoinSet::new();
-        loop {
+        let ended = loop {
             tokio::select! {
                 _ = shutdown.cancelled() => {
                     let _ = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
-                    drain(&mut in_flight, &acks).await;
-                    let _ = channel.close(200, "shutdown".into()).await;
-                    let _ = publisher.close(200, "shutdown".into()).await;
-                    return Ok(());
-                }
-                err = &mut flusher => {
-                    drain(&mut in_flight, &acks).await;
-                    return Err(err);
+                    break Ok(());
                 }
                 Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
-                    if let Ok(Err(err)) = done {
+                    match done {
                         // The channel is gone. The other handlers finish (their
                         // effects commit; their acks fail and the redelivery is
                         // deduplicated): aborting one could cut a webhook between
                         // the receiver's 2xx and its record, and send it twice.
-                        drain(&mut in_flight, &acks).await;
-                        return Err(err);
+                        Ok(Err(err)) => break Err(err),
+                        // Its message stays unsettled until the channel closes:
+                        // the session ends, and the broker redelivers it (its
+                        // delivery limit ends a loop).
+                        Err(err) => {
+                            tracing::error!(%err, "message task failed; the session ends and the broker redelivers it");
+                            break Err(lapin::ErrorKind::InvalidChannelState(lapin::ChannelState::Error, "a message task failed").into());
+                        }
+                        Ok(Ok(())) => {}
                     }
-                    log_finished(done);
                 }
                 next = deliveries.next(), if in_flight.len() < self.settings.concurrency => {
                     match next {
@@ -370,18 +367,19 @@ impl<H: Handler> Consumer<H> {
                             };
                             in_flight.spawn(task.process(delivery));
                         }
-                        Some(Err(err)) => {
-                            drain(&mut in_flight, &acks).await;
-                            return Err(err);
-                        }
-                        None => {
-                            drain(&mut in_flight, &acks).await;
-                            return Err(lapin::ErrorKind::InvalidChannelState(lapin::ChannelState::Closed, "consumer ended").into());
-                        }
+                        Some(Err(err)) => break Err(err),
+                        None => break Err(lapin::ErrorKind::InvalidChannelState(lapin::ChannelState::Closed, "consumer ended").into()),
                     }
                 }
             }
+        };
+        drain(&mut in_flight).await;
+        acks.close(flusher).await;
+        if ended.is_ok() {
+            let _ = channel.close(200, "shutdown".into()).await;
+            let _ = publisher.close(200, "shutdown".into()).await;
         }
+        ended
     }
 }
 
@@ -396,9 +394,8 @@ const DRAIN_GRACE: Duration = Duration::from_secs(30);
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Waits for the messages in flight (dropping the set would abort them), at
-/// most `DRAIN_GRACE`, then sends the acks still lingering (on a channel that
-/// is gone they fail, and the broker redelivers those messages).
-async fn drain(in_flight: &mut JoinSet<Result<(), lapin::Error>>, acks: &Acks) {
+/// most `DRAIN_GRACE`.
+async fn drain(in_flight: &mut JoinSet<Result<(), lapin::Error>>) {
     let drained = tokio::time::timeout(DRAIN_GRACE, async {
         while let Some(done) = in_flight.join_next().await {
             log_finished(done);
@@ -414,9 +411,6 @@ async fn drain(in_flight: &mut JoinSet<Result<(), lapin::Error>>, acks: &Acks) {
         while let Some(done) = in_flight.join_next().await {
             log_finished(done);
         }
-    }
-    if let Err(err) = acks.flush().await {
-        tracing::debug!(%err, "lingering acks not sent; the broker redelivers those messages");
     }
 }
 

@@ -25,7 +25,8 @@ use lapin::{
     message::Delivery,
     options::{BasicAckOptions, BasicNackOptions},
 };
-use tokio::sync::Notify;
+use tokio::{sync::Notify, task::JoinHandle};
+use tokio_util::sync::CancellationToken;
 
 /// How long a finished delivery may wait for others to share its ack.
 pub const ACK_LINGER: Duration = Duration::from_millis(5);
@@ -42,6 +43,8 @@ struct Inner {
     finished: Notify,
     /// `batch` deliveries wait: the flusher stops lingering.
     full: Notify,
+    /// The session ends: one last flush, and the flusher stops.
+    closing: CancellationToken,
     batch: usize,
 }
 
@@ -97,16 +100,20 @@ impl<A> State<A> {
 impl Acks {
     /// Acks for a channel with `prefetch` unacknowledged deliveries at most:
     /// a quarter of those waiting end the linger, so the window never fills
-    /// with finished messages.
-    pub fn new(prefetch: u16) -> Self {
-        Self {
+    /// with finished messages. Its flusher runs as a task of its own (never
+    /// cut off in the middle of a flush) until [`Acks::close`].
+    pub fn start(prefetch: u16) -> (Self, JoinHandle<()>) {
+        let acks = Self {
             inner: Arc::new(Inner {
                 state: Mutex::new(State::default()),
                 finished: Notify::new(),
                 full: Notify::new(),
+                closing: CancellationToken::new(),
                 batch: usize::from(prefetch / 4).max(1),
             }),
-        }
+        };
+        let flusher = tokio::spawn(acks.clone().run());
+        (acks, flusher)
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -138,42 +145,75 @@ impl Acks {
         }
     }
 
-    /// Nacks the delivery at once, then stops counting it as unsettled.
+    /// Nacks the delivery at once; once the nack is sent, its tag no longer
+    /// counts as unsettled. A nack that failed leaves it unsettled (the
+    /// channel is gone, and no ack may cover a message in doubt).
     pub async fn nack(
         &self,
         delivery: &Delivery,
         options: BasicNackOptions,
     ) -> Result<(), lapin::Error> {
-        let nacked = delivery.nack(options).await;
+        if !delivery.nack(options).await? {
+            return Err(channel_gone());
+        }
         self.state().unsettled.remove(&delivery.delivery_tag);
         // Deliveries after it may form a run now.
         self.inner.finished.notify_one();
-        nacked.map(drop)
+        Ok(())
     }
 
-    /// Sends the acks of every finished delivery.
-    pub async fn flush(&self) -> Result<(), lapin::Error> {
-        let Flush { multiple, singles } = self.state().take();
-        if let Some(acker) = multiple {
-            acker.ack(BasicAckOptions { multiple: true }).await?;
+    /// Sends the lingering acks and stops the flusher; called once the
+    /// handlers in flight finished, before the channel closes.
+    pub async fn close(&self, flusher: JoinHandle<()>) {
+        self.inner.closing.cancel();
+        if let Err(err) = flusher.await {
+            tracing::error!(%err, "the ack flusher failed; the broker redelivers what it did not ack");
         }
-        for acker in singles {
-            acker.ack(BasicAckOptions::default()).await?;
+    }
+
+    /// Sends the acks of every finished delivery, one after the other (each
+    /// on the wire before the next: a `multiple` never overtakes a single).
+    async fn flush(&self) -> Result<(), lapin::Error> {
+        let Flush { multiple, singles } = self.state().take();
+        let multiple = multiple.map(|a| (a, BasicAckOptions { multiple: true }));
+        let singles = singles.into_iter().map(|a| (a, BasicAckOptions::default()));
+        for (acker, options) in multiple.into_iter().chain(singles) {
+            // `false`: the channel is gone (its ackers are poisoned).
+            if !acker.ack(options).await? {
+                return Err(channel_gone());
+            }
         }
         Ok(())
     }
 
-    /// Flushes, at most `ACK_LINGER` after a delivery finished, until an
-    /// ack fails (the channel is gone); never returns otherwise.
-    pub async fn run(&self) -> lapin::Error {
-        loop {
-            self.inner.finished.notified().await;
-            let _ = tokio::time::timeout(ACK_LINGER, self.inner.full.notified()).await;
+    /// Flushes at most `ACK_LINGER` after a delivery finished, and once more
+    /// on `close`. Ends early when an ack fails: the channel is gone, the
+    /// session ends with it, and the broker redelivers what was not acked.
+    async fn run(self) {
+        let closing = &self.inner.closing;
+        while !closing.is_cancelled() {
+            tokio::select! {
+                _ = closing.cancelled() => {}
+                _ = self.inner.finished.notified() => {
+                    tokio::select! {
+                        _ = closing.cancelled() => {}
+                        _ = self.inner.full.notified() => {}
+                        _ = tokio::time::sleep(ACK_LINGER) => {}
+                    }
+                }
+            }
             if let Err(err) = self.flush().await {
-                return err;
+                tracing::debug!(%err, "acks not sent; the broker redelivers those messages");
+                return;
             }
         }
     }
+}
+
+/// The error of an ack or nack that lapin refused: its channel is closed.
+fn channel_gone() -> lapin::Error {
+    lapin::ErrorKind::InvalidChannelState(lapin::ChannelState::Closed, "acknowledgement refused")
+        .into()
 }
 
 #[cfg(test)]

@@ -1,7 +1,8 @@
 //! The consumer's coalesced acknowledgements (`entrip_common::consumer`,
 //! `acks.rs`): every finished message is acknowledged, whatever order the
 //! handlers finish in; a message still in its handler holds back no other's
-//! ack; and a graceful shutdown sends the acks still lingering.
+//! ack; a nacked one comes back; and a graceful shutdown sends the acks
+//! still lingering.
 
 use std::{
     collections::HashMap,
@@ -23,8 +24,8 @@ use tokio_util::sync::CancellationToken;
 use crate::support::*;
 
 /// Finishes messages out of order (a few milliseconds each, by id), holds
-/// `slow` until released, and cancels `stop` (when set) on `last`; counts
-/// every delivery by message id.
+/// `slow` until released, panics on the first delivery of `boom`, and
+/// cancels `stop` (when set) on `last`; counts every delivery by message id.
 #[derive(Clone, Default)]
 struct OutOfOrder {
     seen: Arc<Mutex<HashMap<String, u32>>>,
@@ -53,10 +54,18 @@ impl Handler for OutOfOrder {
 
     fn handle<'a>(&'a self, msg: &'a Message) -> BoxFuture<'a, Outcome> {
         let id = msg.message_id.clone().unwrap_or_default();
-        *self.seen.lock().unwrap().entry(id.clone()).or_default() += 1;
+        let times = {
+            let mut seen = self.seen.lock().unwrap();
+            let n = seen.entry(id.clone()).or_default();
+            *n += 1;
+            *n
+        };
         Box::pin(async move {
             if id == "slow" {
                 self.release.notified().await;
+            } else if id == "boom" && times == 1 {
+                // Nacked with requeue by the runtime, among finished neighbours.
+                panic!("boom, the first time");
             } else {
                 let n: u64 = id.trim_start_matches('m').parse().unwrap_or(0);
                 tokio::time::sleep(Duration::from_millis(n * 7 % 5)).await;
@@ -77,22 +86,27 @@ async fn out_of_order_acks_all_reach_the_broker_and_a_held_message_holds_back_no
     let handler = OutOfOrder::default();
     let worker = start(handler.clone(), &vhost.url(), workers_settings());
     let (conn, ch) = channel(&vhost.url()).await;
-    publish_raw(&ch, "", amqp::SETTLEMENT_QUEUE, Some("slow"), None, b"{}").await;
+    // `slow` in the middle: the finished run before it can go as `multiple`
+    // acks, the finished ones after it only one by one.
     for i in 0..300 {
         let id = format!("m{i}");
         publish_raw(&ch, "", amqp::SETTLEMENT_QUEUE, Some(&id), None, b"{}").await;
+        if i == 149 {
+            publish_raw(&ch, "", amqp::SETTLEMENT_QUEUE, Some("slow"), None, b"{}").await;
+        }
     }
     until_count("every message handled or in its handler", 301, || async {
         handler.distinct()
     })
     .await;
-    // `slow`, delivered first, is still in its handler: every other message
-    // is acknowledged all the same (no `multiple` ack can cover it).
+    // `slow` is still in its handler: every other message is acknowledged
+    // all the same, and no `multiple` ack covered it.
     eventually("only the held message unacknowledged", || async {
         vhost.unacked(amqp::SETTLEMENT_QUEUE) == 1
     })
     .await;
     assert_eq!(depth(&ch, amqp::SETTLEMENT_QUEUE).await, 0);
+    assert_eq!(worker.count("acks-test", "processed"), 300);
     handler.release.notify_one();
     eventually("the held message acknowledged too", || async {
         vhost.unacked(amqp::SETTLEMENT_QUEUE) == 0
@@ -102,6 +116,38 @@ async fn out_of_order_acks_all_reach_the_broker_and_a_held_message_holds_back_no
     assert_eq!(handler.deliveries(), 301);
     assert_eq!(depth(&ch, amqp::SETTLEMENT_QUEUE).await, 0);
     assert_eq!(worker.count("acks-test", "processed"), 301);
+    let _ = conn.close(200, "done".into()).await;
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn a_nacked_message_among_acked_neighbours_comes_back() {
+    let vhost = Vhost::new();
+    let handler = OutOfOrder::default();
+    let worker = start(handler.clone(), &vhost.url(), workers_settings());
+    let (conn, ch) = channel(&vhost.url()).await;
+    for i in 0..200 {
+        let id = format!("m{i}");
+        publish_raw(&ch, "", amqp::SETTLEMENT_QUEUE, Some(&id), None, b"{}").await;
+        if i == 99 {
+            publish_raw(&ch, "", amqp::SETTLEMENT_QUEUE, Some("boom"), None, b"{}").await;
+        }
+    }
+    // A `multiple` ack covering boom's tag would have settled it before
+    // (or instead of) its nack: it would never come back.
+    until_count(
+        "every message processed, boom on its second delivery",
+        201,
+        || async { worker.count("acks-test", "processed") },
+    )
+    .await;
+    assert_eq!(handler.seen.lock().unwrap().get("boom"), Some(&2));
+    assert_eq!(handler.deliveries(), 202, "only boom came twice");
+    eventually("everything acknowledged", || async {
+        vhost.unacked(amqp::SETTLEMENT_QUEUE) == 0
+    })
+    .await;
+    assert_eq!(depth(&ch, amqp::SETTLEMENT_QUEUE).await, 0);
     let _ = conn.close(200, "done".into()).await;
     worker.stop().await;
 }
