@@ -161,57 +161,35 @@ impl Vhost {
     /// The client ports of the connections open on this vhost now (one per
     /// connection, as the broker sees them).
     pub fn connections(&self) -> Vec<String> {
-        let out = Command::new("rabbitmqctl")
-            .args([
-                "-q",
-                "list_connections",
-                "--no-table-headers",
-                "vhost",
-                "peer_port",
-            ])
-            .output()
-            .expect("rabbitmqctl is installed with RabbitMQ");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| l.split_once('\t'))
-            .filter(|(v, _)| v.trim() == self.name)
-            .map(|(_, port)| port.trim().to_owned())
-            .collect()
+        rabbitmqctl_rows(&[
+            "-q",
+            "list_connections",
+            "--no-table-headers",
+            "vhost",
+            "peer_port",
+        ])
+        .into_iter()
+        .filter(|(v, _)| *v == self.name)
+        .map(|(_, port)| port)
+        .collect()
     }
-}
 
-impl Vhost {
     /// How many of `queue`'s messages are delivered and not yet acknowledged,
     /// as the broker counts them.
     pub fn unacked(&self, queue: &str) -> u64 {
-        let out = Command::new("rabbitmqctl")
-            .args([
-                "-q",
-                "list_queues",
-                "-p",
-                &self.name,
-                "--no-table-headers",
-                "name",
-                "messages_unacknowledged",
-            ])
-            .output()
-            .expect("rabbitmqctl is installed with RabbitMQ");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| l.split_once('\t'))
-            .find(|(name, _)| name.trim() == queue)
-            .and_then(|(_, n)| n.trim().parse().ok())
-            .unwrap_or_else(|| panic!("queue {queue} not listed on vhost {}", self.name))
+        rabbitmqctl_rows(&[
+            "-q",
+            "list_queues",
+            "-p",
+            &self.name,
+            "--no-table-headers",
+            "name",
+            "messages_unacknowledged",
+        ])
+        .into_iter()
+        .find(|(name, _)| name == queue)
+        .and_then(|(_, n)| n.parse().ok())
+        .unwrap_or_else(|| panic!("queue {queue} not listed on vhost {}", self.name))
     }
 }
 
@@ -227,7 +205,8 @@ impl Drop for Vhost {
     }
 }
 
-fn rabbitmqctl(args: &[&str]) {
+/// Runs `rabbitmqctl` (it must succeed) and returns what it printed.
+fn rabbitmqctl(args: &[&str]) -> String {
     let out = Command::new("rabbitmqctl")
         .args(args)
         .output()
@@ -237,6 +216,16 @@ fn rabbitmqctl(args: &[&str]) {
         "rabbitmqctl {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The rows of a two-column `rabbitmqctl list_…`, trimmed.
+fn rabbitmqctl_rows(args: &[&str]) -> Vec<(String, String)> {
+    rabbitmqctl(args)
+        .lines()
+        .filter_map(|l| l.split_once('\t'))
+        .map(|(a, b)| (a.trim().to_owned(), b.trim().to_owned()))
+        .collect()
 }
 
 /// A `postgres://user:password@host:port/database` URL for these options
