@@ -174,6 +174,22 @@ impl Vhost {
         .collect()
     }
 
+    /// The bytes the broker received so far on the connection from client
+    /// port `port` (one of [`Vhost::connections`]).
+    pub fn received_bytes(&self, port: &str) -> u64 {
+        rabbitmqctl_rows(&[
+            "-q",
+            "list_connections",
+            "--no-table-headers",
+            "peer_port",
+            "recv_oct",
+        ])
+        .into_iter()
+        .find(|(p, _)| p == port)
+        .and_then(|(_, n)| n.parse().ok())
+        .unwrap_or_else(|| panic!("no connection from port {port}"))
+    }
+
     /// How many of `queue`'s messages are delivered and not yet acknowledged,
     /// as the broker counts them.
     pub fn unacked(&self, queue: &str) -> u64 {

@@ -1,8 +1,8 @@
 //! The consumer's coalesced acknowledgements (`entrip_common::consumer`,
 //! `acks.rs`): every finished message is acknowledged, whatever order the
 //! handlers finish in; a message still in its handler holds back no other's
-//! ack; a nacked one comes back; and a graceful shutdown sends the acks
-//! still lingering.
+//! ack; a nacked one comes back; a burst's acks share frames; and a graceful
+//! shutdown sends the acks still lingering.
 
 use std::{
     collections::HashMap,
@@ -107,6 +107,8 @@ async fn out_of_order_acks_all_reach_the_broker_and_a_held_message_holds_back_no
     .await;
     assert_eq!(depth(&ch, amqp::SETTLEMENT_QUEUE).await, 0);
     assert_eq!(worker.count("acks-test", "processed"), 300);
+    // Still 1 a moment later: not a passing count on the way to 0.
+    assert_eq!(vhost.unacked(amqp::SETTLEMENT_QUEUE), 1);
     handler.release.notify_one();
     eventually("the held message acknowledged too", || async {
         vhost.unacked(amqp::SETTLEMENT_QUEUE) == 0
@@ -189,4 +191,46 @@ async fn a_graceful_shutdown_sends_the_acks_still_lingering() {
     );
     assert_eq!(metrics.messages_total("acks-test", "processed"), 200);
     let _ = conn.close(200, "done".into()).await;
+}
+
+#[tokio::test]
+async fn the_acks_of_a_burst_share_frames() {
+    let vhost = Vhost::new();
+    let handler = OutOfOrder::default();
+    let worker = start(handler.clone(), &vhost.url(), workers_settings());
+    eventually("the consumer connected", || async {
+        vhost.connections().len() == 1
+    })
+    .await;
+    let consumer_port = vhost.connections()[0].clone();
+    let (conn, ch) = channel(&vhost.url()).await;
+    // A first message: the consumer's set-up (topology, qos, consume) is over
+    // once it is acknowledged.
+    publish_raw(&ch, "", amqp::SETTLEMENT_QUEUE, Some("m0"), None, b"{}").await;
+    eventually("the first message acknowledged", || async {
+        worker.count("acks-test", "processed") == 1 && vhost.unacked(amqp::SETTLEMENT_QUEUE) == 0
+    })
+    .await;
+    let before = vhost.received_bytes(&consumer_port);
+    for i in 1..=300 {
+        let id = format!("m{i}");
+        publish_raw(&ch, "", amqp::SETTLEMENT_QUEUE, Some(&id), None, b"{}").await;
+    }
+    until_count("every message processed", 301, || async {
+        worker.count("acks-test", "processed")
+    })
+    .await;
+    eventually("everything acknowledged", || async {
+        vhost.unacked(amqp::SETTLEMENT_QUEUE) == 0
+    })
+    .await;
+    // All the consumer sends now is acks: 21 bytes a frame.
+    let frames = (vhost.received_bytes(&consumer_port) - before) / 21;
+    eprintln!("300 messages acknowledged in {frames} frames");
+    assert!(
+        frames <= 200,
+        "300 messages took {frames} ack frames (one each would be 300)"
+    );
+    let _ = conn.close(200, "done".into()).await;
+    worker.stop().await;
 }
