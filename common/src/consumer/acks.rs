@@ -1,9 +1,9 @@
 //! Coalesced acknowledgements for one consumer channel.
 //!
 //! On a quorum queue every `basic.ack` is a Raft command of its own: it
-//! costs the broker about as much as the delivery did (docs/testing.md,
-//! "Where the CPU goes"). A handler that finished hands its delivery here
-//! instead of acknowledging it; a flusher sends, at most `ACK_LINGER` later
+//! costs the broker about as much as the delivery did (docs/rules.md,
+//! "At-least-once delivery, deduplicated"). A handler that finished hands
+//! its delivery here instead of acknowledging it; a flusher sends, at most `ACK_LINGER` later
 //! (sooner once `batch` are waiting), one `basic.ack` with `multiple` for
 //! the run of finished deliveries from the oldest unsettled one, and single
 //! acks for finished deliveries beyond a gap (a message still in its
@@ -29,7 +29,7 @@ use tokio::{sync::Notify, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
 /// How long a finished delivery may wait for others to share its ack.
-pub const ACK_LINGER: Duration = Duration::from_millis(5);
+const ACK_LINGER: Duration = Duration::from_millis(5);
 
 /// The acknowledgements of one channel's deliveries; cheap to clone.
 #[derive(Clone)]
@@ -75,6 +75,11 @@ impl<A> Default for State<A> {
 }
 
 impl<A> State<A> {
+    /// A nack of `tag` was sent: it is settled, and no longer ends a run.
+    fn nacked(&mut self, tag: u64) {
+        self.unsettled.remove(&tag);
+    }
+
     /// Takes every finished delivery out: the run from the oldest unsettled
     /// one as one `multiple` ack, the rest as single acks.
     fn take(&mut self) -> Flush<A> {
@@ -156,7 +161,7 @@ impl Acks {
         if !delivery.nack(options).await? {
             return Err(channel_gone());
         }
-        self.state().unsettled.remove(&delivery.delivery_tag);
+        self.state().nacked(delivery.delivery_tag);
         // Deliveries after it may form a run now.
         self.inner.finished.notify_one();
         Ok(())
@@ -264,10 +269,13 @@ mod tests {
 
     #[test]
     fn a_nacked_delivery_no_longer_blocks_the_run() {
-        // 1 was nacked (removed from the unsettled ones): 2 and 3 form a run.
-        let mut s = state(&[2, 3], &[2, 3]);
+        // 1 is in its handler: 2 and 3 could only go one by one.
+        let mut s = state(&[1, 2, 3], &[2, 3]);
+        // 1's nack was sent: 2 and 3 form a run, and 1 is never covered.
+        s.nacked(1);
         let f = s.take();
         assert_eq!(f.multiple, Some(3));
         assert!(f.singles.is_empty());
+        assert!(s.unsettled.is_empty());
     }
 }
