@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Renders scripts/bench's figures (lines "name value" written by the bench
 parts through entrip_metric) as a Markdown report and a JSON file, each
-figure next to its ceiling and each target of issue 5 as met or missed.
+figure next to its ceiling and each target of issues 5, 10, 11 and 15 as met or missed.
 
 Usage: bench/report.py <metrics file> <report prefix> <header line>
 Writes <prefix>.md and <prefix>.json; exits 0 even when a target is missed
@@ -129,6 +129,31 @@ def main():
         target("overload: ingest peak RSS <= 100 MB", rss_i / 1024 if rss_i else None, 100,
                rss_i is not None and rss_i / 1024 <= 100, "VmHWM over the whole ingest run")
 
+    # AMQP ingest (issue 11), against the HTTP create rate of the same run.
+    if g("ingest.amqp.oneway.rps") is not None:
+        http = g("ingest.sustainable.rps") or g("ingest.c32.rps")
+        off, on = g("ingest.amqp.oneway.rps"), g("ingest.amqp.replies.rps")
+        out += ["## AMQP ingest: requests published to entrip.ingest (ingest/examples/amqp_load.rs)", "",
+                "| what | requests/s | of the HTTP create rate |", "|---|---|---|",
+                f"| HTTP create rate (the best closed loop) | {fmt(http)} | 1 |",
+                f"| replies off (10,000 published at once, until stored) | {fmt(off)} | {fmt(ratio(off, http))} |",
+                f"| replies on (a window of 64 awaiting replies; errors {fmt(g('ingest.amqp.replies.errors'))}) "
+                f"| {fmt(on)} | {fmt(ratio(on, http))} |",
+                f"| pgbench, the service's statements, concurrency 8 (ingest.amqp.concurrency) "
+                f"| {fmt(g('ingest.c8.pgbench_tps'))} | {fmt(ratio(g('ingest.c8.pgbench_tps'), http))} |", ""]
+        for name, v in (("replies off", off), ("replies on", on)):
+            r = ratio(v, http)
+            target(f"AMQP ingest, {name}, >= 0.9x the HTTP create rate (issue 11)", r, 0.9,
+                   r is not None and r >= 0.9, f"{fmt(v)} vs {fmt(http)}/s")
+    if g("ingest.amqp.open.p99_ms") is not None:
+        out += [f"AMQP open loop at {fmt(g('ingest.amqp.open.rate'))}/s (half the replies-on rate): publish to "
+                f"reply p50 {fmt(g('ingest.amqp.open.p50_ms'))} ms, p95 {fmt(g('ingest.amqp.open.p95_ms'))} ms, "
+                f"p99 {fmt(g('ingest.amqp.open.p99_ms'))} ms, errors {fmt(g('ingest.amqp.open.errors'))}.", ""]
+        p99 = g("ingest.amqp.open.p99_ms")
+        target("AMQP publish -> reply p99 <= 25 ms at half the replies-on rate, no errors (issue 11)", p99, 25,
+               p99 is not None and p99 <= 25 and g("ingest.amqp.open.errors") == 0,
+               f"open loop at {fmt(g('ingest.amqp.open.rate'))}/s")
+
     # Relay
     if g("relay.raw_rps") is not None:
         # The ceiling: the better of one and two publishing channels (a
@@ -236,7 +261,7 @@ def main():
         target("each service <= 100 MB RSS", peak, 100, peak <= 100 and not unknown_rss,
                f"largest: {peak:.1f} MB" + (f"; not read (process gone): {', '.join(unknown_rss)}" if unknown_rss else ""))
 
-    out += ["## Targets (issues 5, 10 and 15)", "", "| target | value | limit | met |", "|---|---|---|---|"]
+    out += ["## Targets (issues 5, 10, 11 and 15)", "", "| target | value | limit | met |", "|---|---|---|---|"]
     for t in targets:
         met = {True: "yes", False: "**no**", None: "not measured"}[t["met"]]
         out.append(f"| {t['target']} | {fmt(t['value'])} ({t['detail']}) | {fmt(t['limit'])} | {met} |")
