@@ -16,7 +16,8 @@
 //! Replies go out on a connection of their own, with confirms, before the
 //! request is acked; the confirm is awaited aside. A reply that cannot be
 //! routed is logged and counted, and the request is acked all the same (a
-//! resend with the same `message_id` replays the answer).
+//! resend with the same `message_id` replays the answer). A reply to a
+//! direct reply-to address is never counted so (the broker cannot tell).
 
 use std::{
     collections::HashMap,
@@ -326,6 +327,15 @@ fn forbidden_reply_to(reply_to: &str) -> bool {
     reply_to.starts_with("entrip.")
 }
 
+/// A direct reply-to address (`amq.rabbitmq.reply-to.…`). RabbitMQ returns a
+/// `mandatory` publish to one as unroutable (`NO_ROUTE`) whether or not it
+/// delivered it (seen on 3.10; docs/amqp.md), so such replies go
+/// without `mandatory`: a return would be a false failure on every reply,
+/// and could not tell a gone consumer from a live one anyway.
+fn is_direct_reply_to(reply_to: &str) -> bool {
+    reply_to.starts_with("amq.rabbitmq.reply-to")
+}
+
 /// Broker users found to belong to a client, trusted for
 /// `ingest.auth_cache_secs` (as API keys are), so that a revocation takes
 /// effect within that time. Users not found are not cached.
@@ -480,7 +490,7 @@ impl Replier {
                 "".into(),
                 reply_to.into(),
                 BasicPublishOptions {
-                    mandatory: true,
+                    mandatory: !is_direct_reply_to(reply_to),
                     ..BasicPublishOptions::default()
                 },
                 body.as_bytes(),

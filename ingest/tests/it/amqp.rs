@@ -597,6 +597,82 @@ async fn a_reply_to_a_missing_queue_is_counted_and_the_request_stands(pool: PgPo
     server.stop().await;
 }
 
+/// RabbitMQ returns a `mandatory` publish to a direct reply-to address as
+/// unroutable even when it delivered it; such a reply must arrive and count
+/// no failure (each one did, before replies to it went without `mandatory`).
+#[sqlx::test(migrator = "entrip_common::db::MIGRATOR")]
+async fn a_direct_reply_to_reply_arrives_and_counts_no_failure(pool: PgPool) {
+    use futures::StreamExt;
+    use lapin::options::{BasicConsumeOptions, ConfirmSelectOptions};
+
+    let (server, up, _vhost) = start(pool).await;
+    let user_id = server.create_user().await;
+    let channel = up.conn.create_channel().await.unwrap();
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let mut replies = channel
+        .basic_consume(
+            "amq.rabbitmq.reply-to".into(),
+            "replies".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let body = booking_body(&user_id, &unique_code(), false).to_string();
+    try_publish(
+        &channel,
+        "entrip.ingest",
+        "booking.create",
+        "guest",
+        body.as_bytes(),
+    )
+    .await
+    .unwrap();
+    let reply = tokio::time::timeout(Duration::from_secs(30), replies.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let reply: Value = serde_json::from_slice(&reply.data).unwrap();
+    assert_eq!(reply["status"], "PENDING", "{reply}");
+
+    // Then a reply to a missing queue, on the same reply channel: by the
+    // time it is counted, the broker's answer to the first (confirms come in
+    // order) has been handled too, bar a task's scheduling.
+    let mut req = Req::new(
+        "booking.create",
+        &key(),
+        &booking_body(&user_id, &unique_code(), false),
+    );
+    req.reply_to = ReplyTo::Queue("no-such-queue".into());
+    up.publish(&req).await;
+    let unroutable = r#"entrip_ingest_reply_failures_total{reason="unroutable"}"#;
+    entrip_testkit::eventually("the missing queue's reply counted", || async {
+        server.metric(unroutable).await >= 1.0
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        server.metric(unroutable).await,
+        1.0,
+        "only the reply to the missing queue is unroutable"
+    );
+    assert_eq!(
+        server
+            .metric(r#"entrip_ingest_reply_failures_total{reason="broker"}"#)
+            .await,
+        0.0
+    );
+    assert_eq!(server.count("bookings").await, 2);
+    server.stop().await;
+}
+
 /// Publishes `n` bookings of `user_id` without reply queues, as broker
 /// user `guest`; their codes.
 async fn publish_bookings(up: &Upstream, user_id: &str, n: usize) -> Vec<String> {
