@@ -567,16 +567,22 @@ async fn a_thousand_requests_mixed_with_a_hundred_poison_ones_are_all_stored(poo
     server.stop().await;
 }
 
+/// A booking of `user_id` whose reply goes to a queue that does not exist.
+fn to_missing_queue(user_id: &str) -> Req {
+    let mut req = Req::new(
+        "booking.create",
+        &key(),
+        &booking_body(user_id, &unique_code(), false),
+    );
+    req.reply_to = ReplyTo::Queue("no-such-queue".into());
+    req
+}
+
 #[sqlx::test(migrator = "entrip_common::db::MIGRATOR")]
 async fn a_reply_to_a_missing_queue_is_counted_and_the_request_stands(pool: PgPool) {
     let (server, mut up, _vhost) = start(pool).await;
     let user_id = server.create_user().await;
-    let mut req = Req::new(
-        "booking.create",
-        &key(),
-        &booking_body(&user_id, &unique_code(), false),
-    );
-    req.reply_to = ReplyTo::Queue("no-such-queue".into());
+    let mut req = to_missing_queue(&user_id);
     up.publish(&req).await;
     entrip_testkit::eventually("the reply failure counted", || async {
         server
@@ -602,56 +608,15 @@ async fn a_reply_to_a_missing_queue_is_counted_and_the_request_stands(pool: PgPo
 /// no failure (each one did, before replies to it went without `mandatory`).
 #[sqlx::test(migrator = "entrip_common::db::MIGRATOR")]
 async fn a_direct_reply_to_reply_arrives_and_counts_no_failure(pool: PgPool) {
-    use futures::StreamExt;
-    use lapin::options::{BasicConsumeOptions, ConfirmSelectOptions};
-
     let (server, up, _vhost) = start(pool).await;
     let user_id = server.create_user().await;
-    let channel = up.conn.create_channel().await.unwrap();
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
-    let mut replies = channel
-        .basic_consume(
-            "amq.rabbitmq.reply-to".into(),
-            "replies".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..BasicConsumeOptions::default()
-            },
-            Default::default(),
-        )
-        .await
-        .unwrap();
-    let body = booking_body(&user_id, &unique_code(), false).to_string();
-    try_publish(
-        &channel,
-        "entrip.ingest",
-        "booking.create",
-        "guest",
-        body.as_bytes(),
-    )
-    .await
-    .unwrap();
-    let reply = tokio::time::timeout(Duration::from_secs(30), replies.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    let reply: Value = serde_json::from_slice(&reply.data).unwrap();
+    let reply = direct_booking(&up.conn, "guest", &user_id).await;
     assert_eq!(reply["status"], "PENDING", "{reply}");
 
     // Then a reply to a missing queue, on the same reply channel: by the
     // time it is counted, the broker's answer to the first (confirms come in
     // order) has been handled too, bar a task's scheduling.
-    let mut req = Req::new(
-        "booking.create",
-        &key(),
-        &booking_body(&user_id, &unique_code(), false),
-    );
-    req.reply_to = ReplyTo::Queue("no-such-queue".into());
-    up.publish(&req).await;
+    up.publish(&to_missing_queue(&user_id)).await;
     let unroutable = r#"entrip_ingest_reply_failures_total{reason="unroutable"}"#;
     entrip_testkit::eventually("the missing queue's reply counted", || async {
         server.metric(unroutable).await >= 1.0
@@ -972,26 +937,18 @@ async fn try_publish(
     Ok(())
 }
 
-#[sqlx::test(migrator = "entrip_common::db::MIGRATOR")]
-async fn an_upstream_with_the_documented_permissions_publishes_requests_and_nothing_else(
-    pool: PgPool,
-) {
+/// Publishes a booking of `user_id` as broker user `user` on a new channel
+/// of `conn` with direct reply-to (consume the pseudo-queue, publish on the
+/// same channel), and returns the reply's body.
+async fn direct_booking(conn: &lapin::Connection, user: &str, user_id: &str) -> Value {
     use futures::StreamExt;
     use lapin::options::{BasicConsumeOptions, ConfirmSelectOptions};
 
-    let (server, up, vhost) = start(pool).await;
-    let user_id = server.create_user().await;
-    let publisher = BrokerUser::new(&vhost, PUBLISHER);
-    client_of(&server, "booking-front", Scope::BookingsWrite, &publisher).await;
-    let conn = entrip_common::amqp::connect(&publisher.url(&vhost), "test-publisher")
-        .await
-        .unwrap();
     let channel = conn.create_channel().await.unwrap();
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await
         .unwrap();
-    // Direct reply-to: consume the pseudo-queue, publish on the same channel.
     let mut replies = channel
         .basic_consume(
             "amq.rabbitmq.reply-to".into(),
@@ -1004,12 +961,12 @@ async fn an_upstream_with_the_documented_permissions_publishes_requests_and_noth
         )
         .await
         .unwrap();
-    let body = booking_body(&user_id, &unique_code(), false).to_string();
+    let body = booking_body(user_id, &unique_code(), false).to_string();
     try_publish(
         &channel,
         "entrip.ingest",
         "booking.create",
-        &publisher.name,
+        user,
         body.as_bytes(),
     )
     .await
@@ -1019,7 +976,23 @@ async fn an_upstream_with_the_documented_permissions_publishes_requests_and_noth
         .unwrap()
         .unwrap()
         .unwrap();
-    let reply: Value = serde_json::from_slice(&reply.data).unwrap();
+    serde_json::from_slice(&reply.data).unwrap()
+}
+
+#[sqlx::test(migrator = "entrip_common::db::MIGRATOR")]
+async fn an_upstream_with_the_documented_permissions_publishes_requests_and_nothing_else(
+    pool: PgPool,
+) {
+    use lapin::options::{BasicConsumeOptions, ConfirmSelectOptions};
+
+    let (server, up, vhost) = start(pool).await;
+    let user_id = server.create_user().await;
+    let publisher = BrokerUser::new(&vhost, PUBLISHER);
+    client_of(&server, "booking-front", Scope::BookingsWrite, &publisher).await;
+    let conn = entrip_common::amqp::connect(&publisher.url(&vhost), "test-publisher")
+        .await
+        .unwrap();
+    let reply = direct_booking(&conn, &publisher.name, &user_id).await;
     assert_eq!(reply["status"], "PENDING", "{reply}");
     let actor: String = sqlx::query_scalar(
         "SELECT actor FROM audit_log WHERE entity_id = $1::uuid AND action = 'booking.create'",
