@@ -638,6 +638,58 @@ async fn a_direct_reply_to_reply_arrives_and_counts_no_failure(pool: PgPool) {
     server.stop().await;
 }
 
+/// A request whose direct reply-to consumer has left before ingest answers:
+/// the broker drops the reply unseen (docs/amqp.md), and the request stands,
+/// acked, with the reply channel and the consumer going on.
+#[sqlx::test(migrator = "entrip_common::db::MIGRATOR")]
+async fn a_reply_to_a_direct_reply_to_consumer_that_left_is_dropped_and_the_request_stands(
+    pool: PgPool,
+) {
+    let vhost = Vhost::new();
+    let mut up = Upstream::connect(&vhost.url()).await;
+    // Published, then its requester gone, before ingest consumes it.
+    let requester = entrip_common::amqp::connect(&vhost.url(), "test-gone-requester")
+        .await
+        .unwrap();
+    let (channel, _replies) = direct_reply_channel(&requester).await;
+    let body = user_body().to_string();
+    try_publish_as(
+        &channel,
+        "user.create",
+        "entrip.ingest",
+        "user.create",
+        "guest",
+        body.as_bytes(),
+    )
+    .await
+    .unwrap();
+    requester.close(200, "gone".into()).await.unwrap();
+    assert_eq!(up.depth(INGEST_QUEUE).await, 1);
+
+    let server = Server::start_with_amqp(pool, settings(), amqp_settings(&vhost.url())).await;
+    assert_messages(&server, "accepted", "user.create", 1.0).await;
+    assert_eq!(server.count("users").await, 1);
+    assert_eq!(up.depth(INGEST_QUEUE).await, 0, "acked");
+    // The reply channel outlived the dropped reply.
+    let reply = up
+        .request(&Req::new("user.create", &key(), &user_body()))
+        .await;
+    assert_eq!((reply.status, reply.replayed), (201, false));
+    assert_eq!(server.count("users").await, 2);
+    for reason in ["unroutable", "broker"] {
+        assert_eq!(
+            server
+                .metric(&format!(
+                    r#"entrip_ingest_reply_failures_total{{reason="{reason}"}}"#
+                ))
+                .await,
+            0.0,
+            "{reason}"
+        );
+    }
+    server.stop().await;
+}
+
 /// Publishes `n` bookings of `user_id` without reply queues, as broker
 /// user `guest`; their codes.
 async fn publish_bookings(up: &Upstream, user_id: &str, n: usize) -> Vec<String> {
@@ -918,8 +970,20 @@ async fn try_publish(
     user: &str,
     body: &[u8],
 ) -> Result<(), lapin::Error> {
+    try_publish_as(channel, "booking.create", exchange, routing_key, user, body).await
+}
+
+/// [`try_publish`] of a request of type `kind`, with direct reply-to.
+async fn try_publish_as(
+    channel: &lapin::Channel,
+    kind: &str,
+    exchange: &str,
+    routing_key: &str,
+    user: &str,
+    body: &[u8],
+) -> Result<(), lapin::Error> {
     let props = lapin::BasicProperties::default()
-        .with_type("booking.create".into())
+        .with_type(kind.into())
         .with_message_id(key().as_str().into())
         .with_user_id(user.into())
         .with_content_type("application/json".into())
@@ -937,11 +1001,9 @@ async fn try_publish(
     Ok(())
 }
 
-/// Publishes a booking of `user_id` as broker user `user` on a new channel
-/// of `conn` with direct reply-to (consume the pseudo-queue, publish on the
-/// same channel), and returns the reply's body.
-async fn direct_booking(conn: &lapin::Connection, user: &str, user_id: &str) -> Value {
-    use futures::StreamExt;
+/// A new channel of `conn` with confirms, consuming its direct reply-to
+/// pseudo-queue (a request naming it must go out on the same channel).
+async fn direct_reply_channel(conn: &lapin::Connection) -> (lapin::Channel, lapin::Consumer) {
     use lapin::options::{BasicConsumeOptions, ConfirmSelectOptions};
 
     let channel = conn.create_channel().await.unwrap();
@@ -949,7 +1011,7 @@ async fn direct_booking(conn: &lapin::Connection, user: &str, user_id: &str) -> 
         .confirm_select(ConfirmSelectOptions::default())
         .await
         .unwrap();
-    let mut replies = channel
+    let replies = channel
         .basic_consume(
             "amq.rabbitmq.reply-to".into(),
             "replies".into(),
@@ -961,6 +1023,15 @@ async fn direct_booking(conn: &lapin::Connection, user: &str, user_id: &str) -> 
         )
         .await
         .unwrap();
+    (channel, replies)
+}
+
+/// Publishes a booking of `user_id` as broker user `user` on a new channel
+/// of `conn` with direct reply-to, and returns the reply's body.
+async fn direct_booking(conn: &lapin::Connection, user: &str, user_id: &str) -> Value {
+    use futures::StreamExt;
+
+    let (channel, mut replies) = direct_reply_channel(conn).await;
     let body = booking_body(user_id, &unique_code(), false).to_string();
     try_publish(
         &channel,
