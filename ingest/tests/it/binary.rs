@@ -180,6 +180,45 @@ async fn wait_ready(client: &reqwest::Client, base: &str) {
     .await;
 }
 
+/// Waits until the `held` requests take every permit: a probe without a
+/// key is shed (503) when the server is full, else refused (401) without
+/// database work. Fails naming what it saw if a held request is answered
+/// first, or after [`entrip_testkit::STALL`] without a 503.
+async fn wait_until_full(base: &str, held: &mut [tokio::task::JoinHandle<crate::overload::Raw>]) {
+    let probe = format!("{base}/v1/users/00000000-0000-0000-0000-000000000000");
+    let deadline = tokio::time::Instant::now() + entrip_testkit::STALL;
+    loop {
+        let status = reqwest::get(&probe).await.unwrap().status();
+        if status == 503 {
+            return;
+        }
+        if let Some(h) = held.iter_mut().find(|h| h.is_finished()) {
+            panic!(
+                "a held request was answered before the server was full (last probe {status}): {:?}",
+                h.await
+            );
+        }
+        if tokio::time::Instant::now() >= deadline {
+            let metrics = reqwest::get(format!("{base}/metrics"))
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            let lines: Vec<_> = metrics
+                .lines()
+                .filter(|l| l.starts_with("entrip_ingest_") && !l.contains("_bucket"))
+                .collect();
+            panic!(
+                "the held requests did not fill ingest.max_in_flight in {:?} (last probe {status}):\n{}",
+                entrip_testkit::STALL,
+                lines.join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// The 2,000 requests in flight that once took ingest to 142 MB: with
 /// `ingest.max_in_flight` = 8, a crowd of slow clients is shed at once, the
 /// admitted ones complete, and the process's peak RSS stays under the
@@ -219,38 +258,37 @@ async fn a_crowd_of_slow_clients_is_shed_and_memory_stays_bounded() {
     let pid = ingest.0.id();
     let before = peak_rss(pid);
 
-    // Long enough that no held request ends (and frees its permit) before
-    // the whole crowd has been answered, even on a busy machine.
+    // The held requests send the rest of their bodies once the crowd has
+    // been answered, however long the machine takes to admit them.
+    let release = tokio_util::sync::CancellationToken::new();
+    let mut held: Vec<_> = (0..LIMIT)
+        .map(|_| {
+            let (base, key, release) = (base.clone(), key.clone(), release.clone());
+            tokio::spawn(async move {
+                let body = crate::overload::user_body();
+                let release = release.cancelled_owned();
+                crate::overload::slow_post_until(&base, &key, "/v1/users", &body, release).await
+            })
+        })
+        .collect();
+    wait_until_full(&base, &mut held).await;
+    // Each of the crowd gives up after `pause`: an answer after that is no
+    // longer early.
     let pause = Duration::from_secs(10);
-    let slow_user = || {
+    let crowd = (0..CROWD).map(|_| {
         let (base, key) = (&base, &key);
         async move {
             let body = crate::overload::user_body();
             crate::overload::slow_post_to(base, key, "/v1/users", &body, pause).await
         }
-    };
-    let held = (0..LIMIT).map(|_| slow_user());
-    let held = futures::future::join_all(held);
-    let crowd = async {
-        // The held requests take every permit first: a probe without a key
-        // is shed (503) once they have, refused (401) before.
-        eventually("the held requests fill ingest.max_in_flight", || async {
-            reqwest::get(format!(
-                "{base}/v1/users/00000000-0000-0000-0000-000000000000"
-            ))
-            .await
-            .unwrap()
-            .status()
-                == 503
-        })
-        .await;
-        let crowd = (0..CROWD).map(|_| slow_user());
-        futures::future::join_all(crowd).await
-    };
-    let (held, crowd) = tokio::join!(held, crowd);
+    });
+    let crowd = futures::future::join_all(crowd).await;
+    release.cancel();
+    let held = futures::future::join_all(held).await;
     let peak = peak_rss(pid);
 
     for r in &held {
+        let r = r.as_ref().unwrap();
         assert_eq!(r.status, 201, "{r:?}");
     }
     // Shed before its body was read, a request's connection is closed with

@@ -43,6 +43,18 @@ pub(crate) async fn slow_post_to(
     body: &Value,
     pause: Duration,
 ) -> Raw {
+    slow_post_until(base, api_key, path, body, tokio::time::sleep(pause)).await
+}
+
+/// As [`slow_post_to`], but the rest of the body is sent when `release`
+/// completes: a client that holds its request open as long as a test needs.
+pub(crate) async fn slow_post_until(
+    base: &str,
+    api_key: &str,
+    path: &str,
+    body: &Value,
+    release: impl Future<Output = ()>,
+) -> Raw {
     let addr = base.trim_start_matches("http://");
     let mut stream = TcpStream::connect(addr).await.unwrap();
     let body = body.to_string().into_bytes();
@@ -58,8 +70,11 @@ pub(crate) async fn slow_post_to(
     let sent = Instant::now();
     let mut answer = Vec::new();
     // The server may answer before the body is complete (a shed request).
-    let early = tokio::time::timeout(pause, stream.read_to_end(&mut answer)).await;
-    if early.is_err() {
+    let early = tokio::select! {
+        read = stream.read_to_end(&mut answer) => Some(read),
+        () = release => None,
+    };
+    if early.is_none() {
         stream.write_all(rest).await.unwrap();
         stream.read_to_end(&mut answer).await.unwrap();
     }
