@@ -98,6 +98,29 @@ fn provider(endpoint: &str, service: &'static str) -> Result<SdkTracerProvider, 
     .map_err(|_| "the OTLP exporter's set-up panicked".to_owned())?
 }
 
+/// lapin logs every message the broker returns at warn with its whole
+/// body: an unroutable AMQP reply or event, that is a booking's or a
+/// user's data in the log. The services count and log those themselves,
+/// without the body, so lapin's line is kept only when the filter names
+/// lapin (docs/configuration.md, `ENTRIP__LOG__LEVEL`).
+const QUIET_RETURNS: &str = "lapin::returned_messages=error";
+
+/// The filter's directives: `RUST_LOG` when set and valid, else
+/// `log.level` when valid, else `info`; then [`QUIET_RETURNS`] unless they
+/// name lapin.
+fn filter_directives(rust_log: Option<&str>, level: &str) -> String {
+    let valid = |s: &&str| !s.trim().is_empty() && EnvFilter::try_new(s).is_ok();
+    let chosen = rust_log
+        .filter(valid)
+        .or(Some(level).filter(valid))
+        .unwrap_or("info");
+    if chosen.contains("lapin") {
+        chosen.to_owned()
+    } else {
+        format!("{chosen},{QUIET_RETURNS}")
+    }
+}
+
 fn install(settings: &LogSettings, service: &'static str, to_stderr: bool) {
     let (writer, terminal) = if to_stderr {
         (
@@ -110,9 +133,10 @@ fn install(settings: &LogSettings, service: &'static str, to_stderr: bool) {
             std::io::stdout().is_terminal(),
         )
     };
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&settings.level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::new(filter_directives(
+        std::env::var("RUST_LOG").ok().as_deref(),
+        &settings.level,
+    ));
     let mut export_error = None;
     let otel = match settings.otlp_endpoint.as_str() {
         "" => None,
@@ -156,5 +180,74 @@ fn install(settings: &LogSettings, service: &'static str, to_stderr: bool) {
     if let Some(e) = export_error {
         // Tracing export is an aid, not a duty: the service runs without it.
         tracing::error!(endpoint = %settings.otlp_endpoint, error = %e, "spans are not exported");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    #[test]
+    fn the_filter_quiets_lapins_returned_messages_unless_it_names_lapin() {
+        let level = "info,sqlx=warn";
+        assert_eq!(
+            filter_directives(None, level),
+            "info,sqlx=warn,lapin::returned_messages=error"
+        );
+        assert_eq!(
+            filter_directives(Some("debug"), level),
+            "debug,lapin::returned_messages=error"
+        );
+        assert_eq!(
+            filter_directives(Some("not a =filter=="), level),
+            "info,sqlx=warn,lapin::returned_messages=error",
+            "an invalid RUST_LOG falls back to log.level"
+        );
+        assert_eq!(
+            filter_directives(None, "  "),
+            "info,lapin::returned_messages=error"
+        );
+        assert_eq!(
+            filter_directives(Some("info,lapin=warn"), level),
+            "info,lapin=warn"
+        );
+    }
+
+    /// What the filter lets through, as the services' subscriber writes it.
+    fn logged(directives: &str) -> String {
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let sink = out.clone();
+        let subscriber = tracing_subscriber::registry()
+            .with(EnvFilter::new(directives))
+            .with(fmt::layer().with_writer(move || Sink(sink.clone())));
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::warn!(target: "lapin::returned_messages", "Server returned us a message");
+            tracing::warn!(target: "entrip_ingest::amqp", "reply could not be routed");
+        });
+        let bytes = out.lock().unwrap().clone();
+        String::from_utf8(bytes).unwrap()
+    }
+
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn lapins_returned_message_line_is_not_logged_by_default_and_ours_is() {
+        let quiet = logged(&filter_directives(None, "info,sqlx=warn"));
+        assert!(!quiet.contains("Server returned us a message"), "{quiet}");
+        assert!(quiet.contains("reply could not be routed"), "{quiet}");
+        let loud = logged(&filter_directives(Some("info,lapin=warn"), "info"));
+        assert!(loud.contains("Server returned us a message"), "{loud}");
     }
 }
