@@ -526,6 +526,92 @@ async fn metrics_pass_promtool_check() {
     db.drop_db().await;
 }
 
+/// A reply that cannot be routed is logged by ingest, by its `reply_to`,
+/// and not by lapin with the whole reply: the user's data stays out of the
+/// log (docs/configuration.md, `ENTRIP__LOG__LEVEL`).
+#[tokio::test]
+async fn an_unroutable_amqp_reply_is_logged_without_its_body() {
+    use crate::upstream::{ReplyTo, Req, Upstream};
+
+    let db = TestDb::new();
+    let vhost = entrip_testkit::Vhost::new();
+    let out = cli(
+        &db,
+        &[
+            "clients",
+            "create",
+            "amqp-log",
+            "--scopes",
+            "*",
+            "--amqp-user",
+            "guest",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let log = std::env::temp_dir().join(format!("entrip-ingest-{}.log", uuid::Uuid::new_v4()));
+    let port = free_port();
+    let mut ingest = Process(
+        Command::new(BIN)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("DATABASE_URL", &db.url)
+            .env("ENTRIP__INGEST__LISTEN", format!("127.0.0.1:{port}"))
+            .env("ENTRIP__LOG__FORMAT", "json")
+            .env("AMQP_URL", vhost.url())
+            .env("ENTRIP__INGEST__AMQP__ENABLED", "true")
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    wait_ready(&reqwest::Client::new(), &base).await;
+    let email = format!("unroutable-{}@example.com", uuid::Uuid::new_v4().simple());
+    let mut req = Req::new(
+        "user.create",
+        &crate::support::key(),
+        &json!({"name": "Kim", "email": email, "phone": "+82 10 1234 5678"}),
+    );
+    req.reply_to = ReplyTo::Queue("no-such-queue".into());
+    Upstream::connect(&vhost.url()).await.publish(&req).await;
+    eventually("the unroutable reply counted", || async {
+        let text = reqwest::get(format!("{base}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .any(|l| l == r#"entrip_ingest_reply_failures_total{reason="unroutable"} 1"#)
+    })
+    .await;
+    ingest.signal("-TERM");
+    assert!(ingest.wait_exit().await.success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    let _ = std::fs::remove_file(&log);
+    assert!(
+        text.lines()
+            .any(|l| l.contains("reply could not be routed") && l.contains("no-such-queue")),
+        "{text}"
+    );
+    assert!(!text.contains("Server returned us a message"), "{text}");
+    assert!(
+        !text.contains(&email),
+        "the reply's body is in the log: {text}"
+    );
+    let users: i64 = sqlx::query_scalar("SELECT count(*) FROM users WHERE email = $1")
+        .bind(&email)
+        .fetch_one(&mut PgConnection::connect(&db.url).await.unwrap())
+        .await
+        .unwrap();
+    assert_eq!(users, 1, "the request stands");
+    db.drop_db().await;
+}
+
 /// AMQP requests survive ingest's death: SIGKILLed while 2,000 wait, the
 /// restarted process stores every one exactly once (counted by booking
 /// code), and none is dead-lettered.
