@@ -526,21 +526,14 @@ async fn metrics_pass_promtool_check() {
     db.drop_db().await;
 }
 
-/// A reply that cannot be routed is logged by ingest, by its `reply_to`,
-/// and not by lapin with the whole reply: the user's data stays out of the
-/// log (docs/configuration.md, `ENTRIP__LOG__LEVEL`).
-#[tokio::test]
-async fn an_unroutable_amqp_reply_is_logged_without_its_body() {
-    use crate::upstream::{ReplyTo, Req, Upstream};
-
-    let db = TestDb::new();
-    let vhost = entrip_testkit::Vhost::new();
+/// Client `name` with every scope, as broker user `guest`.
+fn amqp_client(db: &TestDb, name: &str) {
     let out = cli(
-        &db,
+        db,
         &[
             "clients",
             "create",
-            "amqp-log",
+            name,
             "--scopes",
             "*",
             "--amqp-user",
@@ -552,17 +545,35 @@ async fn an_unroutable_amqp_reply_is_logged_without_its_body() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// The binary with its AMQP ingest on `vhost`, serving HTTP on `port`.
+fn amqp_ingest(db: &TestDb, vhost: &entrip_testkit::Vhost, port: u16) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("DATABASE_URL", &db.url)
+        .env("ENTRIP__INGEST__LISTEN", format!("127.0.0.1:{port}"))
+        .env("ENTRIP__LOG__FORMAT", "json")
+        .env("AMQP_URL", vhost.url())
+        .env("ENTRIP__INGEST__AMQP__ENABLED", "true");
+    cmd
+}
+
+/// A reply that cannot be routed is logged by ingest, by its `reply_to`,
+/// and not by lapin with the whole reply: the user's data stays out of the
+/// log (docs/configuration.md, `ENTRIP__LOG__LEVEL`).
+#[tokio::test]
+async fn an_unroutable_amqp_reply_is_logged_without_its_body() {
+    use crate::upstream::{ReplyTo, Req, Upstream};
+
+    let db = TestDb::new();
+    let vhost = entrip_testkit::Vhost::new();
+    amqp_client(&db, "amqp-log");
     let log = std::env::temp_dir().join(format!("entrip-ingest-{}.log", uuid::Uuid::new_v4()));
     let port = free_port();
     let mut ingest = Process(
-        Command::new(BIN)
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("DATABASE_URL", &db.url)
-            .env("ENTRIP__INGEST__LISTEN", format!("127.0.0.1:{port}"))
-            .env("ENTRIP__LOG__FORMAT", "json")
-            .env("AMQP_URL", vhost.url())
-            .env("ENTRIP__INGEST__AMQP__ENABLED", "true")
+        amqp_ingest(&db, &vhost, port)
             .stdout(std::fs::File::create(&log).unwrap())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -622,40 +633,8 @@ async fn ingest_sigkilled_in_the_middle_of_amqp_requests_stores_each_exactly_onc
     const N: usize = 2000;
     let db = TestDb::new();
     let vhost = entrip_testkit::Vhost::new();
-    let out = cli(
-        &db,
-        &[
-            "clients",
-            "create",
-            "amqp-kill",
-            "--scopes",
-            "*",
-            "--amqp-user",
-            "guest",
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let amqp = [
-        ("AMQP_URL", vhost.url()),
-        ("ENTRIP__INGEST__AMQP__ENABLED", "true".to_owned()),
-    ];
-    let start = || {
-        let mut cmd = Command::new(BIN);
-        cmd.env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("DATABASE_URL", &db.url)
-            .env(
-                "ENTRIP__INGEST__LISTEN",
-                format!("127.0.0.1:{}", free_port()),
-            )
-            .env("ENTRIP__LOG__FORMAT", "json")
-            .envs(amqp.iter().map(|(k, v)| (*k, v.as_str())));
-        Process::spawn(&mut cmd)
-    };
+    amqp_client(&db, "amqp-kill");
+    let start = || Process::spawn(&mut amqp_ingest(&db, &vhost, free_port()));
     let mut conn = PgConnection::connect(&db.url).await.unwrap();
     let up = Upstream::connect(&vhost.url()).await;
     let user: String = {
