@@ -180,45 +180,6 @@ async fn wait_ready(client: &reqwest::Client, base: &str) {
     .await;
 }
 
-/// Waits until the `held` requests take every permit: a probe without a
-/// key is shed (503) when the server is full, else refused (401) without
-/// database work. Fails naming what it saw if a held request is answered
-/// first, or after [`entrip_testkit::STALL`] without a 503.
-async fn wait_until_full(base: &str, held: &mut [tokio::task::JoinHandle<crate::overload::Raw>]) {
-    let probe = format!("{base}/v1/users/00000000-0000-0000-0000-000000000000");
-    let deadline = tokio::time::Instant::now() + entrip_testkit::STALL;
-    loop {
-        let status = reqwest::get(&probe).await.unwrap().status();
-        if status == 503 {
-            return;
-        }
-        if let Some(h) = held.iter_mut().find(|h| h.is_finished()) {
-            panic!(
-                "a held request was answered before the server was full (last probe {status}): {:?}",
-                h.await
-            );
-        }
-        if tokio::time::Instant::now() >= deadline {
-            let metrics = reqwest::get(format!("{base}/metrics"))
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
-            let lines: Vec<_> = metrics
-                .lines()
-                .filter(|l| l.starts_with("entrip_ingest_") && !l.contains("_bucket"))
-                .collect();
-            panic!(
-                "the held requests did not fill ingest.max_in_flight in {:?} (last probe {status}):\n{}",
-                entrip_testkit::STALL,
-                lines.join("\n")
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// The 2,000 requests in flight that once took ingest to 142 MB: with
 /// `ingest.max_in_flight` = 8, a crowd of slow clients is shed at once, the
 /// admitted ones complete, and the process's peak RSS stays under the
@@ -271,7 +232,7 @@ async fn a_crowd_of_slow_clients_is_shed_and_memory_stays_bounded() {
             })
         })
         .collect();
-    wait_until_full(&base, &mut held).await;
+    crate::overload::wait_until_full(&base, &mut held).await;
     // Each of the crowd gives up after `pause`: an answer after that is no
     // longer early.
     let pause = Duration::from_secs(10);

@@ -14,6 +14,7 @@ use sqlx::PgPool;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
+    task::JoinHandle,
 };
 
 use crate::support::{Server, key, settings};
@@ -71,6 +72,8 @@ pub(crate) async fn slow_post_until(
     let mut answer = Vec::new();
     // The server may answer before the body is complete (a shed request).
     let early = tokio::select! {
+        // An answer that is complete wins over a release at the same time.
+        biased;
         read = stream.read_to_end(&mut answer) => Some(read),
         () = release => None,
     };
@@ -96,16 +99,43 @@ pub(crate) async fn slow_post_until(
 
 /// Waits until every permit is taken: a probe without a key is shed (503)
 /// when the server is full, else refused (401) without database work.
-/// Returns the probes shed (1).
-async fn wait_until_full(s: &Server) -> u64 {
-    let probe = format!("{}/v1/users/00000000-0000-0000-0000-000000000000", s.base);
+/// Returns the probes shed (1). Fails naming what it saw when one of the
+/// `held` requests (those meant to fill the server) is answered first, or
+/// after [`entrip_testkit::STALL`] without a 503.
+pub(crate) async fn wait_until_full(base: &str, held: &mut [JoinHandle<Raw>]) -> u64 {
+    let probe = format!("{base}/v1/users/00000000-0000-0000-0000-000000000000");
+    let deadline = tokio::time::Instant::now() + entrip_testkit::STALL;
     loop {
-        let r = reqwest::get(&probe).await.unwrap();
-        match r.status() {
+        let status = reqwest::get(&probe).await.unwrap().status();
+        match status {
             StatusCode::SERVICE_UNAVAILABLE => return 1,
-            StatusCode::UNAUTHORIZED => tokio::time::sleep(Duration::from_millis(20)).await,
+            StatusCode::UNAUTHORIZED => {}
             other => panic!("probe answered {other}"),
         }
+        if let Some(h) = held.iter_mut().find(|h| h.is_finished()) {
+            panic!(
+                "a held request was answered before the server was full (last probe {status}): {:?}",
+                h.await
+            );
+        }
+        if tokio::time::Instant::now() >= deadline {
+            let metrics = reqwest::get(format!("{base}/metrics"))
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            let lines: Vec<_> = metrics
+                .lines()
+                .filter(|l| l.starts_with("entrip_ingest_") && !l.contains("_bucket"))
+                .collect();
+            panic!(
+                "the server was not full after {:?} (last probe {status}):\n{}",
+                entrip_testkit::STALL,
+                lines.join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -136,7 +166,7 @@ async fn beyond_max_in_flight_requests_are_shed_at_once_and_the_accepted_complet
     let held = futures::future::join_all(held);
     let excess = async {
         // Let the first ones in before the excess arrives.
-        let probes = wait_until_full(&s).await;
+        let probes = wait_until_full(&s.base, &mut []).await;
         let excess = (0..3 * limit).map(|_| {
             let s = &s;
             async move { slow_post(s, "/v1/users", &user_body(), pause).await }
